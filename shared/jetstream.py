@@ -1,0 +1,132 @@
+"""JetStream streams, subjects and consumers: defined once here, created idempotently at start.
+
+Subjects are per agent so streams (and later the events table) can be partitioned by agent.
+A namespace prefixes everything, so tests and several deployments can share one server.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+
+# Headers the relay puts on every event on PFLEA_EVENTS.
+HDR_MSG_ID = "Nats-Msg-Id"
+HDR_STREAM_ID = "Pflea-Stream-Id"
+HDR_VERSION = "Pflea-Stream-Version"
+HDR_POSITION = "Pflea-Position"
+HDR_EVENT_TYPE = "Pflea-Event-Type"
+
+MAX_TX_BYTES = 256 * 1024
+DAY = 86400.0
+
+
+class Topology(msgspec.Struct, frozen=True):
+    namespace: str = "pflea"
+
+    @property
+    def tx_stream(self) -> str:
+        return f"{self.namespace.upper()}_TX"
+
+    @property
+    def events_stream(self) -> str:
+        return f"{self.namespace.upper()}_EVENTS"
+
+    def tx_subject(self, agent_id: str) -> str:
+        return f"{self.namespace}.tx.{agent_id}"
+
+    def event_subject(self, agent_id: str, event_type: str) -> str:
+        return f"{self.namespace}.events.{agent_id}.{event_type}"
+
+    def command_subject(self, agent_id: str, command: str) -> str:
+        return f"{self.namespace}.cmd.{agent_id}.{command}"
+
+    @property
+    def tx_filter(self) -> str:
+        return f"{self.namespace}.tx.>"
+
+    @property
+    def events_filter(self) -> str:
+        return f"{self.namespace}.events.>"
+
+    @property
+    def command_filter(self) -> str:
+        return f"{self.namespace}.cmd.>"
+
+    @property
+    def writer_durable(self) -> str:
+        return "writer"
+
+    def projector_durable(self, projection: str) -> str:
+        return f"projector-{projection}"
+
+    def stream_configs(self, duplicate_window_s: float) -> list[StreamConfig]:
+        common = dict(
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=duplicate_window_s,
+            num_replicas=1,
+        )
+        return [
+            StreamConfig(
+                name=self.tx_stream,
+                description="Purple Flea transactions as polled, before they are events",
+                subjects=[self.tx_filter],
+                max_age=7 * DAY,
+                max_msg_size=MAX_TX_BYTES + 4096,
+                **common,  # type: ignore[arg-type]
+            ),
+            StreamConfig(
+                name=self.events_stream,
+                description="Every committed event, relayed from Postgres in position order",
+                subjects=[self.events_filter],
+                max_age=30 * DAY,
+                **common,  # type: ignore[arg-type]
+            ),
+        ]
+
+
+async def ensure_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:
+    """Create the streams, or bring an existing one's config up to date."""
+    for config in topology.stream_configs(duplicate_window_s):
+        try:
+            await js.stream_info(config.name)  # type: ignore[arg-type]
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info("created stream %s", config.name)
+        else:
+            await js.update_stream(config)
+
+
+def pull_consumer_config(
+    durable: str,
+    filter_subject: str,
+    *,
+    ack_wait_s: float,
+    max_deliver: int,
+    max_ack_pending: int = 20000,
+) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=filter_subject,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=max_ack_pending,
+        max_waiting=512,
+    )

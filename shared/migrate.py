@@ -1,0 +1,79 @@
+"""Apply the numbered SQL files in ``shared/migrations`` once each, under an advisory lock."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from importlib import resources
+
+import asyncpg
+
+from shared.db import SERVICE_ROLES
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_LOCK = 7061746562  # any constant distinct from the append lock
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(number, name, sql) for every ``NNN_name.sql``, in order."""
+    found = []
+    for entry in resources.files("shared.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            number = int(entry.name.split("_", 1)[0])
+            found.append((number, entry.name, entry.read_text()))
+    found.sort()
+    numbers = [n for n, _, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise MigrationError(f"two migrations share a number: {numbers}")
+    return found
+
+
+async def migrate(dsn: str, *, service_password: str | None = None) -> list[str]:
+    """Bring the database at ``dsn`` (connected as the owner) up to date; return what ran."""
+    conn = await asyncpg.connect(dsn)
+    applied_now: list[str] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   checksum   text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {r["version"]: r for r in await conn.fetch("SELECT * FROM schema_migrations")}
+        for number, name, sql in migration_files():
+            checksum = hashlib.sha256(sql.encode()).hexdigest()
+            if number in done:
+                if done[number]["checksum"] != checksum:
+                    log.warning("migration %s changed after it was applied; not re-running", name)
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    number,
+                    name,
+                    checksum,
+                )
+            applied_now.append(name)
+            log.info("applied migration %s", name)
+        if service_password is not None:
+            for role in SERVICE_ROLES:
+                # Role passwords are settings, not schema, so they are applied on every run.
+                await conn.execute(f"ALTER ROLE {role} PASSWORD {_literal(service_password)}")
+    finally:
+        try:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+        finally:
+            await conn.close()
+    return applied_now
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

@@ -1,0 +1,143 @@
+"""Configuration from environment variables only; a bad value names its variable."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+_AGENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class SettingsError(ValueError):
+    def __init__(self, variable: str, reason: str) -> None:
+        super().__init__(f"{variable}: {reason}")
+        self.variable = variable
+
+
+class AgentCredential(msgspec.Struct, frozen=True):
+    agent_id: str
+    api_key: str
+
+    def __repr__(self) -> str:  # API keys never reach a log line.
+        return f"AgentCredential(agent_id={self.agent_id!r}, api_key='***')"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every knob of every service; field ``x`` is read from the variable in ``ENV_NAMES``."""
+
+    database_url: str = ""
+    nats_url: str = ""
+    purpleflea_api_url: str = ""
+    purpleflea_agents: tuple[AgentCredential, ...] = ()
+    purpleflea_source: str = "purpleflea"
+    data_dir: Path = Path(".pflea")
+    namespace: str = "pflea"
+    db_service_password: str = "pflea"
+    duplicate_window_s: float = 120.0
+    writer_batch_size: int = 1000
+    writer_batch_wait_s: float = 0.05
+    writer_max_deliver: int = 10
+    ack_wait_s: float = 30.0
+    projector_batch_size: int = 1000
+    ingest_concurrency: int = 16
+    ingest_page_limit: int = 500
+    ingest_poll_interval_s: float = 1.0
+    ingest_timeout_s: float = 10.0
+    snapshot_every: int = 100
+    metrics_port: int = 0
+    log_level: str = "INFO"
+
+
+ENV_NAMES: dict[str, str] = {
+    "database_url": "DATABASE_URL",
+    "nats_url": "NATS_URL",
+    "purpleflea_api_url": "PURPLEFLEA_API_URL",
+    "purpleflea_agents": "PURPLEFLEA_AGENTS",
+    "purpleflea_source": "PURPLEFLEA_SOURCE",
+    "data_dir": "PFLEA_DATA_DIR",
+    "namespace": "PFLEA_NAMESPACE",
+    "db_service_password": "PFLEA_DB_SERVICE_PASSWORD",
+    "duplicate_window_s": "PFLEA_DUPLICATE_WINDOW_S",
+    "writer_batch_size": "PFLEA_WRITER_BATCH_SIZE",
+    "writer_batch_wait_s": "PFLEA_WRITER_BATCH_WAIT_S",
+    "writer_max_deliver": "PFLEA_WRITER_MAX_DELIVER",
+    "ack_wait_s": "PFLEA_ACK_WAIT_S",
+    "projector_batch_size": "PFLEA_PROJECTOR_BATCH_SIZE",
+    "ingest_concurrency": "PFLEA_INGEST_CONCURRENCY",
+    "ingest_page_limit": "PFLEA_INGEST_PAGE_LIMIT",
+    "ingest_poll_interval_s": "PFLEA_INGEST_POLL_INTERVAL_S",
+    "ingest_timeout_s": "PFLEA_INGEST_TIMEOUT_S",
+    "snapshot_every": "PFLEA_SNAPSHOT_EVERY",
+    "metrics_port": "PFLEA_METRICS_PORT",
+    "log_level": "PFLEA_LOG_LEVEL",
+}
+
+_POSITIVE = {
+    "duplicate_window_s",
+    "writer_batch_size",
+    "writer_max_deliver",
+    "ack_wait_s",
+    "projector_batch_size",
+    "ingest_concurrency",
+    "ingest_page_limit",
+    "ingest_timeout_s",
+    "snapshot_every",
+}
+
+
+def parse_agents(text: str) -> tuple[AgentCredential, ...]:
+    """Parse ``agent_id:api_key,agent_id:api_key``."""
+    agents = []
+    seen: set[str] = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        agent_id, sep, api_key = item.partition(":")
+        if not sep or not api_key:
+            raise SettingsError("PURPLEFLEA_AGENTS", f"entry for {agent_id!r} is not agent_id:api_key")
+        if not _AGENT_ID.fullmatch(agent_id):
+            raise SettingsError(
+                "PURPLEFLEA_AGENTS", f"agent id {agent_id!r} must match [A-Za-z0-9_-]{{1,64}}"
+            )
+        if agent_id in seen:
+            raise SettingsError("PURPLEFLEA_AGENTS", f"agent id {agent_id!r} is listed twice")
+        seen.add(agent_id)
+        agents.append(AgentCredential(agent_id, api_key))
+    return tuple(agents)
+
+
+def _convert(field: str, raw: str) -> Any:
+    variable = ENV_NAMES[field]
+    if field == "purpleflea_agents":
+        return parse_agents(raw)
+    ftype = Settings.__annotations__[field]
+    target = {"str": str, "int": int, "float": float, "Path": Path}[ftype]
+    if target is str:
+        return raw
+    if target is Path:
+        return Path(raw).expanduser()
+    try:
+        value = msgspec.convert(raw.strip(), target, strict=False)
+    except msgspec.ValidationError:
+        raise SettingsError(variable, f"expected {ftype}, got {raw!r}") from None
+    if field in _POSITIVE and value <= 0:
+        raise SettingsError(variable, f"must be positive, got {raw!r}")
+    return value
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``environ`` (default ``os.environ``); ``overrides`` win."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field, variable in ENV_NAMES.items():
+        raw = env.get(variable)
+        if raw is not None and raw != "":
+            values[field] = _convert(field, raw)
+    values.update(overrides)
+    settings = Settings(**values)
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", settings.namespace):
+        raise SettingsError("PFLEA_NAMESPACE", f"must match [a-z][a-z0-9_]{{0,30}}, got {settings.namespace!r}")
+    return settings

@@ -1,0 +1,356 @@
+"""The Postgres event store: append with optimistic concurrency, read a stream or the log.
+
+Ordering guarantee: positions become visible in increasing order (see the INSERT trigger in
+``001_event_store.sql``), so ``read_all(after_position)`` never skips a committed event.
+Idempotency: ``event_id`` is unique; re-appending events already stored is a no-op, and is
+told apart from a real version conflict.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from shared.events import Event, decode_data, encode_data, event_type_of, schema_version_of
+from shared.upcasting import upcast
+
+_EVENT_COLUMNS = (
+    "event_id",
+    "stream_id",
+    "stream_type",
+    "event_type",
+    "version",
+    "data",
+    "metadata",
+    "occurred_at",
+)
+
+_SELECT = """
+    SELECT position, event_id, stream_id, stream_type, event_type, version, data,
+           metadata, (metadata->>'schema_version')::int AS schema_version,
+           occurred_at, recorded_at
+    FROM events
+"""
+
+_meta_encoder = msgspec.json.Encoder()
+
+
+class OptimisticConcurrencyError(Exception):
+    """The stream moved on since the caller read it: reload, decide again, retry."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual}, expected {expected}: "
+            "reload the stream and retry"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class DuplicateEventError(Exception):
+    """Some, not all, of the appended event ids exist already, or exist in another stream."""
+
+    def __init__(self, stream_id: str, event_ids: Sequence[uuid.UUID]) -> None:
+        shown = ", ".join(map(str, event_ids[:5]))
+        super().__init__(f"stream {stream_id!r}: event ids already stored elsewhere: {shown}")
+        self.stream_id = stream_id
+        self.event_ids = list(event_ids)
+
+
+class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event about to be stored. ``data`` is its JSON; ``metadata`` extra context."""
+
+    event_id: uuid.UUID
+    event_type: str
+    data: str
+    occurred_at: datetime
+    schema_version: int = 1
+    causation_id: str | None = None
+    correlation_id: str | None = None
+    metadata: dict[str, Any] = {}
+
+    @classmethod
+    def of(
+        cls,
+        event: Event,
+        *,
+        event_id: uuid.UUID | None = None,
+        occurred_at: datetime | None = None,
+        causation_id: str | None = None,
+        correlation_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> NewEvent:
+        event_type = event_type_of(event)
+        return cls(
+            event_id=event_id or uuid.uuid4(),
+            event_type=event_type,
+            data=encode_data(event).decode(),
+            occurred_at=occurred_at or datetime.now(UTC),
+            schema_version=schema_version_of(event_type),
+            causation_id=causation_id,
+            correlation_id=correlation_id,
+            metadata=metadata or {},
+        )
+
+    def metadata_json(self) -> str:
+        meta = dict(self.metadata)
+        meta["schema_version"] = self.schema_version
+        if self.causation_id is not None:
+            meta["causation_id"] = self.causation_id
+        if self.correlation_id is not None:
+            meta["correlation_id"] = self.correlation_id
+        return _meta_encoder.encode(meta).decode()
+
+
+class StreamEvent(msgspec.Struct, frozen=True):
+    """One event addressed to a stream: the unit of the writer's batch append."""
+
+    stream_id: str
+    stream_type: str
+    event: NewEvent
+
+
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as stored, in its current schema shape."""
+
+    position: int
+    event_id: uuid.UUID
+    stream_id: str
+    stream_type: str
+    event_type: str
+    version: int
+    data: str
+    metadata: str
+    schema_version: int
+    occurred_at: datetime
+    recorded_at: datetime
+
+    def decode(self) -> Event:
+        return decode_data(self.event_type, self.data)
+
+    def meta(self) -> dict[str, Any]:
+        result: dict[str, Any] = msgspec.json.decode(self.metadata)
+        return result
+
+
+class Appended(msgspec.Struct, frozen=True):
+    event_id: uuid.UUID
+    stream_id: str
+    version: int
+
+
+class BatchResult(msgspec.Struct, frozen=True):
+    appended: list[Appended]
+    duplicates: list[uuid.UUID]
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    stream_id: str
+    snapshot_type: str
+    version: int
+    schema_version: int
+    state: str
+
+
+def _recorded(row: asyncpg.Record) -> RecordedEvent:
+    data, schema_version = upcast(row["event_type"], row["schema_version"], row["data"])
+    return RecordedEvent(
+        position=row["position"],
+        event_id=row["event_id"],
+        stream_id=row["stream_id"],
+        stream_type=row["stream_type"],
+        event_type=row["event_type"],
+        version=row["version"],
+        data=data,
+        metadata=row["metadata"],
+        schema_version=schema_version,
+        occurred_at=row["occurred_at"],
+        recorded_at=row["recorded_at"],
+    )
+
+
+class EventStore:
+    """The system of record, on an asyncpg pool whose role may only INSERT and SELECT."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def append(
+        self,
+        stream_id: str,
+        stream_type: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+    ) -> int:
+        """Append ``events`` at the end of ``stream_id``; return the stream's new version.
+
+        ``expected_version`` is the version the caller decided against (0: the stream must not
+        exist yet; None: append wherever the stream is). Raises ``OptimisticConcurrencyError``
+        if the stream is elsewhere. Appending events whose ids are all already in this stream is
+        a no-op that returns the version of the last of them.
+        """
+        if not events:
+            raise ValueError("events: nothing to append")
+        ids = [e.event_id for e in events]
+        if len(set(ids)) != len(ids):
+            raise ValueError("events: the same event_id appears twice in one append")
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(7061746561)")
+            stored = await conn.fetch(
+                "SELECT event_id, stream_id, version FROM events WHERE event_id = ANY($1::uuid[])",
+                ids,
+            )
+            if stored:
+                if len(stored) == len(ids) and all(r["stream_id"] == stream_id for r in stored):
+                    return int(max(r["version"] for r in stored))
+                raise DuplicateEventError(stream_id, [r["event_id"] for r in stored])
+            current = await conn.fetchval(
+                "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
+            )
+            if expected_version is not None and current != expected_version:
+                raise OptimisticConcurrencyError(stream_id, expected_version, current)
+            records = [
+                _record(stream_id, stream_type, current + i, e) for i, e in enumerate(events, 1)
+            ]
+            await _insert(conn, records)
+            return int(current) + len(events)
+
+    async def append_batch(
+        self, items: Iterable[StreamEvent], *, conn: asyncpg.Connection | None = None
+    ) -> BatchResult:
+        """Append events for many streams in one transaction, each at its stream's end.
+
+        The writer's hot path. Versions follow the order of ``items`` within each stream.
+        Events whose ids are already stored (or repeated within ``items``) are reported as
+        duplicates and skipped. With ``conn``, runs inside the caller's transaction.
+        """
+        if conn is None:
+            async with self.pool.acquire() as own, own.transaction():
+                return await self._append_batch(own, list(items))
+        return await self._append_batch(conn, list(items))
+
+    async def _append_batch(self, conn: asyncpg.Connection, items: list[StreamEvent]) -> BatchResult:
+        if not items:
+            return BatchResult([], [])
+        await conn.execute("SELECT pg_advisory_xact_lock(7061746561)")
+        ids = [item.event.event_id for item in items]
+        stored = {
+            r["event_id"]
+            for r in await conn.fetch(
+                "SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids
+            )
+        }
+        streams = list(dict.fromkeys(item.stream_id for item in items))
+        heads: dict[str, int] = {
+            r["s"]: r["v"]
+            for r in await conn.fetch(
+                """SELECT s, coalesce((SELECT max(version) FROM events e WHERE e.stream_id = s), 0) AS v
+                   FROM unnest($1::text[]) AS s""",
+                streams,
+            )
+        }
+        duplicates: list[uuid.UUID] = []
+        appended: list[Appended] = []
+        records = []
+        for item in items:
+            event_id = item.event.event_id
+            if event_id in stored:
+                duplicates.append(event_id)
+                continue
+            stored.add(event_id)
+            version = heads[item.stream_id] + 1
+            heads[item.stream_id] = version
+            records.append(_record(item.stream_id, item.stream_type, version, item.event))
+            appended.append(Appended(event_id, item.stream_id, version))
+        await _insert(conn, records)
+        return BatchResult(appended, duplicates)
+
+    async def read_stream(
+        self, stream_id: str, from_version: int = 1, to_version: int | None = None
+    ) -> list[RecordedEvent]:
+        """The events of ``stream_id`` with ``from_version <= version <= to_version``, in order."""
+        rows = await self.pool.fetch(
+            _SELECT + "WHERE stream_id = $1 AND version >= $2 AND version <= $3 ORDER BY version",
+            stream_id,
+            from_version,
+            to_version if to_version is not None else 2**62,
+        )
+        return [_recorded(r) for r in rows]
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Up to ``limit`` events after ``after_position``, in position order, none skipped."""
+        rows = await self.pool.fetch(
+            _SELECT + "WHERE position > $1 ORDER BY position LIMIT $2", after_position, limit
+        )
+        return [_recorded(r) for r in rows]
+
+    async def stream_version(self, stream_id: str) -> int:
+        version = await self.pool.fetchval(
+            "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
+        )
+        return int(version)
+
+    async def last_position(self) -> int:
+        return int(await self.pool.fetchval("SELECT coalesce(max(position), 0) FROM events"))
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Store a state as of ``snapshot.version``; saving the same one twice is a no-op."""
+        await self.pool.execute(
+            """INSERT INTO snapshots (stream_id, snapshot_type, version, schema_version, state)
+               VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
+            snapshot.stream_id,
+            snapshot.snapshot_type,
+            snapshot.version,
+            snapshot.schema_version,
+            snapshot.state,
+        )
+
+    async def load_snapshot(
+        self, stream_id: str, snapshot_type: str, at_or_before: int | None = None
+    ) -> Snapshot | None:
+        """The newest snapshot of ``stream_id`` at or before version ``at_or_before``."""
+        row = await self.pool.fetchrow(
+            """SELECT stream_id, snapshot_type, version, schema_version, state FROM snapshots
+               WHERE stream_id = $1 AND snapshot_type = $2 AND version <= $3
+               ORDER BY version DESC LIMIT 1""",
+            stream_id,
+            snapshot_type,
+            at_or_before if at_or_before is not None else 2**62,
+        )
+        return Snapshot(**dict(row)) if row else None
+
+
+def _record(stream_id: str, stream_type: str, version: int, event: NewEvent) -> tuple[Any, ...]:
+    return (
+        event.event_id,
+        stream_id,
+        stream_type,
+        event.event_type,
+        version,
+        event.data,
+        event.metadata_json(),
+        event.occurred_at,
+    )
+
+
+async def _insert(conn: asyncpg.Connection, records: list[tuple[Any, ...]]) -> None:
+    if not records:
+        return
+    if len(records) < 64:
+        # A few rows: one unnest INSERT is cheaper than setting up COPY.
+        cols = list(zip(*records, strict=True))
+        await conn.execute(
+            """INSERT INTO events (event_id, stream_id, stream_type, event_type, version, data,
+                                   metadata, occurred_at)
+               SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                                    $6::jsonb[], $7::jsonb[], $8::timestamptz[])""",
+            *cols,
+        )
+    else:
+        await conn.copy_records_to_table("events", records=records, columns=_EVENT_COLUMNS)

@@ -1,0 +1,68 @@
+"""Upcasters: functions that lift an event's stored data from one schema version to the next.
+
+Stored events are never rewritten; every reader gets the current shape because the
+``EventStore`` runs the chain ``v -> v+1 -> ... -> current`` on read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from shared.events import CURRENT_SCHEMA_VERSION
+
+Data = dict[str, Any]
+Upcaster = Callable[[Data], Data]
+
+_UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+class UpcastError(ValueError):
+    pass
+
+
+def upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+    """Register ``fn`` as lifting ``event_type`` from ``from_version`` to ``from_version + 1``."""
+
+    def register(fn: Upcaster) -> Upcaster:
+        _UPCASTERS[(event_type, from_version)] = fn
+        target = from_version + 1
+        if CURRENT_SCHEMA_VERSION.get(event_type, 1) < target:
+            CURRENT_SCHEMA_VERSION[event_type] = target
+        return fn
+
+    return register
+
+
+def needs_upcast(event_type: str, schema_version: int) -> bool:
+    return schema_version < CURRENT_SCHEMA_VERSION.get(event_type, 1)
+
+
+def upcast(event_type: str, schema_version: int, data: str | bytes) -> tuple[str, int]:
+    """Return ``(data, schema_version)`` in the current shape; unchanged if already current."""
+    current = CURRENT_SCHEMA_VERSION.get(event_type, 1)
+    if schema_version >= current:
+        return (data if isinstance(data, str) else data.decode()), schema_version
+    obj: Data = msgspec.json.decode(data)
+    version = schema_version
+    while version < current:
+        fn = _UPCASTERS.get((event_type, version))
+        if fn is None:
+            raise UpcastError(f"no upcaster for {event_type} from schema_version {version}")
+        obj = fn(obj)
+        version += 1
+    return msgspec.json.encode(obj).decode(), version
+
+
+# --- the catalogue's history -------------------------------------------------------------------
+
+
+@upcaster("BetPlaced", 1)
+def _bet_placed_v1_stake_to_amount(data: Data) -> Data:
+    """v1 (the seed's format) called the amount ``stake`` and had no asset: it was always PFLEA."""
+    lifted = {k: v for k, v in data.items() if k != "stake"}
+    lifted["amount"] = data["stake"]
+    lifted.setdefault("asset", "PFLEA")
+    return lifted

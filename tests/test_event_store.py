@@ -1,0 +1,144 @@
+"""The event store against a real Postgres: concurrency, idempotency, exact money, upcasting."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from shared.events import BetPlaced, FundsDeposited
+from shared.migrate import migrate
+from shared.store import (
+    DuplicateEventError,
+    EventStore,
+    NewEvent,
+    OptimisticConcurrencyError,
+    Snapshot,
+    StreamEvent,
+)
+
+
+def deposit(amount: str, asset: str = "PFLEA") -> NewEvent:
+    return NewEvent.of(FundsDeposited(amount=Decimal(amount), asset=asset))
+
+
+async def test_amounts_round_trip_exactly(store: EventStore) -> None:
+    await store.append("alice", "agent", [deposit("0.1"), deposit("0.2")], expected_version=0)
+    events = [e.decode() for e in await store.read_stream("alice")]
+    assert sum(e.amount for e in events) == Decimal("0.3")  # type: ignore[attr-defined]
+    await store.append("bob", "agent", [deposit("0.000000000000000001")], expected_version=0)
+    [tiny] = await store.read_stream("bob")
+    assert tiny.decode().amount == Decimal("1E-18")  # type: ignore[attr-defined]
+    assert '"0.000000000000000001"' in tiny.data
+
+
+async def test_append_returns_new_version_and_reads_in_order(store: EventStore) -> None:
+    assert await store.append("s1", "agent", [deposit("1"), deposit("2")], expected_version=0) == 2
+    assert await store.append("s1", "agent", [deposit("3")], expected_version=2) == 3
+    events = await store.read_stream("s1")
+    assert [e.version for e in events] == [1, 2, 3]
+    assert [e.version for e in await store.read_stream("s1", 2, 2)] == [2]
+
+
+async def test_second_writer_with_stale_version_is_rejected(store: EventStore) -> None:
+    await store.append("race", "agent", [deposit("1")], expected_version=0)
+    results = await asyncio.gather(
+        store.append("race", "agent", [deposit("2")], expected_version=1),
+        store.append("race", "agent", [deposit("3")], expected_version=1),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if r == 2]
+    losses = [r for r in results if isinstance(r, OptimisticConcurrencyError)]
+    assert len(wins) == 1 and len(losses) == 1
+    assert (losses[0].stream_id, losses[0].expected, losses[0].actual) == ("race", 1, 2)
+    assert [e.version for e in await store.read_stream("race")] == [1, 2]
+
+
+async def test_many_racing_appenders_keep_versions_contiguous(store: EventStore) -> None:
+    async def try_append() -> bool:
+        while True:
+            version = await store.stream_version("busy")
+            try:
+                await store.append("busy", "agent", [deposit("1")], expected_version=version)
+                return True
+            except OptimisticConcurrencyError:
+                continue
+
+    await asyncio.gather(*(try_append() for _ in range(20)))
+    assert [e.version for e in await store.read_stream("busy")] == list(range(1, 21))
+
+
+async def test_reappending_the_same_event_ids_is_a_no_op(store: EventStore) -> None:
+    events = [deposit("5"), deposit("6")]
+    assert await store.append("idem", "agent", events, expected_version=0) == 2
+    # A retry after an unknown commit outcome: same ids, same (now stale) expected version.
+    assert await store.append("idem", "agent", events, expected_version=0) == 2
+    assert len(await store.read_stream("idem")) == 2
+
+
+async def test_partial_overlap_of_event_ids_is_an_error_not_a_conflict(store: EventStore) -> None:
+    first = deposit("1")
+    await store.append("mix", "agent", [first], expected_version=0)
+    with pytest.raises(DuplicateEventError):
+        await store.append("mix", "agent", [first, deposit("2")], expected_version=1)
+    with pytest.raises(DuplicateEventError):
+        await store.append("other", "agent", [first], expected_version=0)
+
+
+async def test_batch_append_versions_each_stream_and_skips_duplicates(store: EventStore) -> None:
+    await store.append("a", "agent", [deposit("1")], expected_version=0)
+    known = deposit("9")
+    await store.append("b", "agent", [known], expected_version=0)
+    items = [StreamEvent(s, "agent", deposit(str(i))) for i, s in enumerate("abab", 1)]
+    repeated = deposit("7")
+    items += [StreamEvent("b", "agent", known), StreamEvent("c", "agent", repeated)]
+    items += [StreamEvent("c", "agent", repeated)]
+    items += [StreamEvent("d", "agent", deposit(str(i))) for i in range(100)]  # COPY path
+    result = await store.append_batch(items)
+    assert sorted(result.duplicates) == sorted([known.event_id, repeated.event_id])
+    assert [e.version for e in await store.read_stream("a")] == [1, 2, 3]
+    assert [e.version for e in await store.read_stream("b")] == [1, 2, 3]
+    assert [e.version for e in await store.read_stream("c")] == [1]
+    assert [e.version for e in await store.read_stream("d")] == list(range(1, 101))
+    # Re-running the whole batch (a redelivery) stores nothing new.
+    again = await store.append_batch(items)
+    assert again.appended == []
+
+
+async def test_snapshot_round_trip(store: EventStore) -> None:
+    assert await store.load_snapshot("snap", "balance") is None
+    await store.save_snapshot(Snapshot("snap", "balance", 10, 1, '{"PFLEA": "1.5"}'))
+    await store.save_snapshot(Snapshot("snap", "balance", 20, 1, '{"PFLEA": "2.5"}'))
+    latest = await store.load_snapshot("snap", "balance")
+    assert latest is not None and latest.version == 20 and '"2.5"' in latest.state
+    older = await store.load_snapshot("snap", "balance", at_or_before=15)
+    assert older is not None and older.version == 10
+
+
+async def test_event_stored_in_old_shape_is_read_in_current_shape(
+    store: EventStore, database_url: str
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """INSERT INTO events (event_id, stream_id, stream_type, event_type, version, data,
+                                   metadata, occurred_at)
+               VALUES ($1, 'old', 'agent', 'BetPlaced', 1, '{"stake": "2.50", "game": "dice"}',
+                       '{"schema_version": 1}', now())""",
+            uuid.uuid4(),
+        )
+    finally:
+        await conn.close()
+    [stored] = await store.read_stream("old")
+    assert stored.schema_version == 2
+    assert stored.decode() == BetPlaced(amount=Decimal("2.50"), asset="PFLEA", game="dice")
+    [from_log] = await store.read_all(0)
+    assert from_log.decode() == stored.decode()
+
+
+async def test_migrations_are_idempotent(database_url: str) -> None:
+    assert await migrate(database_url) == []
+    assert await migrate(database_url) == []

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+
+from shared.settings import SettingsError, load_settings
+
+
+def test_agents_are_parsed_and_keys_never_shown() -> None:
+    settings = load_settings({"PURPLEFLEA_AGENTS": "alice:sk-1, bob:sk-2"})
+    assert [a.agent_id for a in settings.purpleflea_agents] == ["alice", "bob"]
+    assert settings.purpleflea_agents[0].api_key == "sk-1"
+    assert "sk-1" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"PFLEA_WRITER_BATCH_SIZE": "lots"}, "PFLEA_WRITER_BATCH_SIZE"),
+        ({"PFLEA_WRITER_BATCH_SIZE": "0"}, "PFLEA_WRITER_BATCH_SIZE"),
+        ({"PFLEA_ACK_WAIT_S": "soon"}, "PFLEA_ACK_WAIT_S"),
+        ({"PURPLEFLEA_AGENTS": "alice"}, "PURPLEFLEA_AGENTS"),
+        ({"PURPLEFLEA_AGENTS": "a.b:key"}, "PURPLEFLEA_AGENTS"),
+        ({"PURPLEFLEA_AGENTS": "a:k,a:k"}, "PURPLEFLEA_AGENTS"),
+        ({"PFLEA_NAMESPACE": "Bad.NS"}, "PFLEA_NAMESPACE"),
+    ],
+)
+def test_a_bad_value_names_its_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert info.value.variable == variable
+    assert str(info.value).startswith(variable + ":")
