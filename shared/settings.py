@@ -48,9 +48,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ingest_page_limit: int = 500
     ingest_poll_interval_s: float = 1.0
     ingest_timeout_s: float = 10.0
+    relay_poll_s: float = 1.0
     snapshot_every: int = 100
     metrics_port: int = 0
     log_level: str = "INFO"
+    agents_from_simulator: bool = False
 
 
 ENV_NAMES: dict[str, str] = {
@@ -72,9 +74,11 @@ ENV_NAMES: dict[str, str] = {
     "ingest_page_limit": "PFLEA_INGEST_PAGE_LIMIT",
     "ingest_poll_interval_s": "PFLEA_INGEST_POLL_INTERVAL_S",
     "ingest_timeout_s": "PFLEA_INGEST_TIMEOUT_S",
+    "relay_poll_s": "PFLEA_RELAY_POLL_S",
     "snapshot_every": "PFLEA_SNAPSHOT_EVERY",
     "metrics_port": "PFLEA_METRICS_PORT",
     "log_level": "PFLEA_LOG_LEVEL",
+    "agents_from_simulator": "PFLEA_AGENTS_FROM_SIMULATOR",
 }
 
 _POSITIVE = {
@@ -114,11 +118,16 @@ def _convert(field: str, raw: str) -> Any:
     if field == "purpleflea_agents":
         return parse_agents(raw)
     ftype = Settings.__annotations__[field]
-    target = {"str": str, "int": int, "float": float, "Path": Path}[ftype]
+    target = {"str": str, "int": int, "float": float, "Path": Path, "bool": bool}[ftype]
     if target is str:
         return raw
     if target is Path:
         return Path(raw).expanduser()
+    if target is bool:
+        flag = raw.strip().lower()
+        if flag not in ("1", "0", "true", "false", "yes", "no"):
+            raise SettingsError(variable, f"expected 1/0/true/false, got {raw!r}")
+        return flag in ("1", "true", "yes")
     try:
         value = msgspec.convert(raw.strip(), target, strict=False)
     except msgspec.ValidationError:

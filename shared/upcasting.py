@@ -27,13 +27,24 @@ def upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaste
     """Register ``fn`` as lifting ``event_type`` from ``from_version`` to ``from_version + 1``."""
 
     def register(fn: Upcaster) -> Upcaster:
+        if from_version >= CURRENT_SCHEMA_VERSION.get(event_type, 1):
+            raise UpcastError(
+                f"{event_type}: bump CURRENT_SCHEMA_VERSION before adding an upcaster from v{from_version}"
+            )
         _UPCASTERS[(event_type, from_version)] = fn
-        target = from_version + 1
-        if CURRENT_SCHEMA_VERSION.get(event_type, 1) < target:
-            CURRENT_SCHEMA_VERSION[event_type] = target
         return fn
 
     return register
+
+
+def missing_upcasters() -> list[tuple[str, int]]:
+    """Steps below a current schema version that no upcaster covers (should be empty)."""
+    return [
+        (event_type, v)
+        for event_type, current in CURRENT_SCHEMA_VERSION.items()
+        for v in range(1, current)
+        if (event_type, v) not in _UPCASTERS
+    ]
 
 
 def needs_upcast(event_type: str, schema_version: int) -> bool:

@@ -142,3 +142,9 @@ async def test_event_stored_in_old_shape_is_read_in_current_shape(
 async def test_migrations_are_idempotent(database_url: str) -> None:
     assert await migrate(database_url) == []
     assert await migrate(database_url) == []
+
+
+def test_every_schema_step_has_an_upcaster() -> None:
+    from shared.upcasting import missing_upcasters
+
+    assert missing_upcasters() == []

@@ -111,3 +111,16 @@ GRANT SELECT, INSERT, UPDATE ON quarantine TO pflea_ingester, pflea_writer, pfle
 GRANT SELECT ON quarantine TO pflea_reader;
 GRANT SELECT, INSERT, UPDATE ON relay_checkpoints TO pflea_writer;
 GRANT SELECT ON relay_checkpoints TO pflea_reader, pflea_projector;
+
+-- Wake the relay (LISTEN pflea_events) as soon as an append commits; polling is the fallback.
+CREATE FUNCTION pflea_notify_appended() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('pflea_events', '');
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER events_notify_appended
+    AFTER INSERT ON events
+    FOR EACH STATEMENT EXECUTE FUNCTION pflea_notify_appended();

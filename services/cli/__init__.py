@@ -1,0 +1,1 @@
+"""``pflea``: the command line for operators and agents."""

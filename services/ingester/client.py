@@ -1,0 +1,114 @@
+"""The Purple Flea transaction feed over httpx, with its failure modes as exceptions."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+import msgspec
+
+from shared.settings import AgentCredential
+
+log = logging.getLogger(__name__)
+
+
+class FeedError(Exception):
+    pass
+
+
+class RateLimited(FeedError):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"rate limited; retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class AuthFailed(FeedError):
+    """401/403: the key is wrong; retrying soon will not help."""
+
+
+class Transient(FeedError):
+    """5xx, timeouts, connection errors: retry with backoff."""
+
+
+class BadPage(FeedError):
+    """A 200 whose body is not ``{"transactions": [...]}``; ``body`` is kept for quarantine."""
+
+    def __init__(self, reason: str, body: bytes) -> None:
+        super().__init__(reason)
+        self.body = body
+
+
+class _Page(msgspec.Struct):
+    transactions: list[msgspec.Raw]
+
+
+_page_decoder = msgspec.json.Decoder(_Page)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[bytes]  # each transaction's raw JSON, exactly as received
+
+
+def _retry_after(response: httpx.Response) -> float:
+    value = response.headers.get("Retry-After", "1")
+    try:
+        return max(0.0, min(float(value), 300.0))
+    except ValueError:
+        return 1.0  # an HTTP-date or garbage: a second is a safe guess
+
+
+def split_page(body: bytes) -> Page:
+    """Split a page into per-item raw bytes, so one bad item never poisons its neighbours."""
+    try:
+        return Page([bytes(raw) for raw in _page_decoder.decode(body).transactions])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadPage(f"page: not a transactions list ({exc})", body) from None
+
+
+class FeedClient:
+    """One httpx client shared by every agent's poller."""
+
+    def __init__(self, base_url: str, timeout_s: float, max_connections: int = 32) -> None:
+        self.http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_connections),
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def fetch(self, agent: AgentCredential, since: str | None, limit: int) -> Page:
+        params: dict[str, str | int] = {"agent_id": agent.agent_id, "limit": limit}
+        if since is not None:
+            params["since"] = since
+        try:
+            response = await self.http.get(
+                "/transactions",
+                params=params,
+                headers={"Authorization": f"Bearer {agent.api_key}"},
+            )
+        except httpx.TimeoutException as exc:
+            raise Transient(f"timeout: {type(exc).__name__}") from None
+        except httpx.TransportError as exc:
+            raise Transient(f"transport: {exc!r}") from None
+        status = response.status_code
+        if status == 200:
+            return split_page(response.content)
+        if status == 429:
+            raise RateLimited(_retry_after(response))
+        if status in (401, 403):
+            raise AuthFailed(f"HTTP {status}: the API key for {agent.agent_id} was refused")
+        if status >= 500:
+            raise Transient(f"HTTP {status}")
+        raise BadPage(f"HTTP {status}: {response.text[:200]}", response.content)
+
+    async def simulator_agents(self) -> list[AgentCredential]:
+        """The simulator's agents and keys (``PFLEA_AGENTS_FROM_SIMULATOR=1``)."""
+        response = await self.http.get("/admin/agents")
+        response.raise_for_status()
+        return [
+            AgentCredential(a["agent_id"], a["api_key"]) for a in response.json()["agents"]
+        ]

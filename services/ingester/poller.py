@@ -1,0 +1,176 @@
+"""One polling loop per agent: fetch pages until caught up, publish, quarantine, repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import OrderedDict
+
+import asyncpg
+from nats.js import JetStreamContext
+from prometheus_client import Counter
+
+from services.ingester.client import AuthFailed, BadPage, FeedClient, RateLimited, Transient
+from services.ingester.transactions import Rejected, parse_transaction
+from shared.envelope import TxEnvelope, tx_encoder
+from shared.jetstream import HDR_MSG_ID, Topology
+from shared.ops import Lifecycle
+from shared.quarantine import Quarantine
+from shared.settings import AgentCredential, Settings
+
+log = logging.getLogger(__name__)
+
+RECEIVED = Counter("pflea_ingester_transactions_received_total", "Transactions fetched", ["agent"])
+PUBLISHED = Counter("pflea_ingester_transactions_published_total", "Transactions published to PFLEA_TX")
+FEED_ERRORS = Counter("pflea_ingester_feed_errors_total", "Failed polls", ["kind"])
+
+MAX_BACKOFF_S = 30.0
+AUTH_RETRY_S = 60.0
+RECENT_IDS = 10_000
+
+
+async def committed_cursor(pool: asyncpg.Pool, agent_id: str) -> str | None:
+    """The newest source transaction id Postgres has committed for ``agent_id``.
+
+    The resume point is what the database holds, never what NATS acknowledged: anything
+    published but not yet written is polled again and deduplicated by its event id.
+    """
+    value = await pool.fetchval(
+        """SELECT data->>'tx_id' FROM events
+           WHERE stream_id = $1 AND data ? 'tx_id'
+           ORDER BY version DESC LIMIT 1""",
+        agent_id,
+    )
+    return str(value) if value is not None else None
+
+
+class AgentPoller:
+    def __init__(
+        self,
+        agent: AgentCredential,
+        *,
+        feed: FeedClient,
+        js: JetStreamContext,
+        pool: asyncpg.Pool,
+        quarantine: Quarantine,
+        topology: Topology,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        gate: asyncio.Semaphore,
+    ) -> None:
+        self.agent = agent
+        self.feed = feed
+        self.js = js
+        self.pool = pool
+        self.quarantine = quarantine
+        self.topology = topology
+        self.settings = settings
+        self.lifecycle = lifecycle
+        self.gate = gate
+        self.since: str | None = None
+        self.recent: OrderedDict[str, None] = OrderedDict()
+        self.backoff = 0.5
+        self.caught_up = asyncio.Event()
+
+    async def run(self) -> None:
+        self.since = await committed_cursor(self.pool, self.agent.agent_id)
+        log.info("polling", extra={"agent": self.agent.agent_id, "since": self.since})
+        while not self.lifecycle.stopping.is_set():
+            try:
+                delay = await self.poll_once()
+            except (asyncpg.PostgresError, OSError) as exc:
+                # Quarantine writes need Postgres; the cursor has not moved, so just retry.
+                delay = self._next_backoff(f"database: {exc!r}")
+            if delay and await self.lifecycle.sleep(delay):
+                return
+
+    async def poll_once(self) -> float:
+        """Fetch and handle one page; return how long to wait before the next poll."""
+        agent_id = self.agent.agent_id
+        limit = self.settings.ingest_page_limit
+        try:
+            async with self.gate:
+                page = await self.feed.fetch(self.agent, self.since, limit)
+        except RateLimited as exc:
+            FEED_ERRORS.labels("rate_limited").inc()
+            return exc.retry_after + random.uniform(0, 0.1)
+        except AuthFailed as exc:
+            FEED_ERRORS.labels("auth").inc()
+            log.error("%s; retrying in %ss, other agents go on", exc, AUTH_RETRY_S, extra={"agent": agent_id})
+            return AUTH_RETRY_S
+        except Transient as exc:
+            FEED_ERRORS.labels("transient").inc()
+            return self._next_backoff(str(exc))
+        except BadPage as exc:
+            FEED_ERRORS.labels("bad_page").inc()
+            await self.quarantine.put(exc.body, exc.args[0], agent_id=agent_id, key=f"page:{self.since}")
+            return self._next_backoff(exc.args[0])
+        self.backoff = 0.5
+        RECEIVED.labels(agent_id).inc(len(page.items))
+        await self.handle(page.items)
+        if len(page.items) < limit:
+            self.caught_up.set()
+            return self.settings.ingest_poll_interval_s
+        return 0.0
+
+    def _next_backoff(self, why: str) -> float:
+        delay = self.backoff * random.uniform(0.5, 1.5)  # jitter: pollers don't retry in lockstep
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF_S)
+        log.warning("poll failed: %s; retrying in %.2fs", why, delay, extra={"agent": self.agent.agent_id})
+        return delay
+
+    async def handle(self, items: list[bytes]) -> None:
+        valid: list[TxEnvelope] = []
+        last_new_id: str | None = None
+        for raw in items:
+            try:
+                envelope = parse_transaction(raw, self.agent.agent_id, self.settings.purpleflea_source)
+            except Rejected as exc:
+                await self.quarantine.put(
+                    raw, exc.reason, agent_id=self.agent.agent_id, key=exc.tx_id
+                )
+                if exc.tx_id is not None and exc.tx_id not in self.recent:
+                    last_new_id = exc.tx_id
+                    self._remember(exc.tx_id)
+                continue
+            if envelope.tx_id in self.recent:
+                continue  # an overlapping or repeated page
+            valid.append(envelope)
+            last_new_id = envelope.tx_id
+        await self.publish(valid)
+        for envelope in valid:
+            self._remember(envelope.tx_id)
+        if last_new_id is not None:
+            self.since = last_new_id
+
+    def _remember(self, tx_id: str) -> None:
+        self.recent[tx_id] = None
+        if len(self.recent) > RECENT_IDS:
+            self.recent.popitem(last=False)
+
+    async def publish(self, envelopes: list[TxEnvelope]) -> None:
+        """Publish in order and wait for every ack; retry the lot until JetStream has it."""
+        if not envelopes:
+            return
+        attempt = 0
+        while True:
+            try:
+                futures = [
+                    await self.js.publish_async(
+                        self.topology.tx_subject(e.agent_id),
+                        tx_encoder.encode(e),
+                        headers={HDR_MSG_ID: str(e.event_id)},
+                    )
+                    for e in envelopes
+                ]
+                await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
+                PUBLISHED.inc(len(envelopes))
+                return
+            except Exception as exc:  # any NATS failure: the cursor has not moved, so retry
+                attempt += 1
+                delay = min(0.2 * 2**attempt, MAX_BACKOFF_S)
+                log.warning("publish failed (%r); retry %d in %.1fs", exc, attempt, delay,
+                            extra={"agent": self.agent.agent_id})
+                if await self.lifecycle.sleep(delay):
+                    raise

@@ -1,0 +1,68 @@
+"""Wire the ingester: one feed client, one poller per agent, bounded concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.ingester.client import FeedClient
+from services.ingester.poller import AgentPoller
+from shared.db import INGESTER_ROLE, create_pool, role_dsn
+from shared.jetstream import Topology, ensure_streams
+from shared.nats_conn import connect_nats
+from shared.ops import Lifecycle
+from shared.quarantine import Quarantine
+from shared.service import require
+from shared.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+
+async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
+    api_url = require(settings.purpleflea_api_url, "PURPLEFLEA_API_URL")
+    database_url = require(settings.database_url, "DATABASE_URL")
+    nats_url = require(settings.nats_url, "NATS_URL")
+    topology = Topology(settings.namespace)
+    feed = FeedClient(api_url, settings.ingest_timeout_s, settings.ingest_concurrency)
+    pool = await create_pool(
+        role_dsn(database_url, INGESTER_ROLE, settings.db_service_password), max_size=4
+    )
+    nc = await connect_nats(nats_url, "pflea-ingester")
+    try:
+        agents = list(settings.purpleflea_agents)
+        if settings.agents_from_simulator:
+            agents += await _simulator_agents(feed, lifecycle)
+        if not agents:
+            raise SettingsError("PURPLEFLEA_AGENTS", "no agents to poll")
+        js = nc.jetstream()
+        await ensure_streams(js, topology, settings.duplicate_window_s)
+        gate = asyncio.Semaphore(settings.ingest_concurrency)
+        quarantine = Quarantine(pool, "ingester")
+        pollers = [
+            AgentPoller(
+                agent, feed=feed, js=js, pool=pool, quarantine=quarantine, topology=topology,
+                settings=settings, lifecycle=lifecycle, gate=gate,
+            )
+            for agent in agents
+        ]
+        lifecycle.ready = True
+        log.info("ingesting", extra={"agents": len(pollers), "api": api_url})
+        results = await asyncio.gather(*(p.run() for p in pollers), return_exceptions=True)
+        for agent, result in zip(agents, results, strict=True):
+            if isinstance(result, BaseException) and not lifecycle.stopping.is_set():
+                log.error("poller stopped: %r", result, extra={"agent": agent.agent_id})
+    finally:
+        await nc.drain()
+        await feed.close()
+        await pool.close()
+
+
+async def _simulator_agents(feed: FeedClient, lifecycle: Lifecycle) -> list:
+    """Ask the simulator for its agents, waiting for it to come up."""
+    while True:
+        try:
+            return await feed.simulator_agents()
+        except Exception as exc:
+            log.warning("simulator not answering yet: %r", exc)
+            if await lifecycle.sleep(1.0):
+                return []

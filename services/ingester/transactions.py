@@ -1,0 +1,276 @@
+"""Turn one raw Purple Flea transaction into a ``TxEnvelope``, or reject it naming the field.
+
+Items are parsed from their own raw bytes with the stdlib parser, strictly: numbers become
+``Decimal`` (never float), ``NaN``/``Infinity`` tokens and duplicate keys are refused, and text
+that Postgres cannot store (NUL, lone surrogates) is refused instead of failing later.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from shared.envelope import TxEnvelope, ingested_event_id
+from shared.events import (
+    AgentRegistered,
+    AssetSwapped,
+    BetPlaced,
+    BetWon,
+    DomainPurchased,
+    DomainRenewed,
+    DomainSold,
+    EscrowLocked,
+    EscrowReleased,
+    Event,
+    FaucetClaimed,
+    FeeCharged,
+    FundsDeposited,
+    FundsWithdrawn,
+    TradeExecuted,
+    UnknownTransaction,
+    WalletTransferIn,
+    WalletTransferOut,
+    encode_data,
+    event_type_of,
+    schema_version_of,
+)
+from shared.money import MoneyError, parse_amount
+
+MAX_ITEM_BYTES = 64 * 1024
+MAX_DEPTH = 32
+DEFAULT_ASSET = "PFLEA"
+_ASSET = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+class Rejected(ValueError):
+    """A transaction that cannot become an event; ``tx_id`` when it could be read."""
+
+    def __init__(self, reason: str, tx_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.tx_id = tx_id
+
+
+def _no_constants(name: str) -> Any:
+    raise Rejected(f"amount: {name} is not a number a ledger can store")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise Rejected(f"{key}: the key appears twice in one object; which value is meant?")
+        result[key] = value
+    return result
+
+
+def _check_text(value: Any, path: str, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise Rejected(f"{path}: nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise Rejected(f"{path}: contains a NUL character, which Postgres cannot store")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Rejected(f"{path}: contains a lone surrogate, which is not valid Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, path, depth + 1)
+            _check_text(item, f"{path}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{path}[{i}]", depth + 1)
+
+
+def decode_item(raw: bytes) -> dict[str, Any]:
+    """Strict, exact JSON decoding of one transaction object."""
+    if len(raw) > MAX_ITEM_BYTES:
+        raise Rejected(f"transaction: {len(raw)} bytes is over the {MAX_ITEM_BYTES}-byte limit")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Rejected(f"transaction: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        obj = json.loads(
+            text,
+            parse_float=Decimal,
+            parse_constant=_no_constants,
+            object_pairs_hook=_no_duplicate_keys,
+        )
+    except RecursionError:
+        raise Rejected("transaction: nested too deeply to parse") from None
+    except json.JSONDecodeError as exc:
+        raise Rejected(f"transaction: not JSON ({exc.msg} at {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise Rejected(f"transaction: expected a JSON object, got {type(obj).__name__}")
+    _check_text(obj, "transaction")
+    return obj
+
+
+def _text(tx: dict[str, Any], field: str, *, required: bool = True, limit: int = 200) -> str | None:
+    value = tx.get(field)
+    if value is None:
+        if required:
+            raise Rejected(f"{field}: missing", _tx_id_or_none(tx))
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise Rejected(f"{field}: expected a string, got {type(value).__name__}", _tx_id_or_none(tx))
+    text = str(value)
+    if not text or len(text) > limit:
+        raise Rejected(f"{field}: must be 1 to {limit} characters", _tx_id_or_none(tx))
+    return text
+
+
+def _tx_id_or_none(tx: dict[str, Any]) -> str | None:
+    value = tx.get("id")
+    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) else None
+
+
+def _amount(tx: dict[str, Any], field: str = "amount") -> Decimal:
+    if field not in tx:
+        raise Rejected(f"{field}: missing", _tx_id_or_none(tx))
+    try:
+        return parse_amount(tx[field], field)
+    except MoneyError as exc:
+        raise Rejected(str(exc), _tx_id_or_none(tx)) from None
+
+
+def _asset(tx: dict[str, Any], field: str = "asset", default: str | None = DEFAULT_ASSET) -> str:
+    value = tx.get(field, default)
+    if not isinstance(value, str) or not _ASSET.fullmatch(value):
+        raise Rejected(f"{field}: expected an asset code like PFLEA or USDC, got {value!r}", _tx_id_or_none(tx))
+    return value.upper()
+
+
+def _occurred_at(tx: dict[str, Any]) -> datetime:
+    value = tx.get("created_at")
+    if not isinstance(value, str):
+        raise Rejected("created_at: missing or not an ISO 8601 string", _tx_id_or_none(tx))
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise Rejected(f"created_at: {value[:40]!r} is not ISO 8601", _tx_id_or_none(tx)) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _money(cls: type[Event], *extra: str) -> Callable[[dict[str, Any]], Event]:
+    def build(tx: dict[str, Any]) -> Event:
+        fields: dict[str, Any] = {"amount": _amount(tx), "asset": _asset(tx)}
+        for name in extra:
+            fields[name] = _text(tx, name, required=False)
+        return cls(**fields)
+
+    return build
+
+
+def _domain(cls: type[Event]) -> Callable[[dict[str, Any]], Event]:
+    def build(tx: dict[str, Any]) -> Event:
+        return cls(amount=_amount(tx), asset=_asset(tx), domain=_text(tx, "domain"))
+
+    return build
+
+
+def _trade(tx: dict[str, Any]) -> Event:
+    side = tx.get("side")
+    if side not in ("buy", "sell"):
+        raise Rejected(f"side: expected 'buy' or 'sell', got {side!r}", _tx_id_or_none(tx))
+    price = _amount(tx, "price") if tx.get("price") is not None else None
+    return TradeExecuted(
+        amount=_amount(tx),
+        asset=_asset(tx),
+        side=side,
+        instrument=_asset(tx, "instrument", None),
+        quantity=_amount(tx, "quantity"),
+        price=price,
+    )
+
+
+def _swap(tx: dict[str, Any]) -> Event:
+    return AssetSwapped(
+        amount=_amount(tx),
+        asset=_asset(tx),
+        to_amount=_amount(tx, "to_amount"),
+        to_asset=_asset(tx, "to_asset", None),
+    )
+
+
+def _register(tx: dict[str, Any]) -> Event:
+    return AgentRegistered(name=_text(tx, "name", required=False))
+
+
+BUILDERS: dict[str, tuple[Callable[[dict[str, Any]], Event], frozenset[str]]] = {
+    "register": (_register, frozenset({"name", "amount", "asset"})),
+    "deposit": (_money(FundsDeposited), frozenset()),
+    "withdraw": (_money(FundsWithdrawn, "address"), frozenset({"address"})),
+    "bet": (_money(BetPlaced, "game"), frozenset({"game"})),
+    "win": (_money(BetWon, "game"), frozenset({"game"})),
+    "fee": (_money(FeeCharged, "reason"), frozenset({"reason"})),
+    "faucet": (_money(FaucetClaimed), frozenset()),
+    "escrow": (_money(EscrowLocked, "escrow_id"), frozenset({"escrow_id"})),
+    "escrow_release": (_money(EscrowReleased, "escrow_id"), frozenset({"escrow_id"})),
+    "trade": (_trade, frozenset({"side", "instrument", "quantity", "price"})),
+    "transfer_in": (_money(WalletTransferIn, "address", "chain"), frozenset({"address", "chain"})),
+    "transfer_out": (_money(WalletTransferOut, "address", "chain"), frozenset({"address", "chain"})),
+    "swap": (_swap, frozenset({"to_amount", "to_asset"})),
+    "domain_purchase": (_domain(DomainPurchased), frozenset({"domain"})),
+    "domain_renewal": (_domain(DomainRenewed), frozenset({"domain"})),
+    "domain_sale": (_domain(DomainSold), frozenset({"domain"})),
+}
+_COMMON = frozenset({"id", "type", "amount", "asset", "created_at", "agent_id"})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_event(tx: dict[str, Any]) -> Event:
+    """The catalogue event for a decoded transaction; unknown types are kept, not dropped."""
+    tx_type = _text(tx, "type", limit=64)
+    assert tx_type is not None
+    tx_id = _text(tx, "id")
+    built = BUILDERS.get(tx_type)
+    if built is None:
+        if "amount" in tx:
+            _amount(tx)  # an unknown type still may not carry an amount we could not store
+        raw = {k: _plain(v) for k, v in tx.items()}
+        return UnknownTransaction(tx_id=tx_id, source_type=tx_type, raw=raw)
+    build, own_fields = built
+    event = build(tx)
+    extra = {k: _plain(v) for k, v in tx.items() if k not in _COMMON and k not in own_fields}
+    return msgspec.structs.replace(event, tx_id=tx_id, extra=extra)
+
+
+def parse_transaction(raw: bytes, agent_id: str, source: str) -> TxEnvelope:
+    """Validate one raw transaction of ``agent_id``; raises ``Rejected`` with the reason."""
+    tx = decode_item(raw)
+    tx_id = _text(tx, "id")
+    assert tx_id is not None
+    owner = tx.get("agent_id")
+    if owner is not None and owner != agent_id:
+        raise Rejected(f"agent_id: transaction belongs to {owner!r}, polled for {agent_id!r}", tx_id)
+    occurred_at = _occurred_at(tx)
+    event = to_event(tx)
+    event_type = event_type_of(event)
+    return TxEnvelope(
+        event_id=ingested_event_id(source, tx_id),
+        agent_id=agent_id,
+        event_type=event_type,
+        schema_version=schema_version_of(event_type),
+        data=msgspec.Raw(encode_data(event)),
+        occurred_at=occurred_at,
+        source=source,
+        tx_id=tx_id,
+    )

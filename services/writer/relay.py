@@ -1,0 +1,155 @@
+"""Relay: publish every committed event to PFLEA_EVENTS, in position order, at least once.
+
+The events table is the outbox. The relay reads ``position > checkpoint`` (gap-free, see the
+store), publishes with ``Nats-Msg-Id`` = event id, waits for every ack, and only then moves its
+checkpoint in Postgres. A crash anywhere repeats a suffix, which JetStream's duplicate window
+and the projectors' per-stream checkpoints absorb. One relay runs at a time: it holds a session
+advisory lock, so writer replicas can all run one and only the holder publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+from nats.js import JetStreamContext
+from prometheus_client import Counter, Gauge
+
+from shared.db import connect
+from shared.faults import crash_point
+from shared.jetstream import HDR_EVENT_TYPE, HDR_MSG_ID, HDR_POSITION, HDR_STREAM_ID, HDR_VERSION, Topology
+from shared.ops import Lifecycle
+from shared.store import EventStore, RecordedEvent
+
+log = logging.getLogger(__name__)
+
+PUBLISHED = Counter("pflea_relay_events_published_total", "Events published to PFLEA_EVENTS")
+RELAY_POSITION = Gauge("pflea_relay_position", "Last global position relayed")
+
+_RELAY_LOCK = 7061746563
+RELAY_NAME = "events"
+
+
+class _Stopped(Exception):
+    """Asked to stop while NATS was refusing publishes: the checkpoint did not move."""
+
+
+class Relay:
+    def __init__(
+        self,
+        store: EventStore,
+        js: JetStreamContext,
+        topology: Topology,
+        lifecycle: Lifecycle,
+        dsn: str,
+        *,
+        batch_size: int = 1000,
+        poll_s: float = 1.0,
+        wakeup: asyncio.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.js = js
+        self.topology = topology
+        self.lifecycle = lifecycle
+        self.dsn = dsn
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        self.wakeup = wakeup or asyncio.Event()
+        self.position = 0
+
+    async def run(self) -> None:
+        """Become the relay (wait for the lock), then relay until stopping; survive outages."""
+        while not self.lifecycle.stopping.is_set():
+            try:
+                await self._lead()
+            except _Stopped:
+                return
+            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("relay lost Postgres (%r); retrying", exc)
+                if await self.lifecycle.sleep(1.0):
+                    return
+
+    async def _lead(self) -> None:
+        conn = await connect(self.dsn)
+        try:
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK):
+                if await self.lifecycle.sleep(self.poll_s):
+                    return
+            await conn.add_listener("pflea_events", self._notified)
+            self.position = await self._checkpoint(conn)
+            log.info("relaying", extra={"position": self.position})
+            while not self.lifecycle.stopping.is_set():
+                relayed = await self.relay_once(conn)
+                if relayed < self.batch_size:
+                    await self._wait_for_work()
+        finally:
+            await conn.close()  # also releases the advisory lock
+
+    def _notified(self, *_: object) -> None:
+        self.wakeup.set()
+
+    async def _wait_for_work(self) -> None:
+        stop = asyncio.ensure_future(self.lifecycle.stopping.wait())
+        wake = asyncio.ensure_future(self.wakeup.wait())
+        await asyncio.wait({stop, wake}, timeout=self.poll_s, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        wake.cancel()
+        self.wakeup.clear()
+
+    async def _checkpoint(self, conn: asyncpg.Connection) -> int:
+        await conn.execute(
+            "INSERT INTO relay_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING", RELAY_NAME
+        )
+        return int(await conn.fetchval("SELECT position FROM relay_checkpoints WHERE name = $1", RELAY_NAME))
+
+    async def relay_once(self, conn: asyncpg.Connection) -> int:
+        events = await self.store.read_all(self.position, self.batch_size)
+        if not events:
+            return 0
+        crash_point("relay.before_publish")
+        await self.publish(events)
+        crash_point("relay.after_publish")  # published, checkpoint not moved
+        self.position = events[-1].position
+        await conn.execute(
+            "UPDATE relay_checkpoints SET position = $2, updated_at = clock_timestamp() WHERE name = $1",
+            RELAY_NAME,
+            self.position,
+        )
+        RELAY_POSITION.set(self.position)
+        PUBLISHED.inc(len(events))
+        return len(events)
+
+    async def publish(self, events: list[RecordedEvent]) -> None:
+        """Publish in order on one connection and wait for all acks; retry until they land."""
+        attempt = 0
+        while True:
+            try:
+                futures = [
+                    await self.js.publish_async(
+                        self.topology.event_subject(e.stream_id, e.event_type),
+                        e.data.encode(),
+                        headers=_headers(e),
+                    )
+                    for e in events
+                ]
+                await asyncio.wait_for(asyncio.gather(*futures), timeout=15)
+                return
+            except Exception as exc:
+                attempt += 1
+                log.warning("relay publish failed (%r); retry %d", exc, attempt)
+                if await self.lifecycle.sleep(min(0.2 * 2**attempt, 5.0)):
+                    raise _Stopped from exc
+
+
+def _headers(e: RecordedEvent) -> dict[str, str]:
+    return {
+        HDR_MSG_ID: str(e.event_id),
+        HDR_STREAM_ID: e.stream_id,
+        HDR_VERSION: str(e.version),
+        HDR_POSITION: str(e.position),
+        HDR_EVENT_TYPE: e.event_type,
+        "Pflea-Occurred-At": e.occurred_at.isoformat(),
+        "Pflea-Recorded-At": e.recorded_at.isoformat(),
+        "Pflea-Schema-Version": str(e.schema_version),
+    }

@@ -1,0 +1,51 @@
+"""Wire the writer: the PFLEA_TX consumer and the relay, sharing one pool and one connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.writer.consumer import TxConsumer
+from services.writer.relay import Relay
+from shared.db import WRITER_ROLE, create_pool, role_dsn
+from shared.jetstream import Topology, ensure_streams
+from shared.nats_conn import connect_nats
+from shared.ops import Lifecycle
+from shared.quarantine import Quarantine
+from shared.service import require
+from shared.settings import Settings
+from shared.store import EventStore
+
+log = logging.getLogger(__name__)
+
+
+async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
+    dsn = role_dsn(require(settings.database_url, "DATABASE_URL"), WRITER_ROLE, settings.db_service_password)
+    nats_url = require(settings.nats_url, "NATS_URL")
+    topology = Topology(settings.namespace)
+    pool = await create_pool(dsn, min_size=2, max_size=8)
+    nc = await connect_nats(nats_url, "pflea-writer")
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, topology, settings.duplicate_window_s)
+        store = EventStore(pool)
+        committed = asyncio.Event()
+        consumer = TxConsumer(
+            js, store, Quarantine(pool, "writer"), topology, settings, lifecycle, on_commit=committed
+        )
+        relay = Relay(
+            store, js, topology, lifecycle, dsn, poll_s=settings.relay_poll_s, wakeup=committed
+        )
+        lifecycle.checks.append(lambda: nc.is_connected)
+        lifecycle.ready = True
+        tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(relay.run())]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                lifecycle.stop()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise task.exception()  # type: ignore[misc]
+        await asyncio.gather(*tasks)
+    finally:
+        await nc.drain()
+        await pool.close()

@@ -1,0 +1,192 @@
+"""The writer and relay as real processes: batches survive SIGKILL, nothing lost or doubled."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from shared.envelope import TxEnvelope, ingested_event_id, tx_encoder
+from shared.events import FundsDeposited, encode_data
+from shared.jetstream import HDR_MSG_ID, HDR_POSITION, HDR_VERSION, Topology
+from shared.settings import Settings
+from shared.store import EventStore, NewEvent
+from tests.support import ServiceProcess, service_env, wait_until
+
+
+def envelope(agent: str, n: int) -> TxEnvelope:
+    tx_id = f"tx-{agent}-{n}"
+    return TxEnvelope(
+        event_id=ingested_event_id("test", tx_id),
+        agent_id=agent,
+        event_type="FundsDeposited",
+        schema_version=1,
+        data=msgspec.Raw(encode_data(FundsDeposited(amount=Decimal(n) / 100, asset="PFLEA", tx_id=tx_id))),
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=n),
+        source="test",
+        tx_id=tx_id,
+    )
+
+
+async def publish_transactions(nc: nats.NATS, topology: Topology, agents: int, per_agent: int) -> set[uuid.UUID]:
+    js = nc.jetstream()
+    ids = set()
+    for n in range(per_agent):
+        for a in range(agents):
+            env = envelope(f"agent-{a}", n)
+            ids.add(env.event_id)
+            await js.publish_async(
+                topology.tx_subject(env.agent_id), tx_encoder.encode(env),
+                headers={HDR_MSG_ID: str(env.event_id)},
+            )
+    await js.publish_async_completed()
+    return ids
+
+
+async def count_events(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM events"))
+    finally:
+        await conn.close()
+
+
+async def relayed(nc: nats.NATS, topology: Topology) -> list[nats.aio.msg.Msg]:
+    """Every message on this test's PFLEA_EVENTS, read with an ephemeral ordered consumer."""
+    js = nc.jetstream()
+    info = await js.stream_info(topology.events_stream)
+    total = info.state.messages
+    if total == 0:
+        return []
+    sub = await js.pull_subscribe(
+        topology.events_filter,
+        stream=topology.events_stream,
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30),
+    )
+    msgs: list[nats.aio.msg.Msg] = []
+    while len(msgs) < total:
+        msgs += await sub.fetch(min(1000, total - len(msgs)), timeout=5)
+    await sub.unsubscribe()
+    return msgs
+
+
+async def assert_log_is_clean(database_url: str, expected: set[uuid.UUID]) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT event_id FROM events")
+        assert {r["event_id"] for r in rows} == expected
+        assert len(rows) == len(expected)
+        gaps = await conn.fetchval(
+            """SELECT count(*) FROM (SELECT stream_id, max(version) AS v, count(*) AS n
+               FROM events GROUP BY stream_id) s WHERE v <> n"""
+        )
+        assert gaps == 0, "some stream's versions are not 1..n"
+    finally:
+        await conn.close()
+
+
+async def assert_all_relayed_in_order(nc: nats.NATS, topology: Topology, expected: set[uuid.UUID]) -> None:
+    msgs = await relayed(nc, topology)
+    ids = {uuid.UUID(m.headers[HDR_MSG_ID]) for m in msgs}
+    assert ids == expected, f"{len(expected - ids)} committed events never reached PFLEA_EVENTS"
+    last_version: dict[str, int] = {}
+    for m in msgs:
+        stream = m.subject.split(".")[2]
+        version = int(m.headers[HDR_VERSION])
+        # A repeated suffix after a crash may go back; a first sighting never skips ahead.
+        if version > last_version.get(stream, 0):
+            assert version == last_version.get(stream, 0) + 1, f"{stream} jumped to v{version}"
+            last_version[stream] = version
+        assert int(m.headers[HDR_POSITION]) > 0
+
+
+@pytest.fixture
+def writer(settings: Settings, tmp_path: Path) -> ServiceProcess:
+    proc = ServiceProcess("services.writer", service_env(settings, PFLEA_WRITER_BATCH_SIZE="200"), tmp_path)
+    yield proc
+    proc.kill()
+
+
+async def test_writer_killed_mid_batch_loses_and_doubles_nothing(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess
+) -> None:
+    expected = await publish_transactions(js_streams, topology, agents=40, per_agent=100)
+    url = settings.database_url
+    for round_ in range(3):
+        writer.start()
+        floor = 800 * (round_ + 1)
+        await wait_until(lambda f=floor: _at_least(url, f), 60, f"{floor} events written")
+        writer.kill()
+    writer.start()
+    await writer.wait_ready()
+    await wait_until(lambda: _at_least(url, len(expected)), 60, "every transaction written")
+    await wait_until(lambda: _relayed_all(js_streams, topology, len(expected)), 60, "relay caught up")
+    assert writer.terminate() == 0, writer.log_tail()
+    await assert_log_is_clean(url, expected)
+    await assert_all_relayed_in_order(js_streams, topology, expected)
+
+
+@pytest.mark.parametrize("crash_at", ["writer.after_commit:2", "relay.after_publish:2", "relay.before_publish:2"])
+async def test_crash_between_commit_and_relay_loses_nothing(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess, crash_at: str
+) -> None:
+    expected = await publish_transactions(js_streams, topology, agents=10, per_agent=100)
+    writer.start(PFLEA_CRASH_AT=crash_at)
+    assert await writer.wait_exit(60) == 137, writer.log_tail()
+    writer.start()
+    await writer.wait_ready()
+    await wait_until(lambda: _at_least(settings.database_url, len(expected)), 60, "all written")
+    await wait_until(lambda: _relayed_all(js_streams, topology, len(expected)), 60, "all relayed")
+    assert writer.terminate() == 0
+    await assert_log_is_clean(settings.database_url, expected)
+    await assert_all_relayed_in_order(js_streams, topology, expected)
+
+
+async def test_events_committed_by_others_are_relayed(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess, store: EventStore
+) -> None:
+    """The table is the outbox: an event appended while no writer ran still gets published."""
+    events = [NewEvent.of(FundsDeposited(amount=Decimal("1.5"), asset="USDC")) for _ in range(5)]
+    await store.append("solo", "agent", events, expected_version=0)
+    writer.start()
+    await writer.wait_ready()
+    await wait_until(lambda: _relayed_all(js_streams, topology, 5), 30, "relay of direct appends")
+    assert writer.terminate() == 0
+    await assert_all_relayed_in_order(js_streams, topology, {e.event_id for e in events})
+
+
+async def test_an_undecodable_message_is_quarantined_and_the_rest_flow(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess
+) -> None:
+    expected = await publish_transactions(js_streams, topology, agents=2, per_agent=5)
+    await js_streams.jetstream().publish(topology.tx_subject("agent-0"), b"\xff not an envelope")
+    more = await publish_transactions(js_streams, topology, agents=3, per_agent=7)
+    writer.start()
+    await writer.wait_ready()
+    url = settings.database_url
+    await wait_until(lambda: _at_least(url, len(expected | more)), 30, "good messages written")
+    conn = await asyncpg.connect(url)
+    try:
+        row = await wait_until(lambda: conn.fetchrow("SELECT * FROM quarantine"), 10, "quarantine")
+        assert row["source"] == "writer" and row["raw"] == b"\xff not an envelope"
+        assert "envelope" in row["reason"]
+    finally:
+        await conn.close()
+    assert writer.terminate() == 0
+    await assert_log_is_clean(url, expected | more)
+
+
+async def _at_least(url: str, n: int) -> bool:
+    return await count_events(url) >= n
+
+
+async def _relayed_all(nc: nats.NATS, topology: Topology, n: int) -> bool:
+    info = await nc.jetstream().stream_info(topology.events_stream)
+    return info.state.messages >= n
