@@ -16,6 +16,22 @@ READER_ROLE = "pflea_reader"
 SERVICE_ROLES = (INGESTER_ROLE, WRITER_ROLE, PROJECTOR_ROLE, READER_ROLE)
 
 
+# Errors that say nothing about the messages: the database or the connection is away.
+TRANSIENT_DB_ERRORS = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    TimeoutError,
+)
+
+
 def role_dsn(database_url: str, role: str, password: str) -> str:
     """``database_url`` with its user replaced by ``role`` (host, port, database kept)."""
     parts = urlsplit(database_url)
@@ -53,9 +69,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kw: Any) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=init_connection, **kw
-    )
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=init_connection, **kw)
     assert pool is not None
     return pool
 

@@ -83,7 +83,7 @@ class EmbeddedNats:
         conf.write_text(
             f"""listen: "127.0.0.1:{self.port}"
 jetstream {{
-  store_dir: "{self.data_dir / 'jetstream'}"
+  store_dir: "{self.data_dir / "jetstream"}"
   sync_interval: always
 }}
 max_payload: 8MB
@@ -193,8 +193,17 @@ class EmbeddedPostgres:
         self._prepare_dirs(who)
         if not (self.pgdata / "PG_VERSION").exists():
             subprocess.run(
-                [str(bindir / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
-                 "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ],
                 check=True,
                 capture_output=True,
                 **who,  # type: ignore[arg-type]
@@ -203,16 +212,21 @@ class EmbeddedPostgres:
         if stale.exists():
             self._clear_stale_pid(stale)
         settings = [
-            "-c", "listen_addresses=127.0.0.1",
-            "-c", f"port={self.port}",
-            "-c", f"unix_socket_directories={self.data_dir}",
-            "-c", "max_connections=200",
-            "-c", "shared_buffers=256MB",
-            "-c", "log_min_messages=warning",
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"port={self.port}",
+            "-c",
+            f"unix_socket_directories={self.data_dir}",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=256MB",
+            "-c",
+            "log_min_messages=warning",
         ]
         if not self.durable:
-            settings += ["-c", "fsync=off", "-c", "synchronous_commit=off",
-                         "-c", "full_page_writes=off"]
+            settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         log = self.data_dir / "postgres.log"
         with open(log, "ab") as out:
             if who:

@@ -217,24 +217,14 @@ def money_effect(event: Event) -> MoneyEffect:
         case DomainPurchased() | DomainRenewed():
             return MoneyEffect(balance=((event.asset, -event.amount),))
         case EscrowLocked():
-            return MoneyEffect(
-                balance=((event.asset, -event.amount),), escrow=((event.asset, event.amount),)
-            )
+            return MoneyEffect(balance=((event.asset, -event.amount),), escrow=((event.asset, event.amount),))
         case EscrowReleased():
-            return MoneyEffect(
-                balance=((event.asset, event.amount),), escrow=((event.asset, -event.amount),)
-            )
+            return MoneyEffect(balance=((event.asset, event.amount),), escrow=((event.asset, -event.amount),))
         case TradeExecuted(side="buy"):
-            return MoneyEffect(
-                balance=((event.asset, -event.amount), (event.instrument, event.quantity))
-            )
+            return MoneyEffect(balance=((event.asset, -event.amount), (event.instrument, event.quantity)))
         case TradeExecuted(side="sell"):
-            return MoneyEffect(
-                balance=((event.asset, event.amount), (event.instrument, -event.quantity))
-            )
+            return MoneyEffect(balance=((event.asset, event.amount), (event.instrument, -event.quantity)))
         case AssetSwapped():
-            return MoneyEffect(
-                balance=((event.asset, -event.amount), (event.to_asset, event.to_amount))
-            )
+            return MoneyEffect(balance=((event.asset, -event.amount), (event.to_asset, event.to_amount)))
         case _:
             return NO_EFFECT

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 
 import msgspec
+import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -25,12 +27,16 @@ log = logging.getLogger(__name__)
 
 # Headers the relay puts on every event on PFLEA_EVENTS.
 HDR_MSG_ID = "Nats-Msg-Id"
+HDR_EVENT_ID = "Pflea-Event-Id"
 HDR_STREAM_ID = "Pflea-Stream-Id"
 HDR_VERSION = "Pflea-Stream-Version"
 HDR_POSITION = "Pflea-Position"
 HDR_EVENT_TYPE = "Pflea-Event-Type"
 
 MAX_TX_BYTES = 256 * 1024
+
+# What a publish can fail with when NATS is away or slow: retry these, let bugs surface.
+NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
 DAY = 86400.0
 
 

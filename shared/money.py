@@ -7,6 +7,7 @@ that do not fit the column (more than 20 integer digits or 18 decimal places).
 
 from __future__ import annotations
 
+import decimal
 import re
 from decimal import Context, Decimal, InvalidOperation
 
@@ -16,6 +17,23 @@ MAX_TEXT_LENGTH = 64
 
 # Wide enough that no accepted amount is ever rounded by an operation on two amounts.
 MONEY_CONTEXT = Context(prec=60, Emax=999, Emin=-999)
+
+
+def use_exact_arithmetic() -> None:
+    """Make ``+``/``-`` on amounts exact in this thread and every thread started after.
+
+    Python's default context keeps 28 significant digits, and an amount may have 20 integer
+    digits and 18 decimals (38): a sum would silently round. 80 digits keep sums of amounts
+    exact far beyond any balance a ledger will hold.
+    """
+    for context in (decimal.DefaultContext, decimal.getcontext()):
+        context.prec = 80
+        context.Emax = 999_999
+        context.Emin = -999_999
+        context.traps[decimal.Inexact] = False
+
+
+use_exact_arithmetic()
 
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,4})?")
 

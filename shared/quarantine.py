@@ -34,9 +34,7 @@ class Quarantine:
 
         ``key`` identifies the input when its bytes alone do not (e.g. a source transaction id).
         """
-        dedup = hashlib.sha256(
-            b"\0".join([self.source.encode(), (key or "").encode(), raw])
-        ).hexdigest()
+        dedup = hashlib.sha256(b"\0".join([self.source.encode(), (key or "").encode(), raw])).hexdigest()
         sql = """INSERT INTO quarantine (source, reason, raw, agent_id, subject, dedup_key)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (dedup_key) DO UPDATE

@@ -148,5 +148,7 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     values.update(overrides)
     settings = Settings(**values)
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", settings.namespace):
-        raise SettingsError("PFLEA_NAMESPACE", f"must match [a-z][a-z0-9_]{{0,30}}, got {settings.namespace!r}")
+        raise SettingsError(
+            "PFLEA_NAMESPACE", f"must match [a-z][a-z0-9_]{{0,30}}, got {settings.namespace!r}"
+        )
     return settings

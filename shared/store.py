@@ -45,8 +45,7 @@ class OptimisticConcurrencyError(Exception):
 
     def __init__(self, stream_id: str, expected: int, actual: int) -> None:
         super().__init__(
-            f"stream {stream_id!r} is at version {actual}, expected {expected}: "
-            "reload the stream and retry"
+            f"stream {stream_id!r} is at version {actual}, expected {expected}: reload the stream and retry"
         )
         self.stream_id = stream_id
         self.expected = expected
@@ -215,9 +214,7 @@ class EventStore:
             )
             if expected_version is not None and current != expected_version:
                 raise OptimisticConcurrencyError(stream_id, expected_version, current)
-            records = [
-                _record(stream_id, stream_type, current + i, e) for i, e in enumerate(events, 1)
-            ]
+            records = [_record(stream_id, stream_type, current + i, e) for i, e in enumerate(events, 1)]
             await _insert(conn, records)
             return int(current) + len(events)
 
@@ -242,9 +239,7 @@ class EventStore:
         ids = [item.event.event_id for item in items]
         stored = {
             r["event_id"]
-            for r in await conn.fetch(
-                "SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids
-            )
+            for r in await conn.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids)
         }
         streams = list(dict.fromkeys(item.stream_id for item in items))
         heads: dict[str, int] = {
@@ -275,13 +270,8 @@ class EventStore:
         self, stream_id: str, from_version: int = 1, to_version: int | None = None
     ) -> list[RecordedEvent]:
         """The events of ``stream_id`` with ``from_version <= version <= to_version``, in order."""
-        rows = await self.pool.fetch(
-            _SELECT + "WHERE stream_id = $1 AND version >= $2 AND version <= $3 ORDER BY version",
-            stream_id,
-            from_version,
-            to_version if to_version is not None else 2**62,
-        )
-        return [_recorded(r) for r in rows]
+        async with self.pool.acquire() as conn:
+            return await fetch_stream(conn, stream_id, from_version, to_version)
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Up to ``limit`` events after ``after_position``, in position order, none skipped."""
@@ -324,6 +314,19 @@ class EventStore:
             at_or_before if at_or_before is not None else 2**62,
         )
         return Snapshot(**dict(row)) if row else None
+
+
+async def fetch_stream(
+    conn: asyncpg.Connection, stream_id: str, from_version: int = 1, to_version: int | None = None
+) -> list[RecordedEvent]:
+    """``read_stream`` on a given connection (inside the caller's transaction)."""
+    rows = await conn.fetch(
+        _SELECT + "WHERE stream_id = $1 AND version >= $2 AND version <= $3 ORDER BY version",
+        stream_id,
+        from_version,
+        to_version if to_version is not None else 2**62,
+    )
+    return [_recorded(r) for r in rows]
 
 
 def _record(stream_id: str, stream_type: str, version: int, event: NewEvent) -> tuple[Any, ...]:

@@ -40,6 +40,8 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         PFLEA_NAMESPACE=settings.namespace,
         PFLEA_DB_SERVICE_PASSWORD=SERVICE_PASSWORD,
         PFLEA_LOG_LEVEL="INFO",
+        # Redelivery after a SIGKILL waits for the ack deadline; keep it short in tests.
+        PFLEA_ACK_WAIT_S="3",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)
@@ -62,7 +64,10 @@ class ServiceProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, *self.args],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         return self
 

@@ -13,7 +13,7 @@ from shared.store import EventStore, NewEvent
 from tests.conftest import SERVICE_PASSWORD
 
 ATTACKS = [
-    "UPDATE events SET data = '{\"amount\": \"1000000\"}'",
+    'UPDATE events SET data = \'{"amount": "1000000"}\'',
     "DELETE FROM events",
     "TRUNCATE events",
     "ALTER TABLE events DISABLE TRIGGER events_no_update_delete",
@@ -28,9 +28,7 @@ ATTACKS = [
 async def test_service_roles_cannot_change_stored_events(
     store: EventStore, database_url: str, role: str, attack: str
 ) -> None:
-    await store.append(
-        "victim", "agent", [NewEvent.of(FundsDeposited(amount=Decimal(1), asset="PFLEA"))], 0
-    )
+    await store.append("victim", "agent", [NewEvent.of(FundsDeposited(amount=Decimal(1), asset="PFLEA"))], 0)
     conn = await asyncpg.connect(role_dsn(database_url, role, SERVICE_PASSWORD))
     try:
         with pytest.raises(asyncpg.PostgresError):
@@ -41,13 +39,13 @@ async def test_service_roles_cannot_change_stored_events(
     assert '"1"' in event.data
 
 
-@pytest.mark.parametrize("statement", ["UPDATE events SET version = 99", "DELETE FROM events", "TRUNCATE events"])
+@pytest.mark.parametrize(
+    "statement", ["UPDATE events SET version = 99", "DELETE FROM events", "TRUNCATE events"]
+)
 async def test_even_the_owner_is_stopped_by_the_triggers(
     store: EventStore, database_url: str, statement: str
 ) -> None:
-    await store.append(
-        "victim", "agent", [NewEvent.of(FundsDeposited(amount=Decimal(1), asset="PFLEA"))], 0
-    )
+    await store.append("victim", "agent", [NewEvent.of(FundsDeposited(amount=Decimal(1), asset="PFLEA"))], 0)
     conn = await asyncpg.connect(database_url)
     try:
         with pytest.raises(asyncpg.PostgresError, match="append-only"):

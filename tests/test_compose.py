@@ -205,9 +205,7 @@ def test_migrate_runs_once_against_a_healthy_postgres(default: Rendered) -> None
 
 
 @pytest.mark.parametrize("name", ["migrate", "simulator", *APP_SERVICES])
-def test_our_services_share_one_image_built_from_deploy_dockerfile(
-    default: Rendered, name: str
-) -> None:
+def test_our_services_share_one_image_built_from_deploy_dockerfile(default: Rendered, name: str) -> None:
     service = default.services[name]
     assert service["build"]["context"] == str(ROOT)
     assert service["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -215,9 +213,7 @@ def test_our_services_share_one_image_built_from_deploy_dockerfile(
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
-def test_app_services_start_after_healthy_servers_and_a_migrated_schema(
-    default: Rendered, name: str
-) -> None:
+def test_app_services_start_after_healthy_servers_and_a_migrated_schema(default: Rendered, name: str) -> None:
     depends = default.services[name]["depends_on"]
     assert depends["nats"]["condition"] == "service_healthy"
     assert depends["postgres"]["condition"] == "service_healthy"
@@ -245,9 +241,7 @@ def test_app_services_report_health_and_stop_gracefully(default: Rendered, name:
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
-def test_app_services_use_the_owner_url_and_their_own_nats_user(
-    default: Rendered, name: str
-) -> None:
+def test_app_services_use_the_owner_url_and_their_own_nats_user(default: Rendered, name: str) -> None:
     env = default.services[name]["environment"]
     assert env["DATABASE_URL"] == "postgresql://pflea:pflea@postgres:5432/pflea"
     assert (
@@ -314,15 +308,11 @@ def test_grafana_shows_the_pipeline_dashboard(everything: Rendered) -> None:
     grafana = everything.services["grafana"]
     assert 3000 in _published(grafana)
     mounts = _mounts(grafana)
-    assert (
-        Path(mounts["/etc/grafana/provisioning"]["source"]) == DEPLOY / "grafana" / "provisioning"
-    )
+    assert Path(mounts["/etc/grafana/provisioning"]["source"]) == DEPLOY / "grafana" / "provisioning"
     dashboards = Path(mounts["/var/lib/grafana/dashboards"]["source"])
     provider = (DEPLOY / "grafana" / "provisioning" / "dashboards" / "pflea.yml").read_text()
     assert "path: /var/lib/grafana/dashboards" in provider
-    datasource = (
-        DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
-    ).read_text()
+    datasource = (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     assert "url: http://prometheus:9090" in datasource
 
     dashboard = json.loads((dashboards / "pflea.json").read_text())
@@ -386,9 +376,7 @@ def test_the_image_starts_with_an_exec_form_command_and_unbuffered_output() -> N
 
 def test_the_image_installs_the_project_from_the_build_context() -> None:
     instructions = _dockerfile_instructions()
-    assert all(
-        rest.startswith("python:3.11-slim") for keyword, rest in instructions if keyword == "FROM"
-    )
+    assert all(rest.startswith("python:3.11-slim") for keyword, rest in instructions if keyword == "FROM")
     assert ("RUN", "pip install --no-cache-dir .") in instructions
     ignored = [
         line.strip()
@@ -482,9 +470,7 @@ def nats_server(
             name: everything.services[name]["environment"]["NATS_URL"]
             for name in ("ingester", "writer", "projector-balance", "nats-box")
         }
-        urls = {
-            urlsplit(url).username or "": _local_url(url, port) for url in compose_urls.values()
-        }
+        urls = {urlsplit(url).username or "": _local_url(url, port) for url in compose_urls.values()}
         yield NatsUnderTest(port, monitor_port, urls)
     finally:
         proc.terminate()
@@ -571,9 +557,7 @@ def test_the_compose_healthcheck_passes_and_jetstream_fsyncs_every_write(
 
 
 @pytest.mark.parametrize("credentials", ["ingester:wrong-password", "nobody:nothing", ""])
-async def test_every_client_must_log_in_as_a_known_user(
-    nats_server: NatsUnderTest, credentials: str
-) -> None:
+async def test_every_client_must_log_in_as_a_known_user(nats_server: NatsUnderTest, credentials: str) -> None:
     login = f"{credentials}@" if credentials else ""
     with pytest.raises(nats.errors.Error, match="Authorization Violation"):
         await nats.connect(
@@ -592,9 +576,7 @@ async def test_the_ingester_declares_the_streams_and_publishes_transactions(logi
     assert ack.stream == TOPOLOGY.tx_stream
 
 
-async def test_the_writer_consumes_transactions_and_relays_events(
-    streams: None, login: Any
-) -> None:
+async def test_the_writer_consumes_transactions_and_relays_events(streams: None, login: Any) -> None:
     ingester, writer = await login("ingester"), await login("writer")
     agent = _agent()
     await ingester.nc.jetstream().publish(TOPOLOGY.tx_subject(agent), b"{}", timeout=5)
@@ -613,9 +595,7 @@ async def test_the_writer_consumes_transactions_and_relays_events(
     await msg.ack_sync(timeout=5)  # the server confirms the ack: it was allowed
 
     event_subject = TOPOLOGY.event_subject(agent, "Deposited")
-    ack = await js.publish(
-        event_subject, b"{}", headers={"Nats-Msg-Id": uuid.uuid4().hex}, timeout=5
-    )
+    ack = await js.publish(event_subject, b"{}", headers={"Nats-Msg-Id": uuid.uuid4().hex}, timeout=5)
     assert ack.stream == TOPOLOGY.events_stream
 
 

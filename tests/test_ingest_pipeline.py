@@ -68,7 +68,7 @@ async def simulator() -> Simulator:
         port=0,
         seed=7,
         agents=12,
-        backlog=150,
+        backlog=400,
         rate=0,
         faults=FaultKnobs(
             repeat_page_rate=0.2,
@@ -81,7 +81,9 @@ async def simulator() -> Simulator:
     return Simulator(config)
 
 
-def _services(settings: Settings, sim: Simulator, url: str, tmp_path: Path) -> tuple[ServiceProcess, ServiceProcess]:
+def _services(
+    settings: Settings, sim: Simulator, url: str, tmp_path: Path
+) -> tuple[ServiceProcess, ServiceProcess]:
     agents = ",".join(f"{c.agent_id}:{c.api_key}" for c in sim.credentials)
     env = service_env(
         settings,
@@ -137,15 +139,14 @@ async def test_a_bad_key_for_one_agent_does_not_stop_the_others(
     sim = Simulator(load_simulator_config({}, port=0, seed=3, agents=3, backlog=20, rate=0))
     creds = list(sim.credentials)
     async with running_simulator(sim.config, sim) as url:
-        agents = ",".join(
-            f"{c.agent_id}:{'wrong-key' if i == 0 else c.api_key}" for i, c in enumerate(creds)
-        )
+        agents = ",".join(f"{c.agent_id}:{'wrong-key' if i == 0 else c.api_key}" for i, c in enumerate(creds))
         env = service_env(settings, PURPLEFLEA_API_URL=url, PURPLEFLEA_AGENTS=agents)
         ingester = ServiceProcess("services.ingester", env, tmp_path).start()
         writer = ServiceProcess("services.writer", env, tmp_path).start()
         try:
             conn = await asyncpg.connect(settings.database_url)
             try:
+
                 async def others_done() -> bool:
                     n = await conn.fetchval(
                         "SELECT count(*) FROM events WHERE stream_id = ANY($1)",
@@ -154,9 +155,10 @@ async def test_a_bad_key_for_one_agent_does_not_stop_the_others(
                     return n == 40
 
                 await wait_until(others_done, 60, "the other agents' transactions")
-                assert await conn.fetchval(
-                    "SELECT count(*) FROM events WHERE stream_id = $1", creds[0].agent_id
-                ) == 0
+                assert (
+                    await conn.fetchval("SELECT count(*) FROM events WHERE stream_id = $1", creds[0].agent_id)
+                    == 0
+                )
             finally:
                 await conn.close()
             log = ingester.log_path.read_text()

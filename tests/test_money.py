@@ -66,3 +66,11 @@ def test_trailing_zeros_beyond_scale_are_not_a_rounding() -> None:
 
 def test_negative_allowed_only_when_asked() -> None:
     assert parse_amount("-2.5", allow_negative=True) == Decimal("-2.5")
+
+
+def test_sums_of_large_amounts_with_full_scale_are_not_rounded() -> None:
+    big = parse_amount("99999999999999999999.999999999999999999")
+    tiny = parse_amount("0.000000000000000001")
+    assert to_text(big + tiny) == "100000000000000000000.000000000000000000"
+    assert to_text(big - big + tiny) == "0.000000000000000001"
+    assert (big + tiny) - tiny == big

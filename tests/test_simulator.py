@@ -174,9 +174,7 @@ async def test_a_missing_or_unknown_key_is_401_and_another_agents_key_is_403() -
         params = {"agent_id": "agent-0001"}
         assert (await client.get("/transactions", params=params)).status_code == 401
         unknown = {"Authorization": "Bearer key-nobody"}
-        assert (
-            await client.get("/transactions", params=params, headers=unknown)
-        ).status_code == 401
+        assert (await client.get("/transactions", params=params, headers=unknown)).status_code == 401
         others = bearer("agent-0002")
         assert (await client.get("/transactions", params=params, headers=others)).status_code == 403
         agents = (await client.get("/admin/agents")).json()["agents"]

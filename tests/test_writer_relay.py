@@ -35,7 +35,9 @@ def envelope(agent: str, n: int) -> TxEnvelope:
     )
 
 
-async def publish_transactions(nc: nats.NATS, topology: Topology, agents: int, per_agent: int) -> set[uuid.UUID]:
+async def publish_transactions(
+    nc: nats.NATS, topology: Topology, agents: int, per_agent: int
+) -> set[uuid.UUID]:
     js = nc.jetstream()
     ids = set()
     for n in range(per_agent):
@@ -43,7 +45,8 @@ async def publish_transactions(nc: nats.NATS, topology: Topology, agents: int, p
             env = envelope(f"agent-{a}", n)
             ids.add(env.event_id)
             await js.publish_async(
-                topology.tx_subject(env.agent_id), tx_encoder.encode(env),
+                topology.tx_subject(env.agent_id),
+                tx_encoder.encode(env),
                 headers={HDR_MSG_ID: str(env.event_id)},
             )
     await js.publish_async_completed()
@@ -133,7 +136,9 @@ async def test_writer_killed_mid_batch_loses_and_doubles_nothing(
     await assert_all_relayed_in_order(js_streams, topology, expected)
 
 
-@pytest.mark.parametrize("crash_at", ["writer.after_commit:2", "relay.after_publish:2", "relay.before_publish:2"])
+@pytest.mark.parametrize(
+    "crash_at", ["writer.after_commit:2", "relay.after_publish:2", "relay.before_publish:2"]
+)
 async def test_crash_between_commit_and_relay_loses_nothing(
     settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess, crash_at: str
 ) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 
+from services.cli import projections
 from shared.logs import configure_logging
 from shared.settings import SettingsError, load_settings
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("migrate", help="apply database migrations (as the owner in DATABASE_URL)")
     p.set_defaults(func=_migrate)
+    projections.add_parser(sub)
     return parser
 
 

@@ -109,6 +109,4 @@ class FeedClient:
         """The simulator's agents and keys (``PFLEA_AGENTS_FROM_SIMULATOR=1``)."""
         response = await self.http.get("/admin/agents")
         response.raise_for_status()
-        return [
-            AgentCredential(a["agent_id"], a["api_key"]) for a in response.json()["agents"]
-        ]
+        return [AgentCredential(a["agent_id"], a["api_key"]) for a in response.json()["agents"]]

@@ -14,7 +14,7 @@ from prometheus_client import Counter
 from services.ingester.client import AuthFailed, BadPage, FeedClient, RateLimited, Transient
 from services.ingester.transactions import Rejected, parse_transaction
 from shared.envelope import TxEnvelope, tx_encoder
-from shared.jetstream import HDR_MSG_ID, Topology
+from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import AgentCredential, Settings
@@ -127,9 +127,7 @@ class AgentPoller:
             try:
                 envelope = parse_transaction(raw, self.agent.agent_id, self.settings.purpleflea_source)
             except Rejected as exc:
-                await self.quarantine.put(
-                    raw, exc.reason, agent_id=self.agent.agent_id, key=exc.tx_id
-                )
+                await self.quarantine.put(raw, exc.reason, agent_id=self.agent.agent_id, key=exc.tx_id)
                 if exc.tx_id is not None and exc.tx_id not in self.recent:
                     last_new_id = exc.tx_id
                     self._remember(exc.tx_id)
@@ -167,10 +165,15 @@ class AgentPoller:
                 await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
                 PUBLISHED.inc(len(envelopes))
                 return
-            except Exception as exc:  # any NATS failure: the cursor has not moved, so retry
+            except NATS_ERRORS as exc:  # the cursor has not moved, so retry
                 attempt += 1
                 delay = min(0.2 * 2**attempt, MAX_BACKOFF_S)
-                log.warning("publish failed (%r); retry %d in %.1fs", exc, attempt, delay,
-                            extra={"agent": self.agent.agent_id})
+                log.warning(
+                    "publish failed (%r); retry %d in %.1fs",
+                    exc,
+                    attempt,
+                    delay,
+                    extra={"agent": self.agent.agent_id},
+                )
                 if await self.lifecycle.sleep(delay):
                     raise

@@ -24,9 +24,7 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
     nats_url = require(settings.nats_url, "NATS_URL")
     topology = Topology(settings.namespace)
     feed = FeedClient(api_url, settings.ingest_timeout_s, settings.ingest_concurrency)
-    pool = await create_pool(
-        role_dsn(database_url, INGESTER_ROLE, settings.db_service_password), max_size=4
-    )
+    pool = await create_pool(role_dsn(database_url, INGESTER_ROLE, settings.db_service_password), max_size=4)
     nc = await connect_nats(nats_url, "pflea-ingester")
     try:
         agents = list(settings.purpleflea_agents)
@@ -40,8 +38,15 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
         quarantine = Quarantine(pool, "ingester")
         pollers = [
             AgentPoller(
-                agent, feed=feed, js=js, pool=pool, quarantine=quarantine, topology=topology,
-                settings=settings, lifecycle=lifecycle, gate=gate,
+                agent,
+                feed=feed,
+                js=js,
+                pool=pool,
+                quarantine=quarantine,
+                topology=topology,
+                settings=settings,
+                lifecycle=lifecycle,
+                gate=gate,
             )
             for agent in agents
         ]

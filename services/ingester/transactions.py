@@ -145,7 +145,9 @@ def _amount(tx: dict[str, Any], field: str = "amount") -> Decimal:
 def _asset(tx: dict[str, Any], field: str = "asset", default: str | None = DEFAULT_ASSET) -> str:
     value = tx.get(field, default)
     if not isinstance(value, str) or not _ASSET.fullmatch(value):
-        raise Rejected(f"{field}: expected an asset code like PFLEA or USDC, got {value!r}", _tx_id_or_none(tx))
+        raise Rejected(
+            f"{field}: expected an asset code like PFLEA or USDC, got {value!r}", _tx_id_or_none(tx)
+        )
     return value.upper()
 
 

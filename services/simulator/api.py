@@ -159,9 +159,7 @@ async def bets(request: web.Request) -> web.Response:
     decision = _throttle(request)
     advance_clock(request.app)
     try:
-        outcome = sim.place_bet(
-            command.agent_id, command.game, amount, command.asset, command.request_id
-        )
+        outcome = sim.place_bet(command.agent_id, command.game, amount, command.asset, command.request_id)
     except InsufficientFunds as exc:
         return error_response(409, "insufficient_funds", str(exc))
     return await _deliver(request, decision, lambda: _bet_answer(outcome))

@@ -124,9 +124,7 @@ def _read(env: Mapping[str, str], names: dict[str, str], types: dict[str, Any]) 
     return values
 
 
-def load_simulator_config(
-    environ: Mapping[str, str] | None = None, **overrides: Any
-) -> SimulatorConfig:
+def load_simulator_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> SimulatorConfig:
     """Read the config from ``environ`` (default ``os.environ``); ``overrides`` win.
 
     Raises :class:`shared.settings.SettingsError` naming the variable of a bad value.

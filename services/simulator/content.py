@@ -86,9 +86,7 @@ def _withdraw(rng: random.Random, wallet: Wallet, tag: str) -> Draft | None:
     if asset is None:
         return None
     amount = _spend(rng, wallet, asset, Decimal(0), Decimal(10**6), Decimal("0.5"))
-    return (
-        None if amount is None else Draft("withdraw", amount, asset, (("address", _address(rng)),))
-    )
+    return None if amount is None else Draft("withdraw", amount, asset, (("address", _address(rng)),))
 
 
 def _fee(rng: random.Random, wallet: Wallet, tag: str) -> Draft | None:
@@ -132,9 +130,7 @@ def _trade(rng: random.Random, wallet: Wallet, tag: str) -> Draft | None:
     side = rng.choice(("buy", "sell"))
     if side == "buy":
         affordable = wallet.balance("USDC") / 2 / price
-        quantity = draw_amount(
-            rng, instrument, Decimal("0.00001"), min(Decimal("0.02"), affordable)
-        )
+        quantity = draw_amount(rng, instrument, Decimal("0.00001"), min(Decimal("0.02"), affordable))
     else:
         held = wallet.balance(instrument)
         quantity = draw_amount(rng, instrument, Decimal("0.00001"), held)
@@ -199,9 +195,7 @@ def _domain_renewal(rng: random.Random, wallet: Wallet, tag: str) -> Draft | Non
         return None
     domain = rng.choice(wallet.domains)
     amount = _spend(rng, wallet, "PFLEA", Decimal(2), Decimal(10), Decimal("0.5"))
-    return (
-        None if amount is None else Draft("domain_renewal", amount, "PFLEA", (("domain", domain),))
-    )
+    return None if amount is None else Draft("domain_renewal", amount, "PFLEA", (("domain", domain),))
 
 
 def _domain_sale(rng: random.Random, wallet: Wallet, tag: str) -> Draft | None:

@@ -57,9 +57,7 @@ class AgentFeed:
         self.agent_id = agent_id
         self.api_key = f"key-{agent_id}"
         self.wallet = Wallet()
-        self.activity = AgentActivity(
-            random.Random(f"{seed}:{agent_id}"), self.wallet, f"{seed}-{agent_id}"
-        )
+        self.activity = AgentActivity(random.Random(f"{seed}:{agent_id}"), self.wallet, f"{seed}-{agent_id}")
         self._wire = random.Random(f"{seed}:{agent_id}:wire")
         self._commands = random.Random(f"{seed}:{agent_id}:commands")
         # Agents tick at different paces so their timestamps interleave.
@@ -119,9 +117,7 @@ class AgentFeed:
 
     def faucet(self, request_id: str) -> StoredTx:
         self.wallet.credit("PFLEA", FAUCET_AMOUNT)
-        return self._append_draft(
-            Draft("faucet", FAUCET_AMOUNT, "PFLEA", (("request_id", request_id),))
-        )
+        return self._append_draft(Draft("faucet", FAUCET_AMOUNT, "PFLEA", (("request_id", request_id),)))
 
     def page(self, since: str | None, limit: int, overlap: int = 0) -> list[StoredTx]:
         """Items strictly after ``since``, oldest first; ``overlap`` > 0 repeats that many

@@ -134,9 +134,7 @@ class Simulator:
         stats.repeated_pages += decision.overlap > 0
         return decision
 
-    def page(
-        self, agent_id: str, since: str | None, limit: int, overlap: int = 0
-    ) -> list[StoredTx]:
+    def page(self, agent_id: str, since: str | None, limit: int, overlap: int = 0) -> list[StoredTx]:
         items = self.feed(agent_id).page(since, limit, overlap)
         self.stats.served_items += len(items)
         return items
@@ -159,9 +157,7 @@ class Simulator:
             self._generate(feed)
         return feed
 
-    def place_bet(
-        self, agent_id: str, game: str, amount: Decimal, asset: str, request_id: str
-    ) -> BetOutcome:
+    def place_bet(self, agent_id: str, game: str, amount: Decimal, asset: str, request_id: str) -> BetOutcome:
         """Bet now; the same ``request_id`` again returns the first outcome unchanged."""
         key = (agent_id, request_id)
         if (known := self._bets.get(key)) is not None:

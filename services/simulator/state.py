@@ -23,9 +23,7 @@ def advance_clock(app: web.Application) -> None:
         app[SIMULATOR].advance(asyncio.get_running_loop().time() - started_at)
 
 
-def json_response(
-    body: bytes, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
+def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=body, status=status, headers=headers, content_type="application/json")
 
 
@@ -40,6 +38,4 @@ def error_response(
 
 
 def bad_request(detail: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(
-        text=error_text("bad_request", detail), content_type="application/json"
-    )
+    return web.HTTPBadRequest(text=error_text("bad_request", detail), content_type="application/json")

@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 
 from shared.consumer import PullLoop
+from shared.db import TRANSIENT_DB_ERRORS
 from shared.envelope import TxEnvelope, tx_decoder
 from shared.faults import crash_point
 from shared.jetstream import Topology, pull_consumer_config
@@ -27,23 +28,11 @@ RECEIVED = Counter("pflea_writer_messages_received_total", "Messages fetched fro
 APPENDED = Counter("pflea_writer_events_appended_total", "Events committed to Postgres")
 DUPLICATES = Counter("pflea_writer_duplicates_total", "Messages whose event was already stored")
 BATCH_SECONDS = Histogram(
-    "pflea_writer_batch_seconds", "Append + commit time per batch",
+    "pflea_writer_batch_seconds",
+    "Append + commit time per batch",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 PENDING = Gauge("pflea_writer_consumer_pending", "Messages waiting in the writer's consumer")
-
-# Errors that say nothing about the messages: the database or the connection is away.
-TRANSIENT_DB_ERRORS = (
-    OSError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.DeadlockDetectedError,
-    asyncio.TimeoutError,
-)
 
 
 def _stream_event(env: TxEnvelope, msg: Msg) -> StreamEvent:
@@ -90,7 +79,10 @@ class TxConsumer:
             max_deliver=self.settings.writer_max_deliver,
         )
         return PullLoop(
-            self.js, self.topology.tx_stream, config, self.lifecycle,
+            self.js,
+            self.topology.tx_stream,
+            config,
+            self.lifecycle,
             batch=self.settings.writer_batch_size,
         )
 
@@ -153,7 +145,10 @@ class TxConsumer:
     async def _poison(self, msg: Msg, reason: str) -> None:
         agent_id = msg.subject.rsplit(".", 1)[-1]
         await self.quarantine.put(
-            msg.data, reason, agent_id=agent_id, subject=msg.subject,
+            msg.data,
+            reason,
+            agent_id=agent_id,
+            subject=msg.subject,
             key=f"tx_seq:{msg.metadata.sequence.stream}",
         )
         await msg.term()

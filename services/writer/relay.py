@@ -19,11 +19,13 @@ from prometheus_client import Counter, Gauge
 from shared.db import connect
 from shared.faults import crash_point
 from shared.jetstream import (
+    HDR_EVENT_ID,
     HDR_EVENT_TYPE,
     HDR_MSG_ID,
     HDR_POSITION,
     HDR_STREAM_ID,
     HDR_VERSION,
+    NATS_ERRORS,
     Topology,
 )
 from shared.ops import Lifecycle
@@ -142,7 +144,7 @@ class Relay:
                 ]
                 await asyncio.wait_for(asyncio.gather(*futures), timeout=15)
                 return
-            except Exception as exc:
+            except NATS_ERRORS as exc:
                 attempt += 1
                 log.warning("relay publish failed (%r); retry %d", exc, attempt)
                 if await self.lifecycle.sleep(min(0.2 * 2**attempt, 5.0)):
@@ -152,6 +154,7 @@ class Relay:
 def _headers(e: RecordedEvent) -> dict[str, str]:
     return {
         HDR_MSG_ID: str(e.event_id),
+        HDR_EVENT_ID: str(e.event_id),
         HDR_STREAM_ID: e.stream_id,
         HDR_VERSION: str(e.version),
         HDR_POSITION: str(e.position),

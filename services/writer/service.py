@@ -33,9 +33,7 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
         consumer = TxConsumer(
             js, store, Quarantine(pool, "writer"), topology, settings, lifecycle, on_commit=committed
         )
-        relay = Relay(
-            store, js, topology, lifecycle, dsn, poll_s=settings.relay_poll_s, wakeup=committed
-        )
+        relay = Relay(store, js, topology, lifecycle, dsn, poll_s=settings.relay_poll_s, wakeup=committed)
         lifecycle.checks.append(lambda: nc.is_connected)
         lifecycle.ready = True
         tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(relay.run())]

@@ -1,0 +1,96 @@
+"""Apply a batch of delivered events to one projection, exactly once in effect.
+
+In one transaction: lock the batch's streams' checkpoints, skip what is applied, fill any gap
+(version > checkpoint + 1) from the events table, fold, upsert the rows, move the checkpoints.
+Two replicas given the same stream serialise on its checkpoint row, and the second one finds
+the work done; so N replicas sharing one durable consumer give the tables one replica would.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+
+from services.projectors.model import ReadModel
+from services.projectors.tables import (
+    advance_position,
+    load_states,
+    lock_checkpoints,
+    projection_lock,
+    save_checkpoints,
+    save_states,
+)
+from shared.events import Event
+from shared.quarantine import Quarantine
+from shared.store import RecordedEvent, fetch_stream
+
+log = logging.getLogger(__name__)
+
+
+def _contiguous(events: list[RecordedEvent], after: int) -> bool:
+    return all(e.version == after + i for i, e in enumerate(events, 1))
+
+
+async def apply_batch(
+    conn: asyncpg.Connection,
+    model: ReadModel[Any],
+    delivered: list[RecordedEvent],
+    quarantine: Quarantine,
+) -> int:
+    """Apply ``delivered`` (any order, repeats allowed) inside the caller's transaction.
+
+    Returns how many events changed the read model's checkpoints (applied or gap-filled).
+    """
+    by_stream: dict[str, dict[int, RecordedEvent]] = {}
+    for event in delivered:
+        by_stream.setdefault(event.stream_id, {})[event.version] = event
+    streams = sorted(by_stream)
+    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", projection_lock(model.name))
+    checkpoints = await lock_checkpoints(conn, model.name, streams)
+    pending: dict[str, list[RecordedEvent]] = {}
+    for stream in streams:
+        done = checkpoints[stream]
+        fresh = [by_stream[stream][v] for v in sorted(by_stream[stream]) if v > done]
+        if not fresh:
+            continue
+        if not _contiguous(fresh, done):
+            # A gap: the missing versions are committed (the relay publishes only what is),
+            # so read them instead of waiting for a redelivery that may never come.
+            fresh = await fetch_stream(conn, stream, done + 1, fresh[-1].version)
+        pending[stream] = fresh
+    if not pending:
+        return 0
+    states = await load_states(conn, model, list(pending))
+    applied: dict[str, tuple[int, int]] = {}
+    for stream, events in pending.items():
+        state = states[stream]
+        for recorded in events:
+            event = await _decode(recorded, model, quarantine, conn)
+            if event is not None:
+                model.apply(state, event)
+        applied[stream] = (events[-1].version, events[-1].position)
+    await save_states(conn, model, states, {s: applied[s][1] for s in pending})
+    await save_checkpoints(conn, model.name, applied)
+    newest = max((e for events in pending.values() for e in events), key=lambda e: e.position)
+    await advance_position(conn, model.name, newest.position, newest.recorded_at)
+    return sum(len(events) for events in pending.values())
+
+
+async def _decode(
+    recorded: RecordedEvent, model: ReadModel[Any], quarantine: Quarantine, conn: asyncpg.Connection
+) -> Event | None:
+    """The event, or None after quarantining it: one poison event must not stop the stream."""
+    try:
+        return recorded.decode()
+    except Exception as exc:
+        await quarantine.put(
+            recorded.data.encode(),
+            f"projector {model.name}: cannot apply {recorded.event_type} v{recorded.version} "
+            f"of {recorded.stream_id} (position {recorded.position}): {exc}",
+            agent_id=recorded.stream_id,
+            key=str(recorded.event_id),
+            conn=conn,
+        )
+        return None

@@ -1,0 +1,29 @@
+"""balance per (agent, asset): the sum of every event's balance effect (``money_effect``)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from services.projectors.model import ZERO, AgentState, ReadModel
+from shared.events import Event, money_effect
+
+
+def apply(state: AgentState[Decimal], event: Event) -> None:
+    for asset, delta in money_effect(event).balance:
+        state[asset] = state.get(asset, ZERO) + delta
+
+
+MODEL: ReadModel[Decimal] = ReadModel(
+    name="balance",
+    table="balances",
+    columns=(("balance", "numeric"),),
+    new=lambda: ZERO,
+    apply=apply,
+    to_row=lambda value: (value,),
+    from_row=lambda row: row["balance"],
+)
+
+
+def as_dict(state: AgentState[Decimal]) -> dict[str, Any]:
+    return {asset: {"balance": value} for asset, value in sorted(state.items())}
