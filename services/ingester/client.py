@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import httpx
-import msgspec
 
+from services.ingester.pages import BadPage, Page, split_page
 from shared.settings import AgentCredential
 
 log = logging.getLogger(__name__)
@@ -31,40 +30,12 @@ class Transient(FeedError):
     """5xx, timeouts, connection errors: retry with backoff."""
 
 
-class BadPage(FeedError):
-    """A 200 whose body is not ``{"transactions": [...]}``; ``body`` is kept for quarantine."""
-
-    def __init__(self, reason: str, body: bytes) -> None:
-        super().__init__(reason)
-        self.body = body
-
-
-class _Page(msgspec.Struct):
-    transactions: list[msgspec.Raw]
-
-
-_page_decoder = msgspec.json.Decoder(_Page)
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    items: list[bytes]  # each transaction's raw JSON, exactly as received
-
-
 def _retry_after(response: httpx.Response) -> float:
     value = response.headers.get("Retry-After", "1")
     try:
         return max(0.0, min(float(value), 300.0))
     except ValueError:
         return 1.0  # an HTTP-date or garbage: a second is a safe guess
-
-
-def split_page(body: bytes) -> Page:
-    """Split a page into per-item raw bytes, so one bad item never poisons its neighbours."""
-    try:
-        return Page([bytes(raw) for raw in _page_decoder.decode(body).transactions])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadPage(f"page: not a transactions list ({exc})", body) from None
 
 
 class FeedClient:

@@ -110,7 +110,10 @@ def decode_item(raw: bytes) -> dict[str, Any]:
         raise Rejected(f"transaction: not JSON ({exc.msg} at {exc.pos})") from None
     if not isinstance(obj, dict):
         raise Rejected(f"transaction: expected a JSON object, got {type(obj).__name__}")
-    _check_text(obj, "transaction")
+    try:
+        _check_text(obj, "transaction")
+    except Rejected as exc:
+        raise Rejected(exc.reason, _tx_id_or_none(obj)) from None
     return obj
 
 

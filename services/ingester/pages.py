@@ -1,0 +1,87 @@
+"""Split a page of transactions into each item's raw bytes, even when items are not valid JSON.
+
+The fast path is msgspec. When any item is malformed (NaN tokens, lone surrogates, invalid
+UTF-8, absurd nesting) msgspec rejects the whole page, so a byte scanner finds the item
+boundaries instead: one bad item is quarantined on its own and its neighbours still flow.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import msgspec
+
+
+class BadPage(Exception):
+    """A body that is not ``{"transactions": [...]}`` at all; ``body`` is kept for quarantine."""
+
+    def __init__(self, reason: str, body: bytes) -> None:
+        super().__init__(reason)
+        self.body = body
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[bytes]  # each transaction's raw JSON, exactly as received
+
+
+class _Page(msgspec.Struct):
+    transactions: list[msgspec.Raw]
+
+
+_decoder = msgspec.json.Decoder(_Page)
+_ARRAY_START = re.compile(rb'"transactions"\s*:\s*\[')
+_OPEN, _CLOSE = frozenset(b"[{"), frozenset(b"]}")
+_WS = frozenset(b" \t\r\n")
+
+
+def split_page(body: bytes) -> Page:
+    try:
+        page = _decoder.decode(body)
+        return Page([bytes(raw) for raw in page.transactions])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        items = scan_items(body)
+        if items is None:
+            raise BadPage(f"page: not a transactions list ({exc})", body) from None
+        return Page(items)
+
+
+def scan_items(body: bytes) -> list[bytes] | None:
+    """The top-level elements of the ``transactions`` array, by bracket and string tracking."""
+    match = _ARRAY_START.search(body)
+    if match is None:
+        return None
+    items: list[bytes] = []
+    depth, in_string, escaped, start = 0, False, False, -1
+    for i in range(match.end(), len(body)):
+        c = body[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+            continue
+        if c == 0x22:
+            in_string = True
+            if start < 0:
+                start = i
+        elif c in _OPEN:
+            if start < 0:
+                start = i
+            depth += 1
+        elif c in _CLOSE:
+            if depth == 0:  # the array's own closing bracket
+                if start >= 0:
+                    items.append(body[start:i].rstrip())
+                return items
+            depth -= 1
+        elif c == 0x2C and depth == 0:  # a comma between items
+            if start >= 0:
+                items.append(body[start:i].rstrip())
+            start = -1
+        elif start < 0 and c not in _WS:
+            start = i
+    return None  # the array never closed: a truncated body

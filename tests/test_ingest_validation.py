@@ -1,0 +1,127 @@
+"""The poison matrix at ingest: each bad transaction is rejected naming the field, alone."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import msgspec
+import pytest
+
+from services.ingester.pages import BadPage, split_page
+from services.ingester.transactions import Rejected, parse_transaction
+from shared.events import decode_data
+
+GOOD = b'{"id": "t1", "type": "bet", "amount": "2.50", "game": "dice", "created_at": "2026-01-01T00:00:00Z"}'
+
+
+def tx(**fields: object) -> bytes:
+    base: dict[str, object] = {
+        "id": "t9",
+        "type": "deposit",
+        "amount": "1",
+        "created_at": "2026-01-01T00:00:00Z",
+    }
+    base.update(fields)
+    return msgspec.json.encode({k: v for k, v in base.items() if v is not ...})
+
+
+POISON = [
+    (b'{"id": "p", "type": "deposit", "amount": NaN, "created_at": "2026-01-01T00:00:00Z"}', "amount"),
+    (b'{"id": "p", "type": "deposit", "amount": Infinity, "created_at": "2026-01-01T00:00:00Z"}', "amount"),
+    (b'{"id": "p", "type": "deposit", "amount": 1e309, "created_at": "2026-01-01T00:00:00Z"}', "amount"),
+    (tx(amount="NaN"), "amount"),
+    (tx(amount="-Infinity"), "amount"),
+    (
+        b'{"id": "p", "type": "deposit", "amount": 1'
+        + b"0" * 400
+        + b', "created_at": "2026-01-01T00:00:00Z"}',
+        "amount",
+    ),
+    (tx(amount="-5"), "amount"),
+    (tx(amount=True), "amount"),
+    (tx(amount=None), "amount"),
+    (tx(amount=[1]), "amount"),
+    (tx(amount={"v": 1}), "amount"),
+    (tx(amount="12abc"), "amount"),
+    (tx(id=...), "id"),
+    (tx(type=...), "type"),
+    (tx(created_at="yesterday"), "created_at"),
+    (
+        b'{"id": "p", "type": "deposit", "amount": "1", "amount": "2", "created_at": "2026-01-01T00:00:00Z"}',
+        "amount",
+    ),
+    (tx(memo="x" * (2 * 1024 * 1024)), "transaction"),
+    (
+        b'{"id": "p", "type": "deposit", "amount": "1", "memo": "\xff\xfe", "created_at": "2026-01-01T00:00:00Z"}',
+        "UTF-8",
+    ),
+    (
+        b'{"id": "p", "type": "deposit", "amount": "1", "memo": "\\ud800", "created_at": "2026-01-01T00:00:00Z"}',
+        "surrogate",
+    ),
+    (
+        b'{"id": "p", "type": "deposit", "amount": "1", "memo": "a\\u0000b", "created_at": "2026-01-01T00:00:00Z"}',
+        "NUL",
+    ),
+    (b'{"id": "p", "type": "deposit", "amount": "1", "deep": ' + b"[" * 10000 + b"]" * 10000 + b"}", "nest"),
+    (tx(type="trade", side="hold", instrument="BTC", quantity="1"), "side"),
+    (tx(type="swap", to_asset="USDC"), "to_amount"),
+    (tx(asset="not an asset!"), "asset"),
+    (b'["not", "an", "object"]', "object"),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), POISON, ids=[f"{i}-{f}" for i, (_, f) in enumerate(POISON)])
+def test_each_poison_transaction_is_rejected_with_a_reason(raw: bytes, field: str) -> None:
+    with pytest.raises(Rejected) as info:
+        parse_transaction(raw, "agent-1", "purpleflea")
+    assert field.lower() in info.value.reason.lower()
+
+
+def test_a_poison_item_is_split_from_its_neighbours_even_when_the_page_is_not_strict_json() -> None:
+    page = (
+        b'{"transactions": ['
+        + b", ".join([GOOD, POISON[0][0], POISON[18][0], GOOD.replace(b"t1", b"t2")])
+        + b"]}"
+    )
+    items = split_page(page).items
+    assert len(items) == 4
+    assert parse_transaction(items[0], "a", "pf").tx_id == "t1"
+    assert parse_transaction(items[3], "a", "pf").tx_id == "t2"
+    for bad in items[1:3]:
+        with pytest.raises(Rejected):
+            parse_transaction(bad, "a", "pf")
+
+
+def test_a_body_that_is_no_page_at_all_is_a_bad_page() -> None:
+    with pytest.raises(BadPage):
+        split_page(b"<html>502 Bad Gateway</html>")
+    with pytest.raises(BadPage):
+        split_page(b'{"transactions": [' + GOOD)  # truncated
+
+
+def test_numbers_are_exact_and_unknown_fields_are_kept() -> None:
+    env = parse_transaction(
+        b'{"id": 7, "type": "win", "amount": 0.1, "game": "dice", "created_at": "2026-01-01T00:00:00+02:00",'
+        b' "round": {"seed": "abc", "multiplier": 2.5}}',
+        "agent-1",
+        "purpleflea",
+    )
+    event = decode_data(env.event_type, bytes(env.data))
+    assert env.event_type == "BetWon" and env.tx_id == "7"
+    assert event.amount == Decimal("0.1")  # type: ignore[attr-defined]
+    assert event.extra == {"round": {"seed": "abc", "multiplier": "2.5"}}
+
+
+def test_an_unknown_type_is_kept_as_an_event_not_dropped() -> None:
+    env = parse_transaction(tx(type="airdrop_v2", amount="3", foo="bar"), "agent-1", "purpleflea")
+    event = decode_data(env.event_type, bytes(env.data))
+    assert env.event_type == "UnknownTransaction"
+    assert event.source_type == "airdrop_v2" and event.raw["foo"] == "bar"  # type: ignore[attr-defined]
+
+
+def test_the_event_id_is_derived_from_source_and_transaction_id() -> None:
+    a = parse_transaction(GOOD, "agent-1", "purpleflea")
+    b = parse_transaction(GOOD, "agent-1", "purpleflea")
+    c = parse_transaction(GOOD, "agent-1", "other-source")
+    assert a.event_id == b.event_id != c.event_id
