@@ -10,8 +10,8 @@ import pytest
 
 from services.projectors.apply import apply_batch
 from services.projectors.rebuild import rebuild
-from services.projectors.registry import PROJECTIONS
 from shared.db import PROJECTOR_ROLE, READER_ROLE, create_pool, role_dsn
+from shared.projections.registry import PROJECTIONS
 from shared.quarantine import Quarantine
 from shared.store import EventStore, RecordedEvent
 from tests.conftest import SERVICE_PASSWORD

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 
 from services.projectors.rebuild import rebuild
-from services.projectors.registry import PROJECTIONS, projection
+from shared.projections.registry import PROJECTIONS, projection
 from shared.service import require
 from shared.settings import load_settings
 

@@ -1,7 +1,7 @@
 import sys
 
-from services.projectors.registry import PROJECTIONS
 from services.projectors.service import projector_main
+from shared.projections.registry import PROJECTIONS
 from shared.service import run_service
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from typing import Any
 
 import asyncpg
 
-from services.projectors.model import ReadModel
 from services.projectors.tables import (
     advance_position,
     load_states,
@@ -23,6 +22,7 @@ from services.projectors.tables import (
     save_states,
 )
 from shared.events import Event
+from shared.projections.model import ReadModel
 from shared.quarantine import Quarantine
 from shared.store import RecordedEvent, fetch_stream
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import asyncpg
 
-from services.projectors.model import AgentState, ReadModel
 from services.projectors.tables import projection_lock, save_states
 from shared.db import connect
 from shared.events import decode_data
+from shared.projections.model import AgentState, ReadModel
 from shared.quarantine import Quarantine
 from shared.upcasting import upcast
 

@@ -15,7 +15,6 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.projectors.apply import apply_batch
-from services.projectors.model import ReadModel
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.faults import crash_point
@@ -29,6 +28,7 @@ from shared.jetstream import (
     pull_consumer_config,
 )
 from shared.ops import Lifecycle
+from shared.projections.model import ReadModel
 from shared.quarantine import Quarantine
 from shared.settings import Settings
 from shared.store import RecordedEvent

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from services.projectors.registry import projection
 from services.projectors.runner import ProjectorRunner
 from shared.db import PROJECTOR_ROLE, create_pool, role_dsn
 from shared.jetstream import Topology
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
+from shared.projections.registry import projection
 from shared.service import require
 from shared.settings import Settings
 

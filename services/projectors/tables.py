@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from services.projectors.model import AgentState, ReadModel
+from shared.projections.model import AgentState, ReadModel
 
 
 def projection_lock(name: str) -> int:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from services.projectors.model import ZERO, AgentState, ReadModel
 from shared.events import Event, money_effect
+from shared.projections.model import ZERO, AgentState, ReadModel
 
 
 @dataclass(slots=True)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from services.projectors.model import ZERO, AgentState, ReadModel, ratio
 from shared.events import BetPlaced, BetWon, Event, FeeCharged
+from shared.projections.model import ZERO, AgentState, ReadModel, ratio
 
 
 @dataclass(slots=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from services.projectors.model import ZERO, AgentState, ReadModel
 from shared.events import Event, money_effect
+from shared.projections.model import ZERO, AgentState, ReadModel
 
 
 def apply(state: AgentState[Decimal], event: Event) -> None:

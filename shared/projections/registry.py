@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.projectors import balance, leaderboard, pnl, portfolio
-from services.projectors.model import ReadModel
+from shared.projections import balance, leaderboard, pnl, portfolio
+from shared.projections.model import ReadModel
 
 PROJECTIONS: dict[str, ReadModel[Any]] = {
     m.name: m for m in (balance.MODEL, pnl.MODEL, portfolio.MODEL, leaderboard.MODEL)

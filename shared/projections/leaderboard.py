@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from services.projectors import pnl
-from services.projectors.model import ZERO, AgentState, ReadModel
 from shared.events import BetPlaced, BetWon, Event, FeeCharged, TradeExecuted
+from shared.projections import pnl
+from shared.projections.model import ZERO, AgentState, ReadModel
 
 
 @dataclass(slots=True)
