@@ -23,6 +23,24 @@ from pathlib import Path
 PG_OS_USER = "pflea-postgres"
 
 
+try:
+    import ctypes
+
+    _libc: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # not Linux
+    _libc = None
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: be sent SIGTERM if the thread that started us dies.
+
+    A SIGKILLed ``pflea up`` then leaves no orphaned servers behind (Linux only). Start such
+    children from the main thread: the signal follows the parent *thread*.
+    """
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class EmbeddedServerError(RuntimeError):
     pass
 
@@ -97,6 +115,7 @@ max_payload: 8MB
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         _wait_for_port(self.port, self.proc, time.monotonic() + timeout, log)
         return self.url
@@ -236,6 +255,7 @@ class EmbeddedPostgres:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
                 **who,  # type: ignore[arg-type]
             )
         self._wait_ready(log, time.monotonic() + timeout)

@@ -10,7 +10,11 @@ from typing import Any
 
 import msgspec
 
-_AGENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+from shared.money import MoneyError, parse_amount
+
+# What an agent id may be: it is a NATS subject token (pflea.cmd.<agent>.<Command>) and a stream id.
+AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_AGENT_ID = AGENT_ID_PATTERN
 
 
 class SettingsError(ValueError):
@@ -51,8 +55,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     relay_poll_s: float = 1.0
     snapshot_every: int = 100
     metrics_port: int = 0
+    embedded_pg_port: int = 15432
+    embedded_nats_port: int = 14222
     log_level: str = "INFO"
     agents_from_simulator: bool = False
+    command_concurrency: int = 64
+    command_timeout_s: float = 10.0
+    faucet_amount: str = "10.00"
 
 
 ENV_NAMES: dict[str, str] = {
@@ -77,8 +86,13 @@ ENV_NAMES: dict[str, str] = {
     "relay_poll_s": "PFLEA_RELAY_POLL_S",
     "snapshot_every": "PFLEA_SNAPSHOT_EVERY",
     "metrics_port": "PFLEA_METRICS_PORT",
+    "embedded_pg_port": "PFLEA_EMBEDDED_PG_PORT",
+    "embedded_nats_port": "PFLEA_EMBEDDED_NATS_PORT",
     "log_level": "PFLEA_LOG_LEVEL",
     "agents_from_simulator": "PFLEA_AGENTS_FROM_SIMULATOR",
+    "command_concurrency": "PFLEA_COMMAND_CONCURRENCY",
+    "command_timeout_s": "PFLEA_COMMAND_TIMEOUT_S",
+    "faucet_amount": "PFLEA_FAUCET_AMOUNT",
 }
 
 _POSITIVE = {
@@ -91,6 +105,8 @@ _POSITIVE = {
     "ingest_page_limit",
     "ingest_timeout_s",
     "snapshot_every",
+    "command_concurrency",
+    "command_timeout_s",
 }
 
 
@@ -137,6 +153,18 @@ def _convert(field: str, raw: str) -> Any:
     return value
 
 
+def _fill_from_running_stack(values: dict[str, Any]) -> None:
+    """Unset DATABASE_URL / NATS_URL mean: the stack ``pflea up`` runs from this data folder."""
+    from shared.stack import read_stack
+
+    info = read_stack(values.get("data_dir", Settings.data_dir))
+    if info is not None:
+        values.setdefault("database_url", info.database_url)
+        values.setdefault("nats_url", info.nats_url)
+        values["database_url"] = values["database_url"] or info.database_url
+        values["nats_url"] = values["nats_url"] or info.nats_url
+
+
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Read settings from ``environ`` (default ``os.environ``); ``overrides`` win."""
     env = os.environ if environ is None else environ
@@ -146,7 +174,15 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         if raw is not None and raw != "":
             values[field] = _convert(field, raw)
     values.update(overrides)
+    if not values.get("database_url") or not values.get("nats_url"):
+        _fill_from_running_stack(values)
     settings = Settings(**values)
+    try:
+        faucet = parse_amount(settings.faucet_amount, "PFLEA_FAUCET_AMOUNT")
+    except MoneyError as exc:
+        raise SettingsError("PFLEA_FAUCET_AMOUNT", exc.reason) from None
+    if faucet <= 0:
+        raise SettingsError("PFLEA_FAUCET_AMOUNT", f"must be positive, got {settings.faucet_amount!r}")
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", settings.namespace):
         raise SettingsError(
             "PFLEA_NAMESPACE", f"must match [a-z][a-z0-9_]{{0,30}}, got {settings.namespace!r}"

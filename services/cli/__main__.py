@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from services.cli import projections
+from services.cli import projections, up
 from shared.logs import configure_logging
 from shared.settings import SettingsError, load_settings
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply database migrations (as the owner in DATABASE_URL)")
     p.set_defaults(func=_migrate)
     projections.add_parser(sub)
+    up.add_parser(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -19,7 +20,9 @@ SHUTDOWN_TIMEOUT_S = 2.0
 
 
 async def _clock(app: web.Application) -> AsyncIterator[None]:
-    app[STARTED_AT] = asyncio.get_running_loop().time()
+    epoch = app[SIMULATOR].config.epoch
+    since_epoch = max(0.0, time.time() - epoch) if epoch else 0.0
+    app[STARTED_AT] = asyncio.get_running_loop().time() - since_epoch
     ticker = None
     if app[SIMULATOR].config.rate > 0:
         ticker = asyncio.create_task(_tick(app), name="simulator-clock")

@@ -34,6 +34,7 @@ ENV_NAMES: dict[str, str] = {
     "rate": "PFLEA_SIM_RATE",
     "max_per_agent": "PFLEA_SIM_MAX_PER_AGENT",
     "numeric_amount_rate": "PFLEA_SIM_NUMERIC_AMOUNT_RATE",
+    "epoch": "PFLEA_SIM_EPOCH",
 }
 
 
@@ -91,6 +92,9 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     rate: float = 100.0
     max_per_agent: int = 0
     numeric_amount_rate: float = 0.1
+    # Unix time the feed's clock counts from (0: start-up). A restarted simulator with the same
+    # epoch serves every transaction it served before, as the real API would after our restart.
+    epoch: float = 0.0
     faults: FaultKnobs = FaultKnobs()
 
     def __post_init__(self) -> None:

@@ -1,0 +1,93 @@
+"""The live status line of ``pflea up``: throughput and lag, read from Postgres and JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+
+import asyncpg
+import nats
+from nats.aio.client import Client
+
+from shared.db import READER_ROLE, role_dsn
+from shared.jetstream import Topology
+from shared.settings import Settings
+
+
+class StatusLine:
+    def __init__(self, database_url: str, nats_url: str, settings: Settings, *, live: bool) -> None:
+        self.dsn = role_dsn(database_url, READER_ROLE, settings.db_service_password)
+        self.nats_url = nats_url
+        self.topology = Topology(settings.namespace)
+        self.live = live and sys.stdout.isatty()
+        self.quiet = not live
+        self.conn: asyncpg.Connection | None = None
+        self.nc: Client | None = None
+        self.previous: tuple[float, dict[str, int]] | None = None
+
+    async def run(self, every: float = 2.0, plain_every: float = 10.0) -> None:
+        last_plain = 0.0
+        while True:
+            await asyncio.sleep(every)
+            try:
+                line = await self.sample()
+            except Exception as exc:  # the status line must never take `pflea up` down
+                line = f"status unavailable: {exc!r}"
+            if self.quiet:
+                continue
+            if self.live:
+                print("\r" + line.ljust(150)[:150], end="", flush=True)
+            elif time.monotonic() - last_plain >= plain_every:
+                print(line, flush=True)
+                last_plain = time.monotonic()
+
+    async def sample(self) -> str:
+        try:
+            counts = await self._counts()
+        except (OSError, asyncpg.PostgresError, nats.errors.Error, TimeoutError) as exc:
+            self.conn = None
+            return f"status unavailable: {exc!r}"
+        now = time.monotonic()
+        rates: dict[str, float] = {}
+        if self.previous is not None:
+            then, before = self.previous
+            rates = {k: (v - before.get(k, v)) / (now - then) for k, v in counts.items()}
+        self.previous = (now, counts)
+        head = counts["stored"]
+        parts = [
+            f"ingested {rates.get('ingested', 0):,.0f}/s",
+            f"stored {rates.get('stored', 0):,.0f}/s (total {head:,})",
+        ]
+        for name in ("balance", "pnl", "portfolio", "leaderboard"):
+            position = counts.get(name, 0)
+            parts.append(f"{name} {rates.get(name, 0):,.0f}/s lag {max(head - position, 0):,}")
+        parts.append(f"quarantine {counts['quarantine']:,}")
+        return " · ".join(parts)
+
+    async def _counts(self) -> dict[str, int]:
+        if self.conn is None or self.conn.is_closed():
+            self.conn = await asyncpg.connect(self.dsn, timeout=3)
+        if self.nc is None:
+            self.nc = await nats.connect(self.nats_url, connect_timeout=3, max_reconnect_attempts=-1)
+        counts = {
+            "stored": int(await self.conn.fetchval("SELECT coalesce(max(position), 0) FROM events")),
+            "quarantine": int(await self.conn.fetchval("SELECT count(*) FROM quarantine")),
+        }
+        for row in await self.conn.fetch("SELECT projection, position FROM projection_positions"):
+            counts[row["projection"]] = int(row["position"])
+        try:
+            info = await self.nc.jetstream().stream_info(self.topology.tx_stream)
+            counts["ingested"] = int(info.state.messages)
+        except nats.js.errors.NotFoundError:
+            counts["ingested"] = 0
+        return counts
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                await self.conn.close()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()

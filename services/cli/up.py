@@ -1,0 +1,195 @@
+"""``pflea up``: the whole system on one machine, nothing installed but Python.
+
+Embedded servers (unless DATABASE_URL / NATS_URL point elsewhere), migrations, then the
+simulator (unless PURPLEFLEA_API_URL is set), ingester, writer and the four projectors as
+supervised processes, with a live status line. Ctrl-C or SIGTERM stops everything cleanly;
+the next ``pflea up`` resumes from the same data folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from contextlib import AsyncExitStack
+
+import msgspec
+
+from services.cli.status_line import StatusLine
+from services.cli.supervisor import Child, GaveUp, Supervisor
+from shared.db import READER_ROLE, role_dsn
+from shared.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, postgres_binaries
+from shared.migrate import migrate
+from shared.projections.registry import PROJECTIONS
+from shared.settings import Settings, load_settings
+from shared.stack import StackInfo, clear_stack, write_stack
+
+SIM_DEFAULTS = {
+    "PFLEA_SIM_PORT": "18088",
+    "PFLEA_SIM_AGENTS": "50",
+    "PFLEA_SIM_BACKLOG": "100",
+    "PFLEA_SIM_RATE": "200",
+    "PFLEA_SIM_MAX_PER_AGENT": "20000",
+    "PFLEA_SIM_MALFORMED_RATE": "0.002",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("up", help="run the whole system locally (embedded servers by default)")
+    p.add_argument("--no-status", action="store_true", help="no live status line")
+    p.add_argument(
+        "--status-every", type=float, default=10.0, metavar="S",
+        help="when output is not a terminal, print a status line every S seconds (default 10)",
+    )
+    p.set_defaults(func=_up)
+
+
+def _up(args: argparse.Namespace) -> int:
+    settings = load_settings(database_url=os.environ.get("DATABASE_URL", ""),
+                             nats_url=os.environ.get("NATS_URL", ""))
+    try:
+        stack = Stack(settings, status=not args.no_status, status_every=args.status_every)
+        return asyncio.run(stack.run())
+    except EmbeddedServerError as exc:
+        print(f"pflea up: {exc}", file=sys.stderr)
+        return 1
+
+
+class Stack:
+    def __init__(self, settings: Settings, *, status: bool, status_every: float = 10.0) -> None:
+        self.settings = settings
+        self.status_every = status_every
+        self.data_dir = settings.data_dir.absolute()
+        self.status = status
+        self.supervisor = Supervisor()
+        self.stop_requested = asyncio.Event()
+
+    async def run(self) -> int:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        async with AsyncExitStack() as servers:
+            database_url, nats_url = await self._servers(servers)
+            print("migrating…", flush=True)
+            await migrate(database_url, service_password=self.settings.db_service_password)
+            write_stack(self.data_dir, StackInfo(database_url, nats_url, os.getpid()))
+            servers.callback(clear_stack, self.data_dir)
+            await self._start_services(database_url, nats_url)
+            self._print_howto(database_url, nats_url)
+            code = await self._supervise(database_url, nats_url)
+            codes = await self.supervisor.stop()
+            unclean = {name: c for name, c in codes.items() if c not in (0, None)}
+            print(f"\nservices stopped{'' if not unclean else f' (non-zero exits: {unclean})'}", flush=True)
+        print("stopped.", flush=True)
+        return code
+
+    async def _servers(self, stack: AsyncExitStack) -> tuple[str, str]:
+        database_url, nats_url = self.settings.database_url, self.settings.nats_url
+        if not database_url:
+            pg = EmbeddedPostgres(self.data_dir / "postgres", self.settings.embedded_pg_port)
+            print(f"starting embedded Postgres on 127.0.0.1:{pg.port} (data in {pg.pgdata})", flush=True)
+            pg.start()  # in the main thread: see die_with_parent
+            stack.callback(pg.stop)
+            database_url = await _ensure_database(pg, "pflea")
+        if not nats_url:
+            nats = EmbeddedNats(self.data_dir / "nats", self.settings.embedded_nats_port)
+            print(f"starting embedded nats-server with JetStream on {nats.url}", flush=True)
+            nats.start()
+            stack.callback(nats.stop)
+            nats_url = nats.url
+        return database_url, nats_url
+
+    def _env(self, database_url: str, nats_url: str, **extra: str) -> dict[str, str]:
+        env = dict(os.environ, DATABASE_URL=database_url, NATS_URL=nats_url,
+                   PFLEA_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1")
+        env.update(extra)
+        return env
+
+    async def _start_services(self, database_url: str, nats_url: str) -> None:
+        logs = self.data_dir / "logs"
+        base = int(os.environ.get("PFLEA_METRICS_BASE_PORT", "19100"))
+        port = base
+        specs: list[tuple[str, list[str], dict[str, str]]] = []
+        ingester_env: dict[str, str] = {}
+        if not self.settings.purpleflea_api_url:
+            sim_env = {k: os.environ.get(k, v) for k, v in SIM_DEFAULTS.items()}
+            sim_env["PFLEA_SIM_EPOCH"] = str(self._simulator_epoch())
+            specs.append(("simulator", ["services.simulator"], sim_env))
+            ingester_env = {
+                "PURPLEFLEA_API_URL": f"http://127.0.0.1:{sim_env['PFLEA_SIM_PORT']}",
+                "PFLEA_AGENTS_FROM_SIMULATOR": "1",
+            }
+        specs.append(("writer", ["services.writer"], {}))
+        specs.append(("ingester", ["services.ingester"], ingester_env))
+        specs += [(f"projector-{n}", ["services.projectors", n], {}) for n in PROJECTIONS]
+        for name, args, extra in specs:
+            port = port + 1 if base else 0
+            env = self._env(database_url, nats_url, PFLEA_METRICS_PORT=str(port), **extra)
+            child = Child(name, args, env, logs / f"{name}.log")
+            self.supervisor.add(child)
+            await self.supervisor.start(child)
+        self.metrics_ports = {name: base + 1 + i for i, (name, _, _) in enumerate(specs)} if base else {}
+
+    def _simulator_epoch(self) -> float:
+        """Kept in the data folder, so a restarted simulator serves what it served before."""
+        path = self.data_dir / "simulator.json"
+        try:
+            return float(msgspec.json.decode(path.read_bytes())["epoch"])
+        except (OSError, msgspec.DecodeError, KeyError, TypeError, ValueError):
+            epoch = time.time()
+            path.write_bytes(msgspec.json.encode({"epoch": epoch}))
+            return epoch
+
+    def _print_howto(self, database_url: str, nats_url: str) -> None:
+        reader = role_dsn(database_url, READER_ROLE, self.settings.db_service_password)
+        psql = postgres_binaries() / "psql"
+        metrics = (
+            f"http://127.0.0.1:{min(self.metrics_ports.values())}/metrics … (one port per service)"
+            if self.metrics_ports else "off (PFLEA_METRICS_BASE_PORT=0)"
+        )
+        print(
+            f"""
+Purple Flea ledger is up. Data: {self.data_dir}   Logs: {self.data_dir / 'logs'}
+  query the read models (read-only role):
+    {psql} "{reader}" -c 'SELECT * FROM leaderboard ORDER BY asset, rank LIMIT 10'
+  the CLI (finds this stack through {self.data_dir / 'stack.json'}):
+    pflea leaderboard --top 10      pflea status      pflea events agent-0001
+  subscribe to events:   NATS_URL={nats_url}, subject 'pflea.events.>'
+  metrics:               {metrics}
+Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
+""",
+            flush=True,
+        )
+
+    async def _supervise(self, database_url: str, nats_url: str) -> int:
+        status = StatusLine(database_url, nats_url, self.settings, live=self.status)
+        watcher = asyncio.create_task(self.supervisor.watch())
+        reporter = asyncio.create_task(status.run(plain_every=self.status_every))
+        stop = asyncio.create_task(self.stop_requested.wait())
+        done, _ = await asyncio.wait({watcher, stop}, return_when=asyncio.FIRST_COMPLETED)
+        reporter.cancel()
+        await status.close()
+        if watcher in done:
+            exc = watcher.exception()
+            print(f"\npflea up: {exc}", file=sys.stderr, flush=True)
+            return 1 if isinstance(exc, GaveUp) else 2
+        watcher.cancel()
+        print("\nstopping: draining services…", flush=True)
+        return 0
+
+
+async def _ensure_database(pg: EmbeddedPostgres, name: str) -> str:
+    import asyncpg
+
+    conn = await asyncpg.connect(pg.url("postgres"))
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return pg.url(name)

@@ -1,0 +1,40 @@
+"""Where a running ``pflea up`` can be reached, so local commands find it without variables.
+
+``pflea up`` writes ``<PFLEA_DATA_DIR>/stack.json`` with the embedded servers' URLs and removes
+it on a clean stop; ``load_settings`` falls back to it when DATABASE_URL / NATS_URL are unset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import msgspec
+
+
+class StackInfo(msgspec.Struct, frozen=True):
+    database_url: str
+    nats_url: str
+    pid: int
+
+
+def stack_file(data_dir: Path) -> Path:
+    return Path(data_dir) / "stack.json"
+
+
+def write_stack(data_dir: Path, info: StackInfo) -> None:
+    path = stack_file(data_dir)
+    path.write_bytes(msgspec.json.encode(info))
+
+
+def read_stack(data_dir: Path) -> StackInfo | None:
+    path = stack_file(data_dir)
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=StackInfo)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def clear_stack(data_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        stack_file(data_dir).unlink()

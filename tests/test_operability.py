@@ -1,0 +1,86 @@
+"""Every service: /metrics, /healthz, /readyz, JSON logs without secrets, and a clean SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+import httpx
+import nats
+import pytest
+
+from shared.embedded import free_port
+from shared.jetstream import Topology
+from shared.ops import Lifecycle, OpsServer
+from shared.settings import Settings
+from tests.support import ServiceProcess, service_env, wait_until
+from tests.test_writer_relay import publish_transactions
+
+
+async def test_readyz_turns_503_while_draining_and_healthz_stays_up() -> None:
+    lifecycle = Lifecycle()
+    port = free_port()
+    ops = OpsServer(lifecycle, port, host="127.0.0.1")
+    await ops.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/readyz")).status_code == 503  # not ready before start-up ends
+            lifecycle.ready = True
+            assert (await http.get("/readyz")).status_code == 200
+            lifecycle.stop()
+            assert (await http.get("/readyz")).status_code == 503
+            assert (await http.get("/healthz")).status_code == 200
+    finally:
+        await ops.stop()
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "metric"),
+    [
+        ("services.writer", (), "pflea_writer_events_appended_total"),
+        ("services.projectors", ("balance",), "pflea_projector_events_applied_total"),
+    ],
+)
+async def test_services_serve_metrics_and_health(
+    settings: Settings, js_streams: nats.NATS, tmp_path: Path, module: str, args: tuple[str, ...], metric: str
+) -> None:
+    port = free_port()
+    proc = ServiceProcess(module, service_env(settings, PFLEA_METRICS_PORT=str(port)), tmp_path, *args).start()
+    try:
+        await proc.wait_ready()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/healthz")).json() == {"ok": True}
+            assert (await http.get("/readyz")).status_code == 200
+            body = (await http.get("/metrics")).text
+        assert metric in body and "pflea_quarantine_total" in body
+        assert proc.terminate() == 0
+        lines = [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.startswith("{")]
+        assert lines and all({"ts", "level", "service", "msg"} <= set(line) for line in lines)
+        assert settings.db_service_password not in proc.log_path.read_text(), "a password was logged"
+    finally:
+        proc.kill()
+
+
+async def test_sigterm_finishes_the_batch_in_hand_and_acks_exactly_what_is_committed(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, tmp_path: Path
+) -> None:
+    expected = await publish_transactions(js_streams, topology, agents=50, per_agent=400)
+    writer = ServiceProcess("services.writer", service_env(settings, PFLEA_WRITER_BATCH_SIZE="500"), tmp_path)
+    writer.start()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+
+        async def some_written() -> bool:
+            return await conn.fetchval("SELECT count(*) FROM events") > 2000
+
+        await wait_until(some_written, 60, "writing under way", 0.01)
+        assert writer.terminate() == 0, writer.log_tail()
+        info = await js_streams.jetstream().consumer_info(topology.tx_stream, topology.writer_durable)
+        written = await conn.fetchval("SELECT count(*) FROM events")
+        assert info.num_ack_pending == 0, "a fetched batch was left unacknowledged"
+        assert written == len(expected) - info.num_pending, "acked and committed disagree"
+        assert written < len(expected), "the writer did not stop early; the test proved nothing"
+    finally:
+        await conn.close()
+        writer.kill()

@@ -1,0 +1,112 @@
+"""The README's run command, black-box: it starts, fills the read models, stops, resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from shared.embedded import free_port
+from shared.stack import read_stack
+from tests.support import REPO, wait_until
+
+PFLEA = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "pflea"
+
+
+def test_make_up_runs_exactly_pflea_up() -> None:
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(REPO), "up"], capture_output=True, text=True, check=True)
+    assert dry.stdout.strip().splitlines()[-1].endswith("/bin/pflea up")
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="pflea-up-"))
+    base.chmod(0o755)  # as root, the embedded Postgres runs as its own user and must enter it
+    yield base / "data"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _start(data_dir: Path, out: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PFLEA_", "PURPLEFLEA_"))}
+    env.pop("DATABASE_URL", None)
+    env.pop("NATS_URL", None)
+    env.update(
+        PFLEA_DATA_DIR=str(data_dir),
+        PFLEA_EMBEDDED_PG_PORT=str(free_port()),
+        PFLEA_EMBEDDED_NATS_PORT=str(free_port()),
+        PFLEA_SIM_PORT=str(free_port()),
+        PFLEA_SIM_AGENTS="8",
+        PFLEA_SIM_RATE="300",
+        PFLEA_METRICS_BASE_PORT="0",
+    )
+    with open(out, "ab") as log:
+        return subprocess.Popen(
+            [str(PFLEA), "up", "--status-every", "1"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+async def _populated(url: str) -> dict[str, int] | None:
+    conn = await asyncpg.connect(url)
+    try:
+        counts = {
+            t: await conn.fetchval(f"SELECT count(*) FROM {t}")
+            for t in ("events", "balances", "pnl", "portfolio", "leaderboard")
+        }
+        return counts if all(counts.values()) else None
+    finally:
+        await conn.close()
+
+
+async def _no_duplicates(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            """SELECT count(*) AS n, count(DISTINCT event_id) AS ids,
+                      count(DISTINCT data->>'tx_id') AS txs FROM events"""
+        )
+        assert row["n"] == row["ids"] == row["txs"], f"duplicates after resume: {dict(row)}"
+    finally:
+        await conn.close()
+
+
+async def _stop(proc: subprocess.Popen[bytes], out: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    for _ in range(600):
+        if proc.poll() is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert proc.poll() == 0, f"pflea up did not stop cleanly:\n{out.read_text()[-3000:]}"
+
+
+async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "up.out"
+    proc = _start(data_dir, out)
+    try:
+        stack = await wait_until(lambda: asyncio.sleep(0, read_stack(data_dir)), 90, "stack.json")
+        first = await wait_until(lambda: _populated(stack.database_url), 90, "populated read models", 0.5)
+        await wait_until(lambda: asyncio.sleep(0, "stored" in out.read_text()), 30, "a status line")
+        text = out.read_text()
+        assert "SELECT * FROM leaderboard" in text and "pflea_reader" in text, "no psql line for the user"
+        await _stop(proc, out)
+        assert read_stack(data_dir) is None
+        proc = _start(data_dir, out)
+        stack = await wait_until(lambda: asyncio.sleep(0, read_stack(data_dir)), 90, "stack.json again")
+
+        async def grew() -> bool:
+            counts = await _populated(stack.database_url)
+            return bool(counts) and counts["events"] > first["events"] + 500
+
+        await wait_until(grew, 90, "ingestion resumed", 0.5)
+        await _no_duplicates(stack.database_url)
+        await _stop(proc, out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
