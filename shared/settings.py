@@ -17,6 +17,9 @@ AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _AGENT_ID = AGENT_ID_PATTERN
 
 
+DEFAULT_DATA_DIR = Path(".pflea")
+
+
 class SettingsError(ValueError):
     def __init__(self, variable: str, reason: str) -> None:
         super().__init__(f"{variable}: {reason}")
@@ -39,7 +42,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     purpleflea_api_url: str = ""
     purpleflea_agents: tuple[AgentCredential, ...] = ()
     purpleflea_source: str = "purpleflea"
-    data_dir: Path = Path(".pflea")
+    data_dir: Path = DEFAULT_DATA_DIR
     namespace: str = "pflea"
     db_service_password: str = "pflea"
     duplicate_window_s: float = 120.0
@@ -157,7 +160,7 @@ def _fill_from_running_stack(values: dict[str, Any]) -> None:
     """Unset DATABASE_URL / NATS_URL mean: the stack ``pflea up`` runs from this data folder."""
     from shared.stack import read_stack
 
-    info = read_stack(values.get("data_dir", Settings.data_dir))
+    info = read_stack(values.get("data_dir", DEFAULT_DATA_DIR))
     if info is not None:
         values.setdefault("database_url", info.database_url)
         values.setdefault("nats_url", info.nats_url)
