@@ -733,3 +733,12 @@ async def test_no_service_can_destroy_streams_or_use_another_services_consumer(
     for stream, (durable, _) in durables.items():
         assert (await cli_js.stream_info(stream)).state.messages == before[stream]
         assert (await cli_js.consumer_info(stream, durable)).name == durable
+
+
+def test_compose_and_the_embedded_stack_share_one_permission_definition() -> None:
+    from shared.nats_auth import USERS, accounts_template, render_accounts
+
+    assert accounts_template() in NATS_CONF.read_text(), "deploy/nats/nats.conf drifted from shared/nats_accounts.conf"
+    rendered = render_accounts("ns2", {u: f"pw-{u}" for u in USERS})
+    assert '"pw-ingester"' in rendered and "$INGESTER_NATS_PASSWORD" not in rendered
+    assert '"ns2.tx.>"' in rendered and "NS2_EVENTS" in rendered and "pflea." not in rendered

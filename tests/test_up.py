@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -12,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import nats
 import pytest
 
 from shared.embedded import free_port
+from shared.nats_auth import user_url
 from shared.stack import read_stack
 from tests.support import REPO, wait_until
 
@@ -22,7 +25,12 @@ PFLEA = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "pflea"
 
 
 def test_make_up_runs_exactly_pflea_up() -> None:
-    dry = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(REPO), "up"], capture_output=True, text=True, check=True)
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-C", str(REPO), "up"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert dry.stdout.strip().splitlines()[-1].endswith("/bin/pflea up")
 
 
@@ -77,6 +85,29 @@ async def _no_duplicates(url: str) -> None:
         await conn.close()
 
 
+async def _forbidden_publish_is_refused(data_dir: Path, cli_url: str) -> None:
+    """The embedded NATS has per-service users: the ingester may not publish events."""
+    passwords = json.loads((data_dir / "nats" / "users.json").read_text())
+    url = user_url(cli_url, "ingester", passwords["ingester"])
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    nc = await nats.connect(url, error_cb=on_error, allow_reconnect=False)
+    try:
+        await nc.publish("pflea.events.agent-0001.FundsDeposited", b'{"amount": "1000000"}')
+        await nc.flush()
+        await wait_until(lambda: asyncio.sleep(0, errors), 10, "a permissions violation")
+        assert "permissions violation" in str(errors[0]).lower()
+    finally:
+        await nc.close()
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(
+            user_url(cli_url, "ingester", "wrong"), allow_reconnect=False, max_reconnect_attempts=0
+        )
+
+
 async def _stop(proc: subprocess.Popen[bytes], out: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     for _ in range(600):
@@ -95,6 +126,7 @@ async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path
         await wait_until(lambda: asyncio.sleep(0, "stored" in out.read_text()), 30, "a status line")
         text = out.read_text()
         assert "SELECT * FROM leaderboard" in text and "pflea_reader" in text, "no psql line for the user"
+        await _forbidden_publish_is_refused(data_dir, stack.nats_url)
         await _stop(proc, out)
         assert read_stack(data_dir) is None
         proc = _start(data_dir, out)

@@ -23,6 +23,7 @@ from services.cli.supervisor import Child, GaveUp, Supervisor
 from shared.db import READER_ROLE, role_dsn
 from shared.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, postgres_binaries
 from shared.migrate import migrate
+from shared.nats_auth import load_or_create_passwords, render_accounts, user_url
 from shared.projections.registry import PROJECTIONS
 from shared.settings import Settings, load_settings
 from shared.stack import StackInfo, clear_stack, write_stack
@@ -41,15 +42,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("up", help="run the whole system locally (embedded servers by default)")
     p.add_argument("--no-status", action="store_true", help="no live status line")
     p.add_argument(
-        "--status-every", type=float, default=10.0, metavar="S",
+        "--status-every",
+        type=float,
+        default=10.0,
+        metavar="S",
         help="when output is not a terminal, print a status line every S seconds (default 10)",
     )
     p.set_defaults(func=_up)
 
 
 def _up(args: argparse.Namespace) -> int:
-    settings = load_settings(database_url=os.environ.get("DATABASE_URL", ""),
-                             nats_url=os.environ.get("NATS_URL", ""))
+    settings = load_settings(
+        database_url=os.environ.get("DATABASE_URL", ""), nats_url=os.environ.get("NATS_URL", "")
+    )
     try:
         stack = Stack(settings, status=not args.no_status, status_every=args.status_every)
         return asyncio.run(stack.run())
@@ -96,17 +101,30 @@ class Stack:
             pg.start()  # in the main thread: see die_with_parent
             stack.callback(pg.stop)
             database_url = await _ensure_database(pg, "pflea")
+        self.nats_users: dict[str, str] = {}
         if not nats_url:
-            nats = EmbeddedNats(self.data_dir / "nats", self.settings.embedded_nats_port)
+            # Each service logs in as its own NATS user with least-privilege permissions.
+            passwords = load_or_create_passwords(self.data_dir / "nats" / "users.json")
+            accounts = render_accounts(self.settings.namespace, passwords)
+            nats = EmbeddedNats(self.data_dir / "nats", self.settings.embedded_nats_port, config=accounts)
             print(f"starting embedded nats-server with JetStream on {nats.url}", flush=True)
             nats.start()
             stack.callback(nats.stop)
-            nats_url = nats.url
+            self.nats_users = {u: user_url(nats.url, u, passwords[u]) for u in passwords}
+            nats_url = self.nats_users["cli"]
         return database_url, nats_url
 
+    def _nats_for(self, user: str, default: str) -> str:
+        return self.nats_users.get(user, default)
+
     def _env(self, database_url: str, nats_url: str, **extra: str) -> dict[str, str]:
-        env = dict(os.environ, DATABASE_URL=database_url, NATS_URL=nats_url,
-                   PFLEA_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            DATABASE_URL=database_url,
+            NATS_URL=nats_url,
+            PFLEA_DATA_DIR=str(self.data_dir),
+            PYTHONUNBUFFERED="1",
+        )
         env.update(extra)
         return env
 
@@ -127,9 +145,13 @@ class Stack:
         specs.append(("writer", ["services.writer"], {}))
         specs.append(("ingester", ["services.ingester"], ingester_env))
         specs += [(f"projector-{n}", ["services.projectors", n], {}) for n in PROJECTIONS]
+        users = {"writer": "writer", "ingester": "ingester"}
         for name, args, extra in specs:
             port = port + 1 if base else 0
-            env = self._env(database_url, nats_url, PFLEA_METRICS_PORT=str(port), **extra)
+            user = "projector" if name.startswith("projector-") else users.get(name, "cli")
+            env = self._env(
+                database_url, self._nats_for(user, nats_url), PFLEA_METRICS_PORT=str(port), **extra
+            )
             child = Child(name, args, env, logs / f"{name}.log")
             self.supervisor.add(child)
             await self.supervisor.start(child)
@@ -150,16 +172,17 @@ class Stack:
         psql = postgres_binaries() / "psql"
         metrics = (
             f"http://127.0.0.1:{min(self.metrics_ports.values())}/metrics … (one port per service)"
-            if self.metrics_ports else "off (PFLEA_METRICS_BASE_PORT=0)"
+            if self.metrics_ports
+            else "off (PFLEA_METRICS_BASE_PORT=0)"
         )
         print(
             f"""
-Purple Flea ledger is up. Data: {self.data_dir}   Logs: {self.data_dir / 'logs'}
+Purple Flea ledger is up. Data: {self.data_dir}   Logs: {self.data_dir / "logs"}
   query the read models (read-only role):
     {psql} "{reader}" -c 'SELECT * FROM leaderboard ORDER BY asset, rank LIMIT 10'
-  the CLI (finds this stack through {self.data_dir / 'stack.json'}):
+  the CLI (finds this stack through {self.data_dir / "stack.json"}):
     pflea leaderboard --top 10      pflea status      pflea events agent-0001
-  subscribe to events:   NATS_URL={nats_url}, subject 'pflea.events.>'
+  subscribe to events:   NATS_URL={nats_url} (user cli), subject '{self.settings.namespace}.events.>'
   metrics:               {metrics}
 Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
 """,
