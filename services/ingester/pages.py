@@ -40,7 +40,9 @@ def split_page(body: bytes) -> Page:
     try:
         page = _decoder.decode(body)
         return Page([bytes(raw) for raw in page.transactions])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        # msgspec raises RecursionError (not DecodeError) past its nesting limit: one item
+        # nested 10 000 deep must not take the whole page, and the agent's poller, with it.
         items = scan_items(body)
         if items is None:
             raise BadPage(f"page: not a transactions list ({exc})", body) from None

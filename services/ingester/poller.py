@@ -14,7 +14,8 @@ from prometheus_client import Counter
 from services.ingester.client import AuthFailed, BadPage, FeedClient, RateLimited, Transient
 from services.ingester.transactions import Rejected, parse_transaction
 from shared.envelope import TxEnvelope, tx_encoder
-from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology
+from shared.faults import crash_point
+from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, publish_in_order
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import AgentCredential, Settings
@@ -35,10 +36,13 @@ async def committed_cursor(pool: asyncpg.Pool, agent_id: str) -> str | None:
 
     The resume point is what the database holds, never what NATS acknowledged: anything
     published but not yet written is polled again and deduplicated by its event id.
+    Transactions the writer recorded from a command's own call to Purple Flea (PlaceBet,
+    ClaimFaucet) say nothing about how far the feed was read (they may be ahead of it), so
+    they are not a resume point; the poll reaches them later and finds them stored.
     """
     value = await pool.fetchval(
         """SELECT data->>'tx_id' FROM events
-           WHERE stream_id = $1 AND data ? 'tx_id'
+           WHERE stream_id = $1 AND data ? 'tx_id' AND NOT metadata ? 'command_id'
            ORDER BY version DESC LIMIT 1""",
         agent_id,
     )
@@ -82,6 +86,13 @@ class AgentPoller:
             except (asyncpg.PostgresError, OSError) as exc:
                 # Quarantine writes need Postgres; the cursor has not moved, so just retry.
                 delay = self._next_backoff(f"database: {exc!r}")
+            except Exception as exc:
+                if self.lifecycle.stopping.is_set():
+                    return  # e.g. a publish given up because we are stopping
+                # A bug must not end this agent's polling silently (the service only looks at
+                # its pollers when it stops): say so loudly and retry from the same cursor.
+                log.exception("poll crashed", extra={"agent": self.agent.agent_id})
+                delay = self._next_backoff(f"unexpected {exc!r}")
             if delay and await self.lifecycle.sleep(delay):
                 return
 
@@ -154,16 +165,17 @@ class AgentPoller:
         attempt = 0
         while True:
             try:
-                futures = [
-                    await self.js.publish_async(
+                messages = [
+                    (
                         self.topology.tx_subject(e.agent_id),
                         tx_encoder.encode(e),
-                        headers={HDR_MSG_ID: str(e.event_id)},
+                        {HDR_MSG_ID: str(e.event_id)},
                     )
                     for e in envelopes
                 ]
-                await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
+                await publish_in_order(self.js, messages, timeout=10)
                 PUBLISHED.inc(len(envelopes))
+                crash_point("ingester.after_publish")  # in PFLEA_TX, maybe nothing committed yet
                 return
             except NATS_ERRORS as exc:  # the cursor has not moved, so retry
                 attempt += 1

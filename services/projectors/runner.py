@@ -17,7 +17,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.projectors.apply import apply_batch
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.faults import crash_point
+from shared.faults import crash_point, delay_s
 from shared.jetstream import (
     HDR_EVENT_ID,
     HDR_EVENT_TYPE,
@@ -131,6 +131,8 @@ class ProjectorRunner:
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
                     applied = await apply_batch(conn, self.model, delivered, self.quarantine)
+                    if slow := delay_s("projector.apply"):  # a slow database, for the chaos tests
+                        await asyncio.sleep(slow)
                     crash_point("projector.before_commit")
             except TRANSIENT_DB_ERRORS as exc:
                 attempt += 1

@@ -15,7 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.envelope import TxEnvelope, tx_decoder
-from shared.faults import crash_point
+from shared.faults import crash_point, fail_point
 from shared.jetstream import Topology, pull_consumer_config
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
@@ -116,6 +116,7 @@ class TxConsumer:
             started = time.perf_counter()
             try:
                 result = await self.store.append_batch([item for _, item in batch])
+                fail_point("writer.commit_reply_lost")  # committed, but the caller cannot know
             except TRANSIENT_DB_ERRORS as exc:
                 # Outcome unknown (the commit may have landed): retrying is safe because event
                 # ids are unique. Keep the messages ours meanwhile so they are not redelivered.

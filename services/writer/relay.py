@@ -16,7 +16,7 @@ import asyncpg
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
-from shared.db import connect
+from shared.db import TRANSIENT_DB_ERRORS, connect
 from shared.faults import crash_point
 from shared.jetstream import (
     HDR_EVENT_ID,
@@ -27,6 +27,7 @@ from shared.jetstream import (
     HDR_VERSION,
     NATS_ERRORS,
     Topology,
+    publish_in_order,
 )
 from shared.ops import Lifecycle
 from shared.store import EventStore, RecordedEvent
@@ -74,7 +75,9 @@ class Relay:
                 await self._lead()
             except _Stopped:
                 return
-            except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+                # InterfaceError ("connection is closed") is no PostgresError: a connection that
+                # died between two statements must not take the writer down with it.
                 log.warning("relay lost Postgres (%r); retrying", exc)
                 if await self.lifecycle.sleep(1.0):
                     return
@@ -134,15 +137,11 @@ class Relay:
         attempt = 0
         while True:
             try:
-                futures = [
-                    await self.js.publish_async(
-                        self.topology.event_subject(e.stream_id, e.event_type),
-                        e.data.encode(),
-                        headers=_headers(e),
-                    )
+                messages = [
+                    (self.topology.event_subject(e.stream_id, e.event_type), e.data.encode(), _headers(e))
                     for e in events
                 ]
-                await asyncio.wait_for(asyncio.gather(*futures), timeout=15)
+                await publish_in_order(self.js, messages, timeout=15)
                 return
             except NATS_ERRORS as exc:
                 attempt += 1

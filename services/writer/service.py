@@ -1,12 +1,16 @@
-"""Wire the writer: the PFLEA_TX consumer and the relay, sharing one pool and one connection."""
+"""Wire the writer: the PFLEA_TX consumer, the relay, the command handler and the snapshotter,
+sharing one pool and one NATS connection."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+from services.writer.commands import CommandHandler
 from services.writer.consumer import TxConsumer
+from services.writer.purpleflea import PurpleFleaCommands
 from services.writer.relay import Relay
+from services.writer.snapshots import Snapshotter
 from shared.db import WRITER_ROLE, create_pool, role_dsn
 from shared.jetstream import Topology, ensure_streams
 from shared.nats_conn import connect_nats
@@ -23,8 +27,9 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
     dsn = role_dsn(require(settings.database_url, "DATABASE_URL"), WRITER_ROLE, settings.db_service_password)
     nats_url = require(settings.nats_url, "NATS_URL")
     topology = Topology(settings.namespace)
-    pool = await create_pool(dsn, min_size=2, max_size=8)
+    pool = await create_pool(dsn, min_size=2, max_size=16)
     nc = await connect_nats(nats_url, "pflea-writer")
+    purpleflea = _purpleflea(settings)
     try:
         js = nc.jetstream()
         await ensure_streams(js, topology, settings.duplicate_window_s)
@@ -34,9 +39,17 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
             js, store, Quarantine(pool, "writer"), topology, settings, lifecycle, on_commit=committed
         )
         relay = Relay(store, js, topology, lifecycle, dsn, poll_s=settings.relay_poll_s, wakeup=committed)
+        commands = CommandHandler(nc, store, topology, settings, lifecycle, purpleflea)
+        every = settings.snapshot_every
+        snapshotter = Snapshotter(store, lifecycle, every=every, poll_s=settings.relay_poll_s)
         lifecycle.checks.append(lambda: nc.is_connected)
         lifecycle.ready = True
-        tasks = [asyncio.create_task(consumer.run()), asyncio.create_task(relay.run())]
+        tasks = [
+            asyncio.create_task(consumer.run()),
+            asyncio.create_task(relay.run()),
+            asyncio.create_task(commands.run()),
+            asyncio.create_task(snapshotter.run()),
+        ]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
             if task.exception() is not None:
@@ -46,4 +59,19 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
         await asyncio.gather(*tasks)
     finally:
         await nc.drain()
+        if purpleflea is not None:
+            await purpleflea.close()
         await pool.close()
+
+
+def _purpleflea(settings: Settings) -> PurpleFleaCommands | None:
+    """The Purple Flea API for PlaceBet/ClaimFaucet, when one is configured (else local only)."""
+    if not settings.purpleflea_api_url:
+        return None
+    return PurpleFleaCommands(
+        settings.purpleflea_api_url,
+        settings.purpleflea_agents,
+        from_simulator=settings.agents_from_simulator,
+        timeout_s=settings.ingest_timeout_s,
+        budget_s=settings.command_timeout_s / 2,
+    )

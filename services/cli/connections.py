@@ -1,0 +1,94 @@
+"""How the CLI reaches the ledger: Postgres as the read-only role, NATS without endless retries.
+
+Exit codes every subcommand shares: 0 done; 1 refused or not found (a rejected command, an
+unknown agent, a bad time); 2 usage or configuration; 3 the ledger could not be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import asyncpg
+import nats
+import nats.errors
+from nats.aio.client import Client
+
+from services.cli.render import fail
+from shared.db import READER_ROLE, create_pool, role_dsn
+from shared.history import HistoryError, UnknownAgent
+from shared.jetstream import Topology
+from shared.service import require
+from shared.settings import Settings, load_settings
+
+OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
+
+
+class Unreachable(Exception):
+    """Postgres or NATS did not answer; the message says which and where."""
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def topology(s: Settings) -> Topology:
+    return Topology(s.namespace)
+
+
+async def reader_pool(s: Settings) -> asyncpg.Pool:
+    """A small pool as ``pflea_reader``: the CLI can read everything and change nothing."""
+    url = require(s.database_url, "DATABASE_URL")
+    try:
+        return await create_pool(
+            role_dsn(url, READER_ROLE, s.db_service_password), min_size=1, max_size=2, timeout=10
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise Unreachable(f"cannot reach Postgres as {READER_ROLE} ({exc})") from None
+
+
+async def connect_nats(s: Settings) -> Client:
+    url = require(s.nats_url, "NATS_URL")
+    try:
+        return await nats.connect(url, name="pflea-cli", connect_timeout=5, allow_reconnect=False)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        raise Unreachable(f"cannot reach NATS at {url} ({exc!r})") from None
+
+
+def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run one subcommand's coroutine and turn the errors a user can act on into exit codes."""
+    try:
+        return asyncio.run(main())
+    except UnknownAgent as exc:
+        return fail(str(exc), REFUSED)
+    except HistoryError as exc:
+        return fail(str(exc), REFUSED)
+    except Unreachable as exc:
+        return fail(str(exc), UNREACHABLE)
+    except asyncpg.UndefinedTableError as exc:
+        return fail(f"{exc}: is the database migrated? (pflea migrate)", REFUSED)
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        return fail(f"lost the connection to the ledger ({exc!r})", UNREACHABLE)
+    except KeyboardInterrupt:
+        return OK
+
+
+async def with_pool(s: Settings, body: Callable[[asyncpg.Pool], Awaitable[Any]]) -> Any:
+    pool = await reader_pool(s)
+    try:
+        return await body(pool)
+    finally:
+        await pool.close()
+
+
+async def agent_exists(pool: asyncpg.Pool, agent_id: str) -> bool:
+    return bool(await pool.fetchval("SELECT EXISTS (SELECT 1 FROM events WHERE stream_id = $1)", agent_id))
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)

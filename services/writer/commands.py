@@ -1,0 +1,386 @@
+"""The writer's command handler: NATS request/reply on ``<ns>.cmd.<agent>.<Command>``.
+
+Every writer subscribes in one queue group, so each command reaches one of them. Per command:
+
+1. A reply already stored for its ``command_id`` is the answer (a retry never applies twice).
+2. Load the agent's state (newest snapshot + the events after it) and :func:`decide`.
+3. Rejected: store the rejection, answer it. Accepted: append with the version decided against
+   and store the reply in the same transaction; if another writer moved the stream meanwhile
+   (``OptimisticConcurrencyError``), reload and decide again.
+
+With a Purple Flea API and a key for the agent, PlaceBet and ClaimFaucet are sent there after
+the local checks, and what Purple Flea did is recorded under the event ids the ingester derives
+for those transactions, so its later poll finds them stored. Without one, a PlaceBet records
+only BetPlaced: the outcome is not known to the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Histogram
+
+from services.ingester.transactions import Rejected, parse_transaction
+from services.writer.decide import Accept, Rejection, checked_shape, decide
+from services.writer.purpleflea import PurpleFleaCommands, UpstreamRejected, UpstreamUnavailable
+from shared.commands import (
+    ClaimFaucet,
+    Code,
+    Command,
+    PlaceBet,
+    Reply,
+    command_decoder,
+    command_encoder,
+    command_event_id,
+    reply_decoder,
+)
+from shared.db import TRANSIENT_DB_ERRORS
+from shared.events import BetPlaced, decode_data
+from shared.history import current_state
+from shared.jetstream import NATS_ERRORS, Topology
+from shared.money import parse_amount
+from shared.ops import Lifecycle
+from shared.settings import AGENT_ID_PATTERN, Settings
+from shared.store import EventStore, NewEvent, OptimisticConcurrencyError, StreamEvent
+
+log = logging.getLogger(__name__)
+
+QUEUE_GROUP = "pflea-writer-commands"
+STREAM_TYPE = "agent"
+MAX_ATTEMPTS = 25
+
+COMMANDS = Counter("pflea_writer_commands_total", "Commands answered", ["command", "status"])
+CONFLICTS = Counter(
+    "pflea_writer_command_conflicts_total", "Command appends that lost a race and were decided again"
+)
+COMMAND_SECONDS = Histogram(
+    "pflea_writer_command_processing_seconds",
+    "Time from receiving a command to having its answer",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+class _IdOnly(msgspec.Struct):
+    command_id: uuid.UUID | None = None
+
+
+class _Answered(Exception):
+    """Another handler stored a reply for this command id first: that one is the answer."""
+
+
+class AgentLocks:
+    """One asyncio lock per agent with commands in flight, dropped when none are."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, agent_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(agent_id, (asyncio.Lock(), 0))
+        self._locks[agent_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[agent_id]
+            if users == 1:
+                del self._locks[agent_id]
+            else:
+                self._locks[agent_id] = (lock, users - 1)
+
+
+def _reply(
+    agent_id: str,
+    command: Command,
+    status: str,
+    code: str | None = None,
+    reason: str | None = None,
+    **kw: Any,
+) -> Reply:
+    return Reply(
+        command_id=command.command_id,
+        agent_id=agent_id,
+        command=type(command).__name__,
+        status=status,  # type: ignore[arg-type]
+        code=code,
+        reason=reason,
+        **kw,
+    )
+
+
+class CommandHandler:
+    def __init__(
+        self,
+        nc: Client,
+        store: EventStore,
+        topology: Topology,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        purpleflea: PurpleFleaCommands | None = None,
+    ) -> None:
+        self.nc = nc
+        self.store = store
+        self.pool: asyncpg.Pool = store.pool
+        self.topology = topology
+        self.lifecycle = lifecycle
+        self.purpleflea = purpleflea
+        self.source = settings.purpleflea_source
+        self.faucet_amount = parse_amount(settings.faucet_amount, "PFLEA_FAUCET_AMOUNT")
+        self._gate = asyncio.Semaphore(settings.command_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._locks = AgentLocks()
+
+    async def run(self) -> None:
+        """Answer commands until stopping; then stop taking new ones and finish those in flight."""
+        sub = await self.nc.subscribe(self.topology.command_filter, queue=QUEUE_GROUP, cb=self._received)
+        log.info("answering commands", extra={"subject": self.topology.command_filter})
+        try:
+            await self.lifecycle.stopping.wait()
+        finally:
+            with contextlib.suppress(*NATS_ERRORS):
+                await sub.unsubscribe()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _received(self, msg: Msg) -> None:
+        # Waiting here holds back the subscription: at most command_concurrency in flight.
+        await self._gate.acquire()
+        task = asyncio.create_task(self._serve(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._gate.release()
+
+    async def _serve(self, msg: Msg) -> None:
+        started = time.perf_counter()
+        reply = await self.handle(msg.subject, msg.data)
+        COMMAND_SECONDS.observe(time.perf_counter() - started)
+        COMMANDS.labels(reply.command, reply.status).inc()
+        if msg.reply:
+            try:
+                await msg.respond(command_encoder.encode(reply))
+            except NATS_ERRORS as exc:  # the client retries with the same command id
+                log.warning("could not answer a command: %r", exc)
+
+    async def handle(self, subject: str, data: bytes) -> Reply:
+        """The answer to one command message (never raises)."""
+        prefix = f"{self.topology.namespace}.cmd."
+        agent_id, _, name = subject.removeprefix(prefix).partition(".")
+        try:
+            command = command_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            return _bad_message(agent_id, name, data, f"command: {exc}")
+        if type(command).__name__ != name or not AGENT_ID_PATTERN.fullmatch(agent_id):
+            return _bad_message(
+                agent_id, name, data, f"subject {subject!r} does not match a {type(command).__name__}"
+            )
+        try:
+            async with self._locks.hold(agent_id):
+                return await self._answer(agent_id, command)
+        except TRANSIENT_DB_ERRORS as exc:
+            reason = f"the database is unavailable ({type(exc).__name__}); send the same command again"
+            return _reply(agent_id, command, "failed", Code.UNAVAILABLE, reason)
+        except Exception:
+            log.exception("command failed", extra={"agent": agent_id, "command": name})
+            return _reply(agent_id, command, "failed", Code.INTERNAL, "internal error; see the writer's log")
+
+    async def _answer(self, agent_id: str, command: Command) -> Reply:
+        stored = await self._stored(agent_id, command)
+        if stored is not None:
+            return stored
+        key = None
+        if self.purpleflea is not None and isinstance(command, PlaceBet | ClaimFaucet):
+            key = await self.purpleflea.key_for(agent_id)
+        if key is not None and await self._sent_before(command):
+            # Purple Flea may have applied it (and the ingester stored that): ask it again.
+            shape = checked_shape(command, faucet_amount=self.faucet_amount)
+            if isinstance(shape, Rejection):
+                return await self._reject(agent_id, command, shape.code, shape.reason)
+            return await self._through_purpleflea(agent_id, command, key, shape)
+        for attempt in range(MAX_ATTEMPTS):
+            async with self.pool.acquire() as conn:
+                state, version = await current_state(conn, agent_id)
+            decision = decide(state, command, faucet_amount=self.faucet_amount)
+            if isinstance(decision, Rejection):
+                return await self._reject(agent_id, command, decision.code, decision.reason)
+            if key is not None:
+                return await self._through_purpleflea(agent_id, command, key, decision)
+            events = [
+                NewEvent.of(
+                    event,
+                    event_id=command_event_id(command.command_id, i),
+                    causation_id=str(command.command_id),
+                    metadata={"command": type(command).__name__, "command_id": str(command.command_id)},
+                )
+                for i, event in enumerate(decision.events)
+            ]
+            try:
+                return await self._commit(agent_id, command, events, expected_version=version)
+            except OptimisticConcurrencyError:
+                CONFLICTS.inc()
+                # Another writer appended to this agent: a little jitter keeps two losers apart.
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        reason = f"the stream kept moving for {MAX_ATTEMPTS} attempts; send the same command again"
+        return _reply(agent_id, command, "failed", Code.CONFLICT, reason)
+
+    async def _through_purpleflea(self, agent_id: str, command: Command, key: str, decision: Accept) -> Reply:
+        assert self.purpleflea is not None
+        request_id = str(command.command_id)
+        won: bool | None = None
+        await self.pool.execute(
+            """INSERT INTO command_attempts (command_id, agent_id, command_type) VALUES ($1, $2, $3)
+               ON CONFLICT DO NOTHING""",
+            command.command_id,
+            agent_id,
+            type(command).__name__,
+        )
+        try:
+            if isinstance(command, PlaceBet):
+                bet = decision.events[0]
+                assert isinstance(bet, BetPlaced) and bet.game is not None
+                raws, won = await self.purpleflea.place_bet(
+                    agent_id, key, bet.game, bet.amount, bet.asset, request_id
+                )
+            else:
+                raws = await self.purpleflea.claim_faucet(agent_id, key, request_id)
+        except UpstreamRejected as exc:
+            if exc.status in (401, 403):  # our key is wrong: not the command's fault, do not store
+                return _reply(agent_id, command, "failed", Code.UPSTREAM_REJECTED, str(exc))
+            code = Code.INSUFFICIENT_FUNDS if exc.status == 409 else Code.UPSTREAM_REJECTED
+            return await self._reject(agent_id, command, code, f"Purple Flea: {exc.detail}")
+        except UpstreamUnavailable as exc:
+            reason = f"Purple Flea did not answer ({exc}); send the same command again"
+            return _reply(agent_id, command, "failed", Code.UPSTREAM_UNAVAILABLE, reason)
+        try:
+            envelopes = [parse_transaction(raw, agent_id, self.source) for raw in raws]
+        except Rejected as exc:
+            # Applied upstream but unreadable: the ingester will quarantine it when it polls.
+            log.error("Purple Flea answered a transaction we cannot read: %s", exc.reason)
+            return _reply(agent_id, command, "failed", Code.INTERNAL, f"unreadable answer: {exc.reason}")
+        events = [
+            NewEvent(
+                event_id=env.event_id,
+                event_type=env.event_type,
+                data=bytes(env.data).decode(),
+                occurred_at=env.occurred_at,
+                schema_version=env.schema_version,
+                causation_id=request_id,
+                correlation_id=f"{env.source}:{env.tx_id}",
+                metadata={"source": env.source, "command": type(command).__name__, "command_id": request_id},
+            )
+            for env in envelopes
+        ]
+        payout: Decimal | None = None
+        if won:
+            win = decode_data(envelopes[-1].event_type, bytes(envelopes[-1].data))
+            payout = getattr(win, "amount", None)
+        extra = {"tx_ids": tuple(env.tx_id for env in envelopes), "won": won, "payout": payout}
+        # What Purple Flea did is a fact now: recorded wherever the stream is, never re-decided.
+        return await self._commit(agent_id, command, events, expected_version=None, **extra)
+
+    async def _commit(
+        self,
+        agent_id: str,
+        command: Command,
+        events: list[NewEvent],
+        *,
+        expected_version: int | None,
+        **extra: Any,
+    ) -> Reply:
+        ids = [e.event_id for e in events]
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if expected_version is None:
+                    # The ingester may have stored some of these transactions already: skip them.
+                    await self.store.append_batch(
+                        [StreamEvent(agent_id, STREAM_TYPE, e) for e in events], conn=conn
+                    )
+                else:
+                    await self.store.append(agent_id, STREAM_TYPE, events, expected_version, conn=conn)
+                version = await conn.fetchval(
+                    "SELECT max(version) FROM events WHERE event_id = ANY($1::uuid[])", ids
+                )
+                reply = _reply(
+                    agent_id, command, "accepted", version=int(version), event_ids=tuple(ids), **extra
+                )
+                if not await self._insert_result(conn, reply, version=int(version)):
+                    raise _Answered
+        except _Answered:
+            stored = await self._stored(agent_id, command)
+            assert stored is not None
+            return stored
+        return reply
+
+    async def _reject(self, agent_id: str, command: Command, code: str, reason: str) -> Reply:
+        reply = _reply(agent_id, command, "rejected", code, reason)
+        async with self.pool.acquire() as conn:
+            if await self._insert_result(conn, reply, version=None):
+                return reply
+        stored = await self._stored(agent_id, command)
+        assert stored is not None
+        return stored
+
+    async def _insert_result(self, conn: asyncpg.Connection, reply: Reply, *, version: int | None) -> bool:
+        inserted = await conn.fetchval(
+            """INSERT INTO command_results (command_id, agent_id, command_type, accepted, version, reply)
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (command_id) DO NOTHING RETURNING true""",
+            reply.command_id,
+            reply.agent_id,
+            reply.command,
+            reply.accepted,
+            version,
+            command_encoder.encode(reply),
+        )
+        return bool(inserted)
+
+    async def _sent_before(self, command: Command) -> bool:
+        return bool(
+            await self.pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM command_attempts WHERE command_id = $1)", command.command_id
+            )
+        )
+
+    async def _stored(self, agent_id: str, command: Command) -> Reply | None:
+        data = await self.pool.fetchval(
+            "SELECT reply FROM command_results WHERE command_id = $1", command.command_id
+        )
+        if data is None:
+            return None
+        reply = reply_decoder.decode(data)
+        if reply.agent_id != agent_id or reply.command != type(command).__name__:
+            reason = (
+                f"command_id {command.command_id} was used for {reply.command} of {reply.agent_id}; "
+                "a new command needs a new command_id"
+            )
+            return _reply(agent_id, command, "rejected", Code.BAD_COMMAND, reason)
+        return reply
+
+
+def _bad_message(agent_id: str, name: str, data: bytes, reason: str) -> Reply:
+    """A reply to a message that is not a valid command (nothing is stored for it)."""
+    try:
+        command_id = msgspec.json.decode(data, type=_IdOnly).command_id
+    except msgspec.DecodeError:
+        command_id = None
+    return Reply(
+        command_id=command_id or uuid.UUID(int=0),
+        agent_id=agent_id,
+        command=name,
+        status="rejected",
+        code=Code.BAD_COMMAND,
+        reason=reason,
+    )

@@ -1,0 +1,341 @@
+"""Time travel and what-if over one agent's stream: exact, read-only, snapshot-assisted.
+
+Every answer is a fold of stored events (upcast on read, see ``fetch_stream``) by the composite
+fold of :mod:`shared.projections.agent`. Nothing here writes: a what-if leaves events, snapshots
+and read models exactly as they were.
+
+Which events an answer includes:
+
+* ``AsOf(version=N)``: versions 1..N.
+* ``AsOf(at=T, by="recorded")``: events with ``recorded_at <= T``. ``recorded_at`` grows with
+  position (appends are serialised by one lock), so that is a version prefix too.
+* ``AsOf(at=T, by="occurred")``: events with ``occurred_at <= T``, the source's clock. That need
+  not be a prefix (an ingester may deliver an older transaction late), so the answer is the
+  prefix before the first event that occurred after T, plus the later events that occurred by T.
+* ``without``: those events are skipped; ``add``: hypothetical events folded after the rest.
+
+Snapshots are used for the longest version prefix that is folded in full, and only then.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+import asyncpg
+import msgspec
+
+from shared.events import Event
+from shared.projections.agent import (
+    SNAPSHOT_SCHEMA_VERSION,
+    SNAPSHOT_TYPE,
+    AgentFold,
+    from_json,
+    to_json,
+)
+from shared.store import EventStore, RecordedEvent, Snapshot, fetch_stream
+
+TimeBasis = Literal["occurred", "recorded"]
+TIME_BASES: tuple[TimeBasis, ...] = ("occurred", "recorded")
+
+
+class UnknownAgent(LookupError):
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(f"agent {agent_id!r} has no events: check the id (pflea leaderboard lists agents)")
+        self.agent_id = agent_id
+
+
+class HistoryError(ValueError):
+    """A question that has no answer as asked (a version past the end, a foreign event id)."""
+
+
+class AsOf(msgspec.Struct, frozen=True, kw_only=True):
+    """Which point of the stream to answer for; the default is now (every event)."""
+
+    version: int | None = None
+    at: datetime | None = None
+    by: TimeBasis = "occurred"
+
+    def __post_init__(self) -> None:
+        if self.version is not None and self.at is not None:
+            raise HistoryError("as of: give a version or a time, not both")
+        if self.version is not None and self.version < 0:
+            raise HistoryError(f"version: must be 0 or more, got {self.version}")
+        if self.at is not None and self.at.tzinfo is None:
+            raise HistoryError(f"at: {self.at.isoformat()} has no time zone; say which (e.g. +00:00)")
+        if self.by not in TIME_BASES:
+            raise HistoryError(f"by: choose occurred or recorded, got {self.by!r}")
+
+    @property
+    def is_now(self) -> bool:
+        return self.version is None and self.at is None
+
+
+NOW = AsOf()
+
+
+class AgentView(msgspec.Struct, kw_only=True):
+    """An agent's state as of some point, and which events made it."""
+
+    agent_id: str
+    state: AgentFold
+    as_of: AsOf
+    version: int  # the highest stream version folded in (0: none)
+    head: int  # the stream's version now
+    events: int  # stored events folded in
+    excluded: tuple[uuid.UUID, ...] = ()
+    added: int = 0
+    undecodable: int = 0  # stored events no fold could read (the projectors quarantine them)
+    snapshot_version: int = 0  # the snapshot the fold started from (0: none)
+
+
+class WhatIf(msgspec.Struct, kw_only=True):
+    actual: AgentView
+    hypothetical: AgentView
+
+    def difference(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """hypothetical − actual per section, asset and figure; only figures that differ."""
+        a, h = self.actual.state, self.hypothetical.state
+        return {
+            "balances": _diff(_wrap(a.balances()), _wrap(h.balances())),
+            "pnl": _diff(a.pnl_rows(), h.pnl_rows()),
+            "portfolio": _diff(a.portfolio_rows(), h.portfolio_rows()),
+        }
+
+
+def _wrap(balances: dict[str, Decimal]) -> dict[str, dict[str, Any]]:
+    return {asset: {"balance": value} for asset, value in balances.items()}
+
+
+def _diff(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = {}
+    for asset in sorted(set(before) | set(after)):
+        old, new = before.get(asset, {}), after.get(asset, {})
+        changed = {
+            name: new.get(name, 0) - old.get(name, 0)
+            for name in dict.fromkeys([*old, *new])
+            if new.get(name, 0) != old.get(name, 0)
+        }
+        if changed:
+            result[asset] = changed
+    return result
+
+
+class History:
+    """Questions about the past of an agent, on any pool that may SELECT events and snapshots."""
+
+    def __init__(self, pool: asyncpg.Pool, *, use_snapshots: bool = True) -> None:
+        self.pool = pool
+        self.use_snapshots = use_snapshots
+
+    async def state(
+        self,
+        agent_id: str,
+        as_of: AsOf = NOW,
+        *,
+        without: Iterable[uuid.UUID] = (),
+        add: Sequence[Event] = (),
+    ) -> AgentView:
+        """The agent's balance, P&L and portfolio as of ``as_of``, minus ``without``, plus ``add``."""
+        # One snapshot of the database for the whole answer: the prefix and the tail agree.
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            return await view(conn, agent_id, as_of, without, add, use_snapshots=self.use_snapshots)
+
+    async def what_if(
+        self,
+        agent_id: str,
+        *,
+        without: Iterable[uuid.UUID] = (),
+        add: Sequence[Event] = (),
+        as_of: AsOf = NOW,
+    ) -> WhatIf:
+        """The state with ``without`` skipped and ``add`` added, next to the state as it is."""
+        excluded = list(without)
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            actual = await view(conn, agent_id, as_of, (), (), use_snapshots=self.use_snapshots)
+            hypothetical = await view(conn, agent_id, as_of, excluded, add, use_snapshots=self.use_snapshots)
+        return WhatIf(actual=actual, hypothetical=hypothetical)
+
+
+async def view(
+    conn: asyncpg.Connection,
+    agent_id: str,
+    as_of: AsOf = NOW,
+    without: Iterable[uuid.UUID] = (),
+    add: Sequence[Event] = (),
+    *,
+    use_snapshots: bool = True,
+) -> AgentView:
+    """:meth:`History.state` on a given connection (ideally in a repeatable-read transaction)."""
+    head = await stream_head(conn, agent_id)
+    if head == 0:
+        raise UnknownAgent(agent_id)
+    prefix, first_after = await _window(conn, agent_id, as_of, head)
+    excluded = await _excluded_versions(conn, agent_id, without)
+    # The snapshot may only cover versions that are all folded: none excluded, none after T.
+    full_prefix = min([prefix, *(v - 1 for v in excluded.values())])
+    state, start = AgentFold(), 0
+    if use_snapshots and full_prefix > 0:
+        snapshot = await load_snapshot(conn, agent_id, full_prefix)
+        if snapshot is not None:
+            state, start = snapshot
+    events = await fetch_stream(conn, agent_id, start + 1, prefix) if prefix > start else []
+    if first_after is not None and as_of.at is not None:
+        # Late arrivals: stored after an event that occurred after T, yet occurred by T.
+        events += await fetch_stream(conn, agent_id, first_after + 1, occurred_by=as_of.at)
+    skip = set(excluded)
+    folded, undecodable, version = 0, 0, start
+    for recorded in events:
+        if recorded.event_id in skip:
+            continue
+        folded += 1
+        version = max(version, recorded.version)
+        event = decoded(recorded)
+        if event is None:
+            undecodable += 1
+            continue
+        state.apply(event)
+    for event in add:
+        state.apply(event)
+    return AgentView(
+        agent_id=agent_id,
+        state=state,
+        as_of=as_of,
+        version=version,
+        head=head,
+        events=start + folded,
+        excluded=tuple(excluded),
+        added=len(add),
+        undecodable=undecodable,
+        snapshot_version=start,
+    )
+
+
+async def stream_head(conn: asyncpg.Connection, agent_id: str) -> int:
+    version = await conn.fetchval(
+        "SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1", agent_id
+    )
+    return int(version)
+
+
+async def current_state(
+    conn: asyncpg.Connection, agent_id: str, *, use_snapshots: bool = True
+) -> tuple[AgentFold, int]:
+    """The agent's state now and the version it is at (0 and an empty state: no stream yet)."""
+    state, start = AgentFold(), 0
+    if use_snapshots:
+        snapshot = await load_snapshot(conn, agent_id)
+        if snapshot is not None:
+            state, start = snapshot
+    version = start
+    for recorded in await fetch_stream(conn, agent_id, start + 1):
+        version = recorded.version
+        if (event := decoded(recorded)) is not None:
+            state.apply(event)
+    return state, version
+
+
+def decoded(recorded: RecordedEvent) -> Event | None:
+    """The event, or None if no fold can read it: as the projectors do (they quarantine it),
+    one unreadable event must not stop an answer."""
+    try:
+        return recorded.decode()
+    except (ValueError, msgspec.MsgspecError):
+        return None
+
+
+async def _window(conn: asyncpg.Connection, agent_id: str, as_of: AsOf, head: int) -> tuple[int, int | None]:
+    """(last version of the prefix folded in full, first version after it that is not)."""
+    if as_of.version is not None:
+        if as_of.version > head:
+            raise HistoryError(
+                f"version: {agent_id} is at version {head}, there is no version {as_of.version}"
+            )
+        return as_of.version, None
+    if as_of.at is None:
+        return head, None
+    if as_of.by == "recorded":
+        # events_stream_recorded_idx, read backwards from T: one row.
+        version = await conn.fetchval(
+            """SELECT version FROM events WHERE stream_id = $1 AND recorded_at <= $2
+               ORDER BY recorded_at DESC, version DESC LIMIT 1""",
+            agent_id,
+            as_of.at,
+        )
+        return int(version or 0), None
+    # events_stream_occurred_idx: the first event (by version) whose source time is after T.
+    first_after = await conn.fetchval(
+        "SELECT min(version) FROM events WHERE stream_id = $1 AND occurred_at > $2", agent_id, as_of.at
+    )
+    if first_after is None:
+        return head, None
+    return int(first_after) - 1, int(first_after)
+
+
+async def _excluded_versions(
+    conn: asyncpg.Connection, agent_id: str, without: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, int]:
+    ids = list(dict.fromkeys(without))
+    if not ids:
+        return {}
+    rows = await conn.fetch(
+        "SELECT event_id, version FROM events WHERE stream_id = $1 AND event_id = ANY($2::uuid[])",
+        agent_id,
+        ids,
+    )
+    found = {r["event_id"]: int(r["version"]) for r in rows}
+    missing = [str(i) for i in ids if i not in found]
+    if missing:
+        raise HistoryError(f"without: not events of {agent_id}: {', '.join(missing[:5])}")
+    return found
+
+
+async def load_snapshot(
+    conn: asyncpg.Connection, agent_id: str, at_or_before: int | None = None
+) -> tuple[AgentFold, int] | None:
+    """The newest usable snapshot at or before a version: (state, version)."""
+    row = await conn.fetchrow(
+        """SELECT version, state FROM snapshots
+           WHERE stream_id = $1 AND snapshot_type = $2 AND schema_version = $3 AND version <= $4
+           ORDER BY version DESC LIMIT 1""",
+        agent_id,
+        SNAPSHOT_TYPE,
+        SNAPSHOT_SCHEMA_VERSION,
+        at_or_before if at_or_before is not None else 2**62,
+    )
+    if row is None:
+        return None
+    return from_json(row["state"]), int(row["version"])
+
+
+def snapshot_of(agent_id: str, state: AgentFold, version: int) -> Snapshot:
+    return Snapshot(agent_id, SNAPSHOT_TYPE, version, SNAPSHOT_SCHEMA_VERSION, to_json(state))
+
+
+async def take_snapshots(
+    store: EventStore, conn: asyncpg.Connection, agent_id: str, every: int, head: int
+) -> int:
+    """Save the state at each multiple of ``every`` up to ``head`` not saved yet; returns how many.
+
+    Folds forward from the newest snapshot, so a stream is read once however far behind it is.
+    A snapshot at version v is the state after versions 1..v, which never changes: saving one
+    twice (two writers) is a no-op.
+    """
+    state, start = AgentFold(), 0
+    snapshot = await load_snapshot(conn, agent_id, head)
+    if snapshot is not None:
+        state, start = snapshot
+    if head // every <= start // every:
+        return 0
+    saved = 0
+    last_wanted = head - head % every
+    for recorded in await fetch_stream(conn, agent_id, start + 1, last_wanted):
+        if (event := decoded(recorded)) is not None:
+            state.apply(event)
+        if recorded.version % every == 0:
+            await store.save_snapshot(snapshot_of(agent_id, state, recorded.version))
+            saved += 1
+    return saved
