@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 import random
 from collections import OrderedDict
 
@@ -15,7 +17,7 @@ from services.ingester.client import AuthFailed, BadPage, FeedClient, RateLimite
 from services.ingester.transactions import Rejected, parse_transaction
 from shared.envelope import TxEnvelope, tx_encoder
 from shared.faults import crash_point
-from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, publish_in_order
+from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, ensure_streams, publish_in_order
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import AgentCredential, Settings
@@ -62,6 +64,7 @@ class AgentPoller:
         settings: Settings,
         lifecycle: Lifecycle,
         gate: asyncio.Semaphore,
+        reconnects: Callable[[], int] = lambda: 0,
     ) -> None:
         self.agent = agent
         self.feed = feed
@@ -76,12 +79,15 @@ class AgentPoller:
         self.recent: OrderedDict[str, None] = OrderedDict()
         self.backoff = 0.5
         self.caught_up = asyncio.Event()
+        self.reconnects = reconnects
+        self.seen_reconnects = reconnects()
 
     async def run(self) -> None:
         self.since = await committed_cursor(self.pool, self.agent.agent_id)
         log.info("polling", extra={"agent": self.agent.agent_id, "since": self.since})
         while not self.lifecycle.stopping.is_set():
             try:
+                await self._resync_after_nats_restart()
                 delay = await self.poll_once()
             except (asyncpg.PostgresError, OSError) as exc:
                 # Quarantine writes need Postgres; the cursor has not moved, so just retry.
@@ -95,6 +101,23 @@ class AgentPoller:
                 delay = self._next_backoff(f"unexpected {exc!r}")
             if delay and await self.lifecycle.sleep(delay):
                 return
+
+    async def _resync_after_nats_restart(self) -> None:
+        """After a NATS reconnect, poll again from what Postgres committed.
+
+        The server may have come back without its newest PFLEA_TX messages (they are fsynced
+        on an interval, or its store is gone); they were never written, so they must be fetched
+        from the source again. Re-polling what did survive costs only duplicates that the
+        database's unique event ids absorb.
+        """
+        if self.reconnects() == self.seen_reconnects:
+            return
+        await ensure_streams(self.js, self.topology, self.settings.duplicate_window_s)
+        self.seen_reconnects = self.reconnects()
+        self.since = await committed_cursor(self.pool, self.agent.agent_id)
+        self.recent.clear()
+        log.info("NATS reconnected: polling again from the committed cursor",
+                 extra={"agent": self.agent.agent_id, "since": self.since})
 
     async def poll_once(self) -> float:
         """Fetch and handle one page; return how long to wait before the next poll."""
@@ -179,7 +202,7 @@ class AgentPoller:
                 return
             except NATS_ERRORS as exc:  # the cursor has not moved, so retry
                 attempt += 1
-                delay = min(0.2 * 2**attempt, MAX_BACKOFF_S)
+                delay = min(0.2 * 2**attempt, 5.0)
                 log.warning(
                     "publish failed (%r); retry %d in %.1fs",
                     exc,
@@ -189,3 +212,7 @@ class AgentPoller:
                 )
                 if await self.lifecycle.sleep(delay):
                     raise
+                if self.reconnects() != self.seen_reconnects:
+                    # The server may have come back without the streams: declare them again.
+                    with contextlib.suppress(*NATS_ERRORS):
+                        await ensure_streams(self.js, self.topology, self.settings.duplicate_window_s)

@@ -47,6 +47,7 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
                 settings=settings,
                 lifecycle=lifecycle,
                 gate=gate,
+                reconnects=lambda: int(nc.stats["reconnects"]),
             )
             for agent in agents
         ]

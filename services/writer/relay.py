@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import asyncpg
 from nats.js import JetStreamContext
@@ -26,6 +27,7 @@ from shared.jetstream import (
     HDR_STREAM_ID,
     HDR_VERSION,
     NATS_ERRORS,
+    ensure_streams,
     Topology,
     publish_in_order,
 )
@@ -39,6 +41,10 @@ RELAY_POSITION = Gauge("pflea_relay_position", "Last global position relayed")
 
 _RELAY_LOCK = 7061746563
 RELAY_NAME = "events"
+
+
+class _Reconnected(Exception):
+    """NATS reconnected mid-publish: reconcile with what the stream holds first."""
 
 
 class _Stopped(Exception):
@@ -57,6 +63,8 @@ class Relay:
         batch_size: int = 1000,
         poll_s: float = 1.0,
         wakeup: asyncio.Event | None = None,
+        reconnects: Callable[[], int] = lambda: 0,
+        duplicate_window_s: float = 120.0,
     ) -> None:
         self.store = store
         self.js = js
@@ -67,6 +75,10 @@ class Relay:
         self.poll_s = poll_s
         self.wakeup = wakeup or asyncio.Event()
         self.position = 0
+        self.reconnects = reconnects
+        self.seen_reconnects = -1
+        self.duplicate_window_s = duplicate_window_s
+        self.stream_created: object = None
 
     async def run(self) -> None:
         """Become the relay (wait for the lock), then relay until stopping; survive outages."""
@@ -92,11 +104,53 @@ class Relay:
             self.position = await self._checkpoint(conn)
             log.info("relaying", extra={"position": self.position})
             while not self.lifecycle.stopping.is_set():
-                relayed = await self.relay_once(conn)
+                if self.reconnects() != self.seen_reconnects:
+                    self.seen_reconnects = self.reconnects()
+                    await self.reconcile_with_stream()
+                try:
+                    relayed = await self.relay_once(conn)
+                except _Reconnected:
+                    continue
                 if relayed < self.batch_size:
                     await self._wait_for_work()
         finally:
             await conn.close()  # also releases the advisory lock
+
+    async def reconcile_with_stream(self) -> None:
+        """Rewind to what PFLEA_EVENTS really holds, if NATS lost what we had published.
+
+        NATS is the transport, Postgres the record: a nats-server that restarted without its
+        last writes (or without its store) has fewer events than our checkpoint says. The
+        newest message's position header tells how far it got; republishing from there is
+        safe because every consumer deduplicates by stream version.
+        """
+        try:
+            # A server that lost its store lost the streams too: declare them again.
+            await ensure_streams(self.js, self.topology, self.duplicate_window_s)
+            info = await self.js.stream_info(self.topology.events_stream)
+            held = 0
+            recreated = self.stream_created is not None and info.created != self.stream_created
+            self.stream_created = info.created
+            if recreated:
+                # A new stream (the old one is gone with everything in it); whatever it holds
+                # now was published after the loss, so it says nothing about what came before.
+                held = 0
+            elif info.state.last_seq:
+                try:
+                    last = await self.js.get_msg(self.topology.events_stream, info.state.last_seq)
+                    held = int((last.headers or {}).get(HDR_POSITION, "0"))
+                except NATS_ERRORS:
+                    held = self.position  # aged out or deleted: nothing says it was lost
+        except NATS_ERRORS as exc:
+            log.warning("cannot compare with the stream yet (%r)", exc)
+            self.seen_reconnects = -1  # try again on the next round
+            return
+        if held < self.position:
+            log.warning(
+                "PFLEA_EVENTS holds events up to position %d, we had relayed %d: republishing",
+                held, self.position,
+            )
+            self.position = held
 
     def _notified(self, *_: object) -> None:
         self.wakeup.set()
@@ -148,6 +202,8 @@ class Relay:
                 log.warning("relay publish failed (%r); retry %d", exc, attempt)
                 if await self.lifecycle.sleep(min(0.2 * 2**attempt, 5.0)):
                     raise _Stopped from exc
+                if self.reconnects() != self.seen_reconnects:
+                    raise _Reconnected from exc  # compare with the stream before going on
 
 
 def _headers(e: RecordedEvent) -> dict[str, str]:

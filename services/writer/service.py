@@ -38,7 +38,11 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
         consumer = TxConsumer(
             js, store, Quarantine(pool, "writer"), topology, settings, lifecycle, on_commit=committed
         )
-        relay = Relay(store, js, topology, lifecycle, dsn, poll_s=settings.relay_poll_s, wakeup=committed)
+        relay = Relay(
+            store, js, topology, lifecycle, dsn, poll_s=settings.relay_poll_s, wakeup=committed,
+            reconnects=lambda: int(nc.stats["reconnects"]),
+            duplicate_window_s=settings.duplicate_window_s,
+        )
         commands = CommandHandler(nc, store, topology, settings, lifecycle, purpleflea)
         every = settings.snapshot_every
         snapshotter = Snapshotter(store, lifecycle, every=every, poll_s=settings.relay_poll_s)
