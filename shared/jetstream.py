@@ -13,12 +13,14 @@ from collections.abc import Sequence
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    PubAck,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -126,7 +128,7 @@ async def publish_in_order(
     futures = [await js.publish_async(subject, data, headers=headers) for subject, data, headers in messages]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    pending: set[asyncio.Future[object]] = set(futures)
+    pending: set[asyncio.Future[PubAck]] = set(futures)
     try:
         while pending:
             done, pending = await asyncio.wait(pending, timeout=min(0.25, max(deadline - loop.time(), 0)))
@@ -171,3 +173,13 @@ def pull_consumer_config(
         max_ack_pending=max_ack_pending,
         max_waiting=512,
     )
+
+
+async def ack_all(msgs: list[Msg]) -> None:
+    """Ack each message in turn: an ack is a buffered publish, so a plain loop is far cheaper
+    than a task per message. A failed ack only means a redelivery, which consumers absorb."""
+    for msg in msgs:
+        try:
+            await msg.ack()
+        except NATS_ERRORS:
+            pass

@@ -25,6 +25,7 @@ from shared.jetstream import (
     HDR_STREAM_ID,
     HDR_VERSION,
     Topology,
+    ack_all,
     pull_consumer_config,
 )
 from shared.ops import Lifecycle
@@ -121,7 +122,7 @@ class ProjectorRunner:
             if not await self._apply_until_committed(delivered):
                 return  # stopping while Postgres is away: unacked, so redelivered later
         crash_point("projector.after_commit")
-        await asyncio.gather(*(m.ack() for m in msgs), return_exceptions=True)
+        await ack_all(msgs)
 
     async def _apply_until_committed(self, delivered: list[RecordedEvent]) -> bool:
         name = self.model.name

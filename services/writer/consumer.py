@@ -16,7 +16,7 @@ from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.envelope import TxEnvelope, tx_decoder
 from shared.faults import crash_point, fail_point
-from shared.jetstream import Topology, pull_consumer_config
+from shared.jetstream import Topology, ack_all, pull_consumer_config
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
@@ -140,7 +140,7 @@ class TxConsumer:
             DUPLICATES.inc(len(result.duplicates))
             crash_point("writer.after_commit")  # committed, not acked, maybe not relayed
             self.on_commit.set()
-            await asyncio.gather(*(m.ack() for m, _ in batch), return_exceptions=True)
+            await ack_all([m for m, _ in batch])
             return
 
     async def _poison(self, msg: Msg, reason: str) -> None:

@@ -1,0 +1,1 @@
+"""The performance harness: ``python -m bench`` (see bench/README.md)."""

@@ -1,0 +1,127 @@
+"""End to end: simulator → ingester → writer → relay → all four projectors caught up.
+
+**Throughput.** The simulator (its own process, ``rate`` 0) starts with ``e2e_per_agent``
+transactions for each of ``e2e_agents`` agents; the writer and projectors are up and idle.
+The clock runs from the ingester's ``ready`` log line until ``count(*) FROM events`` equals the
+simulator's total and every projection's ``projection_positions.position`` equals the log's last
+position. The note records when each stage finished (PFLEA_TX full, events written, PFLEA_EVENTS
+full, each projection caught up) so the slowest stage can be read off.
+
+Its limit is the slowest of the three measured ones (raw COPY, JetStream publish, consume):
+every event passes each of them at least once.
+
+**Memory.** Peak RSS of each process over this run and the latency run (:mod:`bench.latency`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+from nats.aio.client import Client
+
+from bench.harness import Harness, stream_messages
+from bench.pipeline import Pipeline, pipeline_state
+from bench.processes import BenchError, RssSampler
+from bench.report import Figure, Target
+from bench.workload import holds_events
+from shared.projections.registry import PROJECTIONS
+
+MB = 1024 * 1024
+LIMITS = ("raw COPY", "JetStream publish", "JetStream consume")
+
+
+async def _stage_marks(p: Pipeline, conn: asyncpg.Connection, nc: Client, expected: int) -> dict[str, float]:
+    """Poll every 0.1 s until every stage holds ``expected``; the monotonic time of each."""
+    marks: dict[str, float] = {}
+    deadline = time.monotonic() + max(180.0, expected / 300)
+    while True:
+        now = time.monotonic()
+        if now > deadline:
+            raise BenchError(f"pipeline did not finish {expected} transactions; stages done: {marks}")
+        for proc in p.processes:
+            if not proc.alive:
+                raise BenchError(f"{proc.name} exited:\n{proc.log_tail()}")
+        if "ingested" not in marks and await stream_messages(nc, p.topology.tx_stream) >= expected:
+            marks["ingested"] = now
+        head, _ = await pipeline_state(conn)
+        if "written" not in marks and await holds_events(conn, expected):
+            marks["written"] = now
+        if "relayed" not in marks and await stream_messages(nc, p.topology.events_stream) >= expected:
+            marks["relayed"] = now
+        if "written" in marks:
+            for row in await conn.fetch("SELECT projection, position FROM projection_positions"):
+                if row["position"] >= head:
+                    marks.setdefault(row["projection"], now)
+        if all(name in marks for name in PROJECTIONS) and "relayed" in marks:
+            return marks
+        await asyncio.sleep(0.1)
+
+
+async def throughput(h: Harness, rss: RssSampler) -> None:
+    s = h.sizes
+    expected = s.e2e_agents * s.e2e_per_agent
+    p = Pipeline(h, "end-to-end", rss)
+    await p.prepare()
+    nc = await h.nats()
+    conn = await asyncpg.connect(p.database_url)
+    try:
+        await p.start_simulator(s.e2e_agents, s.e2e_per_agent, 0)
+        await p.start_sinks()
+        started = await p.start_ingester()
+        marks = await _stage_marks(p, conn, nc, expected)
+        quarantined = await conn.fetchval("SELECT count(*) FROM quarantine")
+        sim = await p.simulator_stats()
+    finally:
+        p.stop()
+        await conn.close()
+        await nc.close()
+        await p.cleanup()
+    seconds = max(marks.values()) - started
+    limits = {name: h.limit(name) for name in LIMITS}
+    known = {k: v for k, v in limits.items() if v}
+    slowest = min(known, key=lambda k: known[k]) if known else None
+    stages = ", ".join(f"{k} {v - started:.1f} s" for k, v in sorted(marks.items(), key=lambda kv: kv[1]))
+    h.add(
+        Figure(
+            "end-to-end",
+            "simulator → 4 read models",
+            expected / seconds,
+            "events/s",
+            f"slowest limit ({slowest})" if slowest else None,
+            known.get(slowest) if slowest else None,
+            Target("min", 8_000, unit="events/s"),
+            note=f"{expected:,} transactions, {s.e2e_agents:,} agents, {quarantined} quarantined; "
+            f"{sim.get('requests', 0):,} feed requests served by the end; stage done at: {stages}",
+            detail={"stages_s": {k: v - started for k, v in marks.items()}, "simulator": sim},
+        )
+    )
+
+
+def memory_figures(h: Harness, rss: RssSampler) -> None:
+    for name, peak in sorted(rss.peak.items()):
+        service = name != "simulator"
+        h.add(
+            Figure(
+                "memory",
+                f"peak RSS {name}",
+                peak / MB,
+                "MB",
+                target=Target("max", 200, unit="MB") if service else None,
+                note="" if service else "the stand-in for Purple Flea, not a ledger service",
+            )
+        )
+
+
+async def run(h: Harness) -> None:
+    from bench import latency
+
+    rss = RssSampler(0.5)
+    rss.start()
+    try:
+        await throughput(h, rss)
+        await latency.run(h, rss)
+    finally:
+        await rss.stop()
+    memory_figures(h, rss)

@@ -1,0 +1,131 @@
+"""The machine's limits, measured in the same run as the figures compared to them.
+
+- **raw COPY**: ``copy_records_to_table`` of the writer's own rows (the same transactions, the
+  same JSON) into a plain table with the columns, constraints and indexes of ``events`` but no
+  triggers, one transaction per ``PFLEA_WRITER_BATCH_SIZE`` rows on one connection, as the
+  writer commits: what Postgres can absorb with nothing of ours in the way.
+- **JetStream publish**: ``limit_messages`` of the ingester's messages (subject per agent,
+  ``Nats-Msg-Id``), published with ``publish_async`` (pipelined, up to 4,000 in flight), every
+  ack awaited.
+- **JetStream consume**: a durable pull consumer configured as the writer's, ``fetch(1000)``
+  then an ack per message, until every message is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+from nats.aio.client import Client
+
+from bench.harness import Harness, delete_streams
+from bench.report import Figure
+from bench.servers import nats_with_default_sync
+from bench.workload import publish_tx
+from shared.db import connect
+from shared.jetstream import Topology, ensure_streams, pull_consumer_config
+from shared.settings import Settings
+
+BATCH = Settings().writer_batch_size
+_COLUMNS = (
+    "event_id",
+    "stream_id",
+    "stream_type",
+    "event_type",
+    "version",
+    "data",
+    "metadata",
+    "occurred_at",
+)
+
+
+async def raw_copy(h: Harness) -> Figure:
+    records = h.workload().copy_records()
+    url = await h.servers.new_database("limits")
+    conn = await connect(url)
+    try:
+        await conn.execute("CREATE TABLE raw_events (LIKE events INCLUDING ALL)")  # no triggers
+        started = time.perf_counter()
+        for i in range(0, len(records), BATCH):
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "raw_events", records=records[i : i + BATCH], columns=_COLUMNS
+                )
+        seconds = time.perf_counter() - started
+    finally:
+        await conn.close()
+        await h.servers.drop_database(url)
+    return Figure(
+        "limits",
+        "raw COPY",
+        len(records) / seconds,
+        "events/s",
+        note=f"{len(records):,} rows in {BATCH}-row transactions into a trigger-free copy of events",
+    )
+
+
+async def _publish_and_consume(url: str, h: Harness, consume: bool) -> tuple[float, float | None]:
+    """(msgs/s published, msgs/s consumed) on the server at ``url``, in a namespace of its own."""
+    topology = Topology(h.namespace("lim"))
+    messages = h.workload().messages[: h.sizes.limit_messages]
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, topology, duplicate_window_s=120)
+        published = len(messages) / await publish_tx(js, topology, messages)
+        consumed = None
+        if consume:
+            seconds = await consume_seconds(nc, topology.tx_stream, topology.tx_filter, len(messages))
+            consumed = len(messages) / seconds
+        await delete_streams(nc, topology)
+    finally:
+        await nc.close()
+    return published, consumed
+
+
+async def consume_seconds(nc: Client, stream: str, subject: str, total: int) -> float:
+    """Seconds for a new durable pull consumer to fetch (1000 at a time) and ack ``total``
+    messages of ``stream``: what nats-py can deliver with nothing done with the messages."""
+    js = nc.jetstream()
+    durable = "bench-limit"
+    config = pull_consumer_config(durable, subject, ack_wait_s=30, max_deliver=10)
+    sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+    started = time.perf_counter()
+    consumed = 0
+    while consumed < total:
+        msgs = await sub.fetch(BATCH, timeout=5)
+        await asyncio.gather(*(m.ack() for m in msgs), return_exceptions=True)
+        consumed += len(msgs)
+    await nc.flush()
+    seconds = time.perf_counter() - started
+    await sub.unsubscribe()
+    await js.delete_consumer(stream, durable)
+    return seconds
+
+
+async def jetstream(h: Harness) -> list[Figure]:
+    n = min(h.sizes.limit_messages, len(h.workload()))
+    published, consumed = await _publish_and_consume(h.servers.nats_url, h, consume=True)
+    async with nats_with_default_sync(h.servers.root) as url:
+        relaxed, _ = await _publish_and_consume(url, h, consume=False)
+    return [
+        Figure("limits", "JetStream publish", published, "msgs/s", note=f"{n:,} ingester messages"),
+        Figure(
+            "limits", "JetStream consume", consumed, "msgs/s", note=f"{n:,} messages, fetch 1000 + ack each"
+        ),
+        Figure(
+            "limits",
+            "JetStream publish, sync_interval 2 min",
+            relaxed,
+            "msgs/s",
+            note="for comparison only: nats-server's default fsync interval instead of the embedded "
+            "`sync_interval: always` every other figure runs with",
+        ),
+    ]
+
+
+async def run(h: Harness) -> None:
+    h.add(await raw_copy(h))
+    for figure in await jetstream(h):
+        h.add(figure)

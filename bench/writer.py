@@ -1,0 +1,120 @@
+"""Writer: a pre-filled PFLEA_TX drained into Postgres by the real ``python -m services.writer``.
+
+PFLEA_TX is filled first (the ingester's messages, see :mod:`bench.workload`); then the writer
+starts. Both clocks start when it logs ``ready`` (its consumer and relay start right after):
+
+- **writer events/s**: until ``count(*) FROM events`` reaches the total (polled every 0.1 s via
+  ``max(position)``, confirmed with ``count(*)``).
+- **relay events/s**: until PFLEA_EVENTS holds the total. The relay runs in the same process,
+  tailing the writer, so it cannot finish before the writer does.
+
+The database and PFLEA_EVENTS are kept for the catch-up scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import asyncpg
+from nats.aio.client import Client
+
+from bench.harness import Harness, stream_messages
+from bench.processes import BenchError, wait_until
+from bench.report import Figure, Target
+from bench.workload import holds_events, publish_tx
+from shared.jetstream import Topology
+
+
+@dataclass
+class RelayedLog:
+    """A database holding ``events`` events, all of them also on ``topology``'s PFLEA_EVENTS."""
+
+    database_url: str
+    topology: Topology
+    events: int
+
+
+async def _drain(
+    h: Harness, db: str, nc: Client, topology: Topology, total: int
+) -> tuple[float, float, dict[str, float]]:
+    """Run the writer until both the table and PFLEA_EVENTS hold ``total``: their seconds, and
+    the writer's own metrics at the end."""
+    writer = h.service("writer", "writer", "services.writer", h.env(db, topology.namespace)).start()
+    conn = await asyncpg.connect(db)
+    try:
+        ready = await writer.wait_ready()
+        written_at = relayed_at = 0.0
+        deadline = time.monotonic() + max(120.0, total / 500)
+        while not (written_at and relayed_at):
+            if time.monotonic() > deadline or not writer.alive:
+                raise BenchError(f"writer did not drain {total} transactions:\n{writer.log_tail()}")
+            now = time.monotonic()
+            if not written_at and await holds_events(conn, total):
+                written_at = now
+            if not relayed_at and await stream_messages(nc, topology.events_stream) >= total:
+                relayed_at = now
+            await asyncio.sleep(0.1)
+        stored = await conn.fetchval("SELECT count(*) FROM events")
+        if stored != total:
+            raise BenchError(f"writer stored {stored} events for {total} transactions")
+        metrics = await writer.metrics()
+    finally:
+        await conn.close()
+        writer.stop()
+    return written_at - ready, relayed_at - ready, metrics
+
+
+async def run(h: Harness) -> None:
+    workload = h.workload()
+    total = len(workload)
+    topology = Topology(h.namespace("w"))
+    db = await h.servers.new_database("writer")
+    nc = await h.nats(topology)
+    try:
+        fill_s = await publish_tx(nc.jetstream(), topology, workload.messages)
+        await wait_until(lambda: _full(nc, topology.tx_stream, total), 30, "PFLEA_TX pre-filled")
+        write_s, relay_s, metrics = await _drain(h, db, nc, topology, total)
+    finally:
+        await nc.close()
+    copy_limit = h.limit("raw COPY")
+    h.add(
+        Figure(
+            "writer",
+            "writer PFLEA_TX → events",
+            total / write_s,
+            "events/s",
+            "raw COPY",
+            copy_limit,
+            Target("min", 0.5, on="ratio"),
+            note=f"{total:,} transactions over {workload.agents:,} agents "
+            f"(PFLEA_TX pre-filled at {total / fill_s:,.0f} msgs/s); {write_s:.1f} s from ready; "
+            + batch_note(metrics, "pflea_writer_batch_seconds", "append + commit"),
+        )
+    )
+    h.add(
+        Figure(
+            "writer",
+            "relay events → PFLEA_EVENTS",
+            total / relay_s,
+            "events/s",
+            "JetStream publish",
+            h.limit("JetStream publish"),
+            note="publishes from the events table while the writer appends, in the same process; "
+            "clock from the writer's ready line until PFLEA_EVENTS holds every event",
+        )
+    )
+    h.cache["relayed_log"] = RelayedLog(db, topology, total)
+
+
+def batch_note(metrics: dict[str, float], histogram: str, what: str) -> str:
+    """What a service's ``*_batch_seconds`` histogram says: where its time went."""
+    count, total = metrics.get(histogram + "_count"), metrics.get(histogram + "_sum")
+    if not count or total is None:
+        return f"({what} time not scraped)"
+    return f"{what}: {count:,.0f} batches, mean {1000 * total / count:.0f} ms, {total:.1f} s in all"
+
+
+async def _full(nc: Client, stream: str, total: int) -> bool:
+    return await stream_messages(nc, stream) >= total
