@@ -156,15 +156,15 @@ EVENT_TYPES: dict[str, type[Event]] = {
 _encoder = msgspec.json.Encoder()
 
 
-def _plain(value: Any) -> Any:
+def plain_json(value: Any) -> Any:
     # msgspec writes str(Decimal), which switches to exponent form below 1e-6; amounts in the
     # log are always plain decimal text, so that equal amounts have equal text.
     if isinstance(value, Decimal):
         return format(value, "f")
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [plain_json(v) for v in value]
     return value
 
 
@@ -184,7 +184,7 @@ def schema_version_of(event_type: str) -> int:
 
 def encode_data(event: Event) -> bytes:
     """The JSON stored in ``events.data``: amounts as strings, defaults omitted."""
-    return _encoder.encode(_plain(msgspec.to_builtins(event, builtin_types=(Decimal,))))
+    return _encoder.encode(plain_json(msgspec.to_builtins(event, builtin_types=(Decimal,))))
 
 
 def decode_data(event_type: str, data: bytes | str | dict[str, Any]) -> Event:

@@ -37,6 +37,7 @@ from shared.events import (
     WalletTransferIn,
     WalletTransferOut,
     encode_data,
+    plain_json,
     event_type_of,
     schema_version_of,
 )
@@ -231,16 +232,6 @@ BUILDERS: dict[str, tuple[Callable[[dict[str, Any]], Event], frozenset[str]]] = 
 _COMMON = frozenset({"id", "type", "amount", "asset", "created_at", "agent_id"})
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def to_event(tx: dict[str, Any]) -> Event:
     """The catalogue event for a decoded transaction; unknown types are kept, not dropped."""
     tx_type = _text(tx, "type", limit=64)
@@ -250,11 +241,11 @@ def to_event(tx: dict[str, Any]) -> Event:
     if built is None:
         if "amount" in tx:
             _amount(tx)  # an unknown type still may not carry an amount we could not store
-        raw = {k: _plain(v) for k, v in tx.items()}
+        raw = {k: plain_json(v) for k, v in tx.items()}
         return UnknownTransaction(tx_id=tx_id, source_type=tx_type, raw=raw)
     build, own_fields = built
     event = build(tx)
-    extra = {k: _plain(v) for k, v in tx.items() if k not in _COMMON and k not in own_fields}
+    extra = {k: plain_json(v) for k, v in tx.items() if k not in _COMMON and k not in own_fields}
     return msgspec.structs.replace(event, tx_id=tx_id, extra=extra)
 
 
