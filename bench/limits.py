@@ -26,18 +26,9 @@ from bench.workload import publish_tx
 from shared.db import connect
 from shared.jetstream import Topology, ensure_streams, pull_consumer_config
 from shared.settings import Settings
+from shared.store import EVENT_COLUMNS
 
 BATCH = Settings().writer_batch_size
-_COLUMNS = (
-    "event_id",
-    "stream_id",
-    "stream_type",
-    "event_type",
-    "version",
-    "data",
-    "metadata",
-    "occurred_at",
-)
 
 
 async def raw_copy(h: Harness) -> Figure:
@@ -50,7 +41,7 @@ async def raw_copy(h: Harness) -> Figure:
         for i in range(0, len(records), BATCH):
             async with conn.transaction():
                 await conn.copy_records_to_table(
-                    "raw_events", records=records[i : i + BATCH], columns=_COLUMNS
+                    "raw_events", records=records[i : i + BATCH], columns=EVENT_COLUMNS
                 )
         seconds = time.perf_counter() - started
     finally:

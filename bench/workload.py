@@ -14,10 +14,10 @@ from nats.js import JetStreamContext
 
 from services.ingester.transactions import parse_transaction
 from services.simulator import Simulator, SimulatorConfig
-from shared.envelope import TxEnvelope, tx_encoder
+from shared.envelope import TxEnvelope, new_event, tx_encoder
 from shared.jetstream import HDR_MSG_ID, Topology
 from shared.settings import Settings
-from shared.store import NewEvent
+from shared.store import event_record
 
 SOURCE = "purpleflea"
 
@@ -53,28 +53,7 @@ class Workload:
         records = []
         for seq, env in enumerate(self.envelopes, 1):
             version = versions[env.agent_id] = versions.get(env.agent_id, 0) + 1
-            event = NewEvent(
-                event_id=env.event_id,
-                event_type=env.event_type,
-                data=bytes(env.data).decode(),
-                occurred_at=env.occurred_at,
-                schema_version=env.schema_version,
-                causation_id=f"{env.source}:{env.tx_id}",
-                correlation_id=f"{env.source}:{env.tx_id}",
-                metadata={"source": env.source, "tx_seq": seq},
-            )
-            records.append(
-                (
-                    event.event_id,
-                    env.agent_id,
-                    "agent",
-                    event.event_type,
-                    version,
-                    event.data,
-                    event.metadata_json(),
-                    event.occurred_at,
-                )
-            )
+            records.append(event_record(env.agent_id, "agent", version, new_event(env, seq)))
         return records
 
 

@@ -7,6 +7,8 @@ from datetime import datetime
 
 import msgspec
 
+from shared.store import NewEvent
+
 # Fixed forever: event ids of ingested transactions are uuid5(this, "<source>:<tx id>").
 INGESTED_EVENT_NAMESPACE = uuid.UUID("5b0f1c1e-7a52-4b8e-9d2f-70666c656130")
 
@@ -25,6 +27,20 @@ class TxEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     occurred_at: datetime
     source: str
     tx_id: str
+
+
+def new_event(env: TxEnvelope, tx_seq: int) -> NewEvent:
+    """The event a PFLEA_TX message becomes; ``tx_seq`` is its sequence in the stream."""
+    return NewEvent(
+        event_id=env.event_id,
+        event_type=env.event_type,
+        data=bytes(env.data).decode(),
+        occurred_at=env.occurred_at,
+        schema_version=env.schema_version,
+        causation_id=f"{env.source}:{env.tx_id}",
+        correlation_id=f"{env.source}:{env.tx_id}",
+        metadata={"source": env.source, "tx_seq": tx_seq},
+    )
 
 
 tx_encoder = msgspec.json.Encoder()

@@ -19,7 +19,7 @@ import msgspec
 from shared.events import Event, decode_data, encode_data, event_type_of, schema_version_of
 from shared.upcasting import upcast
 
-_EVENT_COLUMNS = (
+EVENT_COLUMNS = (
     "event_id",
     "stream_id",
     "stream_type",
@@ -230,7 +230,7 @@ class EventStore:
         )
         if expected_version is not None and current != expected_version:
             raise OptimisticConcurrencyError(stream_id, expected_version, current)
-        records = [_record(stream_id, stream_type, current + i, e) for i, e in enumerate(events, 1)]
+        records = [event_record(stream_id, stream_type, current + i, e) for i, e in enumerate(events, 1)]
         await _insert(conn, records)
         return int(current) + len(events)
 
@@ -277,7 +277,7 @@ class EventStore:
             stored.add(event_id)
             version = heads[item.stream_id] + 1
             heads[item.stream_id] = version
-            records.append(_record(item.stream_id, item.stream_type, version, item.event))
+            records.append(event_record(item.stream_id, item.stream_type, version, item.event))
             appended.append(Appended(event_id, item.stream_id, version))
         await _insert(conn, records)
         return BatchResult(appended, duplicates)
@@ -358,7 +358,8 @@ async def fetch_stream(
     return [_recorded(r) for r in rows]
 
 
-def _record(stream_id: str, stream_type: str, version: int, event: NewEvent) -> tuple[Any, ...]:
+def event_record(stream_id: str, stream_type: str, version: int, event: NewEvent) -> tuple[Any, ...]:
+    """The row of ``events`` (in ``EVENT_COLUMNS`` order) that COPY writes for ``event``."""
     return (
         event.event_id,
         stream_id,
@@ -385,4 +386,4 @@ async def _insert(conn: asyncpg.Connection, records: list[tuple[Any, ...]]) -> N
             *cols,
         )
     else:
-        await conn.copy_records_to_table("events", records=records, columns=_EVENT_COLUMNS)
+        await conn.copy_records_to_table("events", records=records, columns=EVENT_COLUMNS)

@@ -14,13 +14,13 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.envelope import TxEnvelope, tx_decoder
+from shared.envelope import TxEnvelope, new_event, tx_decoder
 from shared.faults import crash_point, fail_point
 from shared.jetstream import Topology, ack_all, pull_consumer_config
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
-from shared.store import EventStore, NewEvent, StreamEvent
+from shared.store import EventStore, StreamEvent
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,7 @@ PENDING = Gauge("pflea_writer_consumer_pending", "Messages waiting in the writer
 
 
 def _stream_event(env: TxEnvelope, msg: Msg) -> StreamEvent:
-    return StreamEvent(
-        env.agent_id,
-        "agent",
-        NewEvent(
-            event_id=env.event_id,
-            event_type=env.event_type,
-            data=bytes(env.data).decode(),
-            occurred_at=env.occurred_at,
-            schema_version=env.schema_version,
-            causation_id=f"{env.source}:{env.tx_id}",
-            correlation_id=f"{env.source}:{env.tx_id}",
-            metadata={"source": env.source, "tx_seq": msg.metadata.sequence.stream},
-        ),
-    )
+    return StreamEvent(env.agent_id, "agent", new_event(env, msg.metadata.sequence.stream))
 
 
 class TxConsumer:
