@@ -1,18 +1,29 @@
 """A durable pull-consumer loop that survives NATS restarts, shared by writer and projectors.
 
-``fetch`` errors re-create the subscription; an idle loop also checks every ``watchdog_s``
-that its consumer still exists on the server (a server restarted without its JetStream store
-forgets it) and re-creates it: the watchdog asked for after a NATS restart.
+Messages are pulled continuously (:class:`PullStream`): one pull request is always open on the
+server, messages stream into a buffer as they are stored, and the handler takes what has
+arrived, up to a batch, while the next batch is already on its way. nats-py's ``fetch`` spends
+a task, a uuid4 and a ``wait_for`` on every message and leaves the server idle while a batch is
+handled; this costs one callback per message.
+
+An idle loop checks every ``watchdog_s`` that its consumer still exists on the server (a server
+restarted without its JetStream store forgets it) and re-creates it: the watchdog asked for
+after a NATS restart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
+import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
@@ -22,6 +33,117 @@ from shared.ops import Lifecycle
 log = logging.getLogger(__name__)
 
 Handler = Callable[[list[Msg]], Awaitable[None]]
+
+_request_encoder = msgspec.json.Encoder()
+
+
+class PullStream:
+    """Keep one pull request open on a durable consumer and buffer what it delivers.
+
+    A request asks for ``batch`` messages and lives ``expires_s``; the server sends each message
+    as soon as it is stored, a heartbeat every ``heartbeat_s`` while it has none, and a status
+    (408 expired, 409 consumer deleted, ...) when the request ends early. A new request goes
+    out when the open one is complete and the buffer has room, so at most two batches are in the
+    client. A request silent for three heartbeats (lost with a reconnect or a server restart)
+    is given up and replaced. :meth:`finish` stops asking and lets the open request end, so
+    what it delivered can be handled before a clean stop.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        api_prefix: str,
+        stream: str,
+        durable: str,
+        *,
+        batch: int,
+        expires_s: float = 1.0,
+        heartbeat_s: float = 0.25,
+    ) -> None:
+        self.nc = nc
+        self.next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.batch = batch
+        self.expires_s = expires_s
+        self.heartbeat_s = heartbeat_s
+        self.buffer: deque[Msg] = deque()
+        self.arrived = asyncio.Event()
+        self.sub: Subscription | None = None
+        self.inbox = ""
+        self.open = 0  # messages the open request may still deliver; 0 = no request open
+        self.heard = 0.0  # when the open request last showed signs of life
+        self.closing = False
+
+    async def start(self) -> None:
+        self.inbox = self.nc.new_inbox()
+        self.sub = await self.nc.subscribe(self.inbox, cb=self._delivered)
+        self.open = 0
+        await self._request()
+
+    async def finish(self) -> list[Msg]:
+        """Stop asking and wait for the open request to end; what it delivered is returned to
+        be handled (a drain: nothing delivered is left to wait out an ack wait)."""
+        self.closing = True
+        deadline = time.monotonic() + self.expires_s + self.heartbeat_s
+        while self.open and self.nc.is_connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        rest = list(self.buffer)
+        self.buffer.clear()
+        return rest
+
+    async def stop(self) -> None:
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+            self.sub = None
+
+    async def _request(self) -> None:
+        if self.open or self.closing or len(self.buffer) >= self.batch:
+            return
+        request = {
+            "batch": self.batch,
+            "expires": int(self.expires_s * 1e9),
+            "idle_heartbeat": int(self.heartbeat_s * 1e9),
+        }
+        await self.nc.publish(self.next_subject, _request_encoder.encode(request), reply=self.inbox)
+        self.open = self.batch
+        self.heard = time.monotonic()
+
+    async def _delivered(self, msg: Msg) -> None:
+        self.heard = time.monotonic()
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is None:
+            self.buffer.append(msg)
+            self.arrived.set()
+            self.open = max(self.open - 1, 0)
+        elif status == "100":
+            return  # idle heartbeat (or flow control): the request is alive
+        else:
+            if status not in ("404", "408"):
+                log.info("pull request ended: %s %s", status, headers.get("Description", ""))
+            self.open = 0  # the request is over (expired, or the server ended it)
+        if not self.open:
+            try:
+                await self._request()
+            except Exception as exc:  # disconnected: the next take() asks again
+                log.debug("pull request not sent (%r)", exc)
+
+    async def take(self, timeout: float) -> list[Msg]:
+        """Up to ``batch`` buffered messages, waiting at most ``timeout`` for the first."""
+        if self.open and time.monotonic() - self.heard > 3 * self.heartbeat_s:
+            log.info("pull request went silent; asking again", extra={"subject": self.next_subject})
+            self.open = 0
+        await self._request()
+        if not self.buffer:
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), timeout)
+            except TimeoutError:
+                return []
+        n = min(len(self.buffer), self.batch)
+        msgs = [self.buffer.popleft() for _ in range(n)]
+        await self._request()
+        return msgs
 
 
 class PullLoop:
@@ -41,7 +163,7 @@ class PullLoop:
         self.lifecycle = lifecycle
         self.batch = batch
         self.watchdog_s = watchdog_s
-        self.sub: JetStreamContext.PullSubscription | None = None
+        self.pulls: PullStream | None = None
         self.last_activity = time.monotonic()
 
     @property
@@ -50,42 +172,46 @@ class PullLoop:
         return self.config.durable_name
 
     async def subscribe(self) -> None:
-        if self.sub is not None:
-            try:
-                await self.sub.unsubscribe()
-            except Exception:
-                pass
+        """Create the consumer if it does not exist, and open a pull stream on it."""
+        carried: list[Msg] = []
+        if self.pulls is not None:
+            await self.pulls.stop()
+            carried = list(self.pulls.buffer)  # delivered, not handled yet: still ours to handle
         assert self.config.filter_subject is not None
-        self.sub = await self.js.pull_subscribe(
+        sub = await self.js.pull_subscribe(
             self.config.filter_subject, durable=self.durable, stream=self.stream, config=self.config
         )
+        await sub.unsubscribe()  # only its consumer is wanted; PullStream reads it
+        self.pulls = PullStream(self.js._nc, self.js._prefix, self.stream, self.durable, batch=self.batch)
+        self.pulls.buffer.extend(carried)
+        await self.pulls.start()
 
     async def run(self, handle: Handler) -> None:
         """Fetch and hand batches to ``handle`` until stopping; a fetched batch is always finished."""
         await self._subscribe_until_ok()
         idle_since = time.monotonic()
         while not self.lifecycle.stopping.is_set():
-            assert self.sub is not None
+            assert self.pulls is not None
             try:
-                msgs = await self.sub.fetch(self.batch, timeout=1.0)
-            except NatsTimeout:
-                if time.monotonic() - idle_since > self.watchdog_s:
-                    idle_since = time.monotonic()
-                    await self._watchdog()
-                continue
+                msgs = await self.pulls.take(timeout=1.0)
             except Exception as exc:
-                log.warning("fetch failed (%r); re-subscribing", exc, extra={"consumer": self.durable})
+                log.warning("pull failed (%r); re-subscribing", exc, extra={"consumer": self.durable})
                 if await self.lifecycle.sleep(0.5):
                     break
                 await self._subscribe_until_ok()
                 continue
+            if not msgs:
+                if time.monotonic() - idle_since > self.watchdog_s:
+                    idle_since = time.monotonic()
+                    await self._watchdog()
+                continue
             idle_since = self.last_activity = time.monotonic()
             await handle(msgs)
-        if self.sub is not None:
-            try:
-                await self.sub.unsubscribe()
-            except Exception:
-                pass
+        if self.pulls is not None:
+            rest = await self.pulls.finish()
+            for start in range(0, len(rest), self.batch):
+                await handle(rest[start : start + self.batch])
+            await self.pulls.stop()
 
     async def _watchdog(self) -> None:
         try:

@@ -15,7 +15,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared.envelope import TxEnvelope, ingested_event_id, tx_encoder
 from shared.events import FundsDeposited, encode_data
-from shared.jetstream import HDR_MSG_ID, HDR_POSITION, HDR_VERSION, Topology
+from shared.jetstream import HDR_MSG_ID, HDR_POSITION, HDR_VERSION, Topology, pull_consumer_config
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent
 from tests.support import ServiceProcess, service_env, wait_until
@@ -95,6 +95,20 @@ async def assert_log_is_clean(database_url: str, expected: set[uuid.UUID]) -> No
         await conn.close()
 
 
+async def assert_source_order(database_url: str) -> None:
+    """Every agent's events are stored in the order its transactions were published."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT stream_id, data->>'tx_id' AS tx_id FROM events ORDER BY stream_id, version")
+    finally:
+        await conn.close()
+    by_stream: dict[str, list[int]] = {}
+    for row in rows:
+        by_stream.setdefault(row["stream_id"], []).append(int(row["tx_id"].rsplit("-", 1)[1]))
+    out_of_order = {s: ns for s, ns in by_stream.items() if ns != sorted(ns)}
+    assert not out_of_order, f"stored out of source order: {list(out_of_order.items())[:2]}"
+
+
 async def assert_all_relayed_in_order(nc: nats.NATS, topology: Topology, expected: set[uuid.UUID]) -> None:
     msgs = await relayed(nc, topology)
     ids = {uuid.UUID(m.headers[HDR_MSG_ID]) for m in msgs}
@@ -133,7 +147,34 @@ async def test_writer_killed_mid_batch_loses_and_doubles_nothing(
     await wait_until(lambda: _relayed_all(js_streams, topology, len(expected)), 60, "relay caught up")
     assert writer.terminate() == 0, writer.log_tail()
     await assert_log_is_clean(url, expected)
+    await assert_source_order(url)
     await assert_all_relayed_in_order(js_streams, topology, expected)
+
+
+async def test_messages_a_dead_writer_held_are_stored_ahead_of_newer_ones(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess
+) -> None:
+    """A SIGKILLed writer's batch stays unacked until the ack wait; the next writer must not
+    store the same agents' newer transactions first (it reads the held ones from the stream)."""
+    expected = await publish_transactions(js_streams, topology, agents=5, per_agent=60)
+    ack_wait = 600.0  # far beyond the test: the held messages are never redelivered in it
+    config = pull_consumer_config(
+        topology.writer_durable, topology.tx_filter, ack_wait_s=ack_wait, max_deliver=10
+    )
+    js = js_streams.jetstream()
+    dead = await js.pull_subscribe(
+        topology.tx_filter, durable=topology.writer_durable, stream=topology.tx_stream, config=config
+    )
+    held = await dead.fetch(120, timeout=5)  # the dead writer's batch: never acked
+    assert len(held) == 120
+    await dead.unsubscribe()
+    writer.start(PFLEA_ACK_WAIT_S=str(ack_wait))
+    await writer.wait_ready()
+    url = settings.database_url
+    await wait_until(lambda: _at_least(url, len(expected)), 60, "every transaction written")
+    assert writer.terminate() == 0, writer.log_tail()
+    await assert_log_is_clean(url, expected)
+    await assert_source_order(url)
 
 
 @pytest.mark.parametrize(

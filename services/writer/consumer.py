@@ -1,4 +1,9 @@
-"""Consume PFLEA_TX in batches: one Postgres transaction per batch, ack only after commit."""
+"""Consume PFLEA_TX in batches: one Postgres transaction per batch, ack only after commit.
+
+Each agent's events are stored in PFLEA_TX sequence order, which is the order the ingester read
+them from the source: a batch is sorted by sequence, and older messages still held by a dead
+writer are committed ahead of it (see :mod:`services.writer.order`).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,15 @@ import asyncpg
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.writer.order import SourceOrder
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.envelope import TxEnvelope, new_event, tx_decoder
+from shared.envelope import new_event, tx_decoder
 from shared.faults import crash_point, fail_point
-from shared.jetstream import Topology, ack_all, pull_consumer_config
+from shared.jetstream import NATS_ERRORS, Topology, ack_all, pull_consumer_config
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
@@ -35,8 +42,22 @@ BATCH_SECONDS = Histogram(
 PENDING = Gauge("pflea_writer_consumer_pending", "Messages waiting in the writer's consumer")
 
 
-def _stream_event(env: TxEnvelope, msg: Msg) -> StreamEvent:
-    return StreamEvent(env.agent_id, "agent", new_event(env, msg.metadata.sequence.stream))
+class Item(msgspec.Struct):
+    """One PFLEA_TX message on its way to the log: fetched (``msg``) or read from the stream."""
+
+    seq: int
+    subject: str
+    data: bytes
+    msg: Msg | None
+    event: StreamEvent | None = None
+
+
+def _fetched(msg: Msg) -> Item:
+    return Item(msg.metadata.sequence.stream, msg.subject, msg.data, msg)
+
+
+def _read(raw: RawStreamMsg) -> Item:
+    return Item(raw.seq or 0, raw.subject or "", raw.data or b"", None)
 
 
 class TxConsumer:
@@ -57,6 +78,7 @@ class TxConsumer:
         self.settings = settings
         self.lifecycle = lifecycle
         self.on_commit = on_commit or asyncio.Event()
+        self.order = SourceOrder(js, topology.tx_stream, topology.writer_durable)
 
     def pull_loop(self) -> PullLoop:
         config = pull_consumer_config(
@@ -82,61 +104,76 @@ class TxConsumer:
         await self.process(msgs)
 
     async def process(self, msgs: list[Msg]) -> None:
-        decoded: list[tuple[Msg, StreamEvent]] = []
-        for msg in msgs:
-            try:
-                env = tx_decoder.decode(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self._poison(msg, f"envelope: {exc}")
-                continue
-            if msg.metadata.num_delivered >= self.settings.writer_max_deliver:
-                await self._poison(msg, f"delivered {msg.metadata.num_delivered} times without commit")
-                continue
-            decoded.append((msg, _stream_event(env, msg)))
-        if not decoded:
+        fetched = [_fetched(m) for m in msgs]
+        first = [i.seq for i in fetched if i.msg is not None and i.msg.metadata.num_delivered == 1]
+        try:
+            older = await self.order.older_than([i.seq for i in fetched], first)
+        except NATS_ERRORS as exc:
+            # Cannot tell whether older messages are pending: leave the batch unacked (it comes
+            # back after the ack wait, and is then itself "older" for whatever follows it).
+            log.warning("cannot check PFLEA_TX order (%r); batch left for redelivery", exc)
             return
-        await self._append_until_committed(decoded)
+        items = sorted([*map(_read, older), *fetched], key=lambda i: i.seq)
+        decoded: list[Item] = []
+        for item in items:
+            try:
+                env = tx_decoder.decode(item.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await self._poison(item, f"envelope: {exc}")
+                continue
+            delivered = item.msg.metadata.num_delivered if item.msg is not None else 0
+            if delivered >= self.settings.writer_max_deliver:
+                await self._poison(item, f"delivered {delivered} times without commit")
+                continue
+            item.event = StreamEvent(env.agent_id, "agent", new_event(env, item.seq))
+            decoded.append(item)
+        if decoded and not await self._append_until_committed(decoded):
+            return  # stopping with Postgres away: unacked, they will be redelivered
+        self.order.done(i.seq for i in items)
 
-    async def _append_until_committed(self, batch: list[tuple[Msg, StreamEvent]]) -> None:
+    async def _append_until_committed(self, batch: list[Item]) -> bool:
+        """Commit ``batch`` (or quarantine what Postgres rejects), then ack; False if stopped first."""
         attempt = 0
         while True:
             started = time.perf_counter()
             try:
-                result = await self.store.append_batch([item for _, item in batch])
+                result = await self.store.append_batch([i.event for i in batch if i.event is not None])
                 fail_point("writer.commit_reply_lost")  # committed, but the caller cannot know
             except TRANSIENT_DB_ERRORS as exc:
                 # Outcome unknown (the commit may have landed): retrying is safe because event
                 # ids are unique. Keep the messages ours meanwhile so they are not redelivered.
                 attempt += 1
                 log.warning("append failed (%r); retry %d", exc, attempt)
-                await asyncio.gather(*(m.in_progress() for m, _ in batch), return_exceptions=True)
+                await asyncio.gather(
+                    *(i.msg.in_progress() for i in batch if i.msg is not None), return_exceptions=True
+                )
                 if await self.lifecycle.sleep(min(0.1 * 2**attempt, 5.0)):
-                    return  # stopping and Postgres is away: unacked, they will be redelivered
+                    return False
                 continue
             except asyncpg.PostgresError as exc:
                 if len(batch) == 1:
-                    await self._poison(batch[0][0], f"postgres: {exc}")
-                    return
+                    await self._poison(batch[0], f"postgres: {exc}")
+                    return True
                 # Something in the batch is rejected by the database: find it by halving.
                 mid = len(batch) // 2
-                await self._append_until_committed(batch[:mid])
-                await self._append_until_committed(batch[mid:])
-                return
+                return await self._append_until_committed(batch[:mid]) and await self._append_until_committed(
+                    batch[mid:]
+                )
             BATCH_SECONDS.observe(time.perf_counter() - started)
             APPENDED.inc(len(result.appended))
             DUPLICATES.inc(len(result.duplicates))
             crash_point("writer.after_commit")  # committed, not acked, maybe not relayed
             self.on_commit.set()
-            await ack_all([m for m, _ in batch])
-            return
+            await ack_all([i.msg for i in batch if i.msg is not None])
+            return True
 
-    async def _poison(self, msg: Msg, reason: str) -> None:
-        agent_id = msg.subject.rsplit(".", 1)[-1]
+    async def _poison(self, item: Item, reason: str) -> None:
         await self.quarantine.put(
-            msg.data,
+            item.data,
             reason,
-            agent_id=agent_id,
-            subject=msg.subject,
-            key=f"tx_seq:{msg.metadata.sequence.stream}",
+            agent_id=item.subject.rsplit(".", 1)[-1],
+            subject=item.subject,
+            key=f"tx_seq:{item.seq}",
         )
-        await msg.term()
+        if item.msg is not None:
+            await item.msg.term()

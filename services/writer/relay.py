@@ -27,8 +27,8 @@ from shared.jetstream import (
     HDR_STREAM_ID,
     HDR_VERSION,
     NATS_ERRORS,
-    ensure_streams,
     Topology,
+    ensure_streams,
     publish_in_order,
 )
 from shared.ops import Lifecycle

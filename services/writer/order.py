@@ -1,0 +1,97 @@
+"""Keep every agent's events in the order its transactions reached PFLEA_TX.
+
+A writer killed mid-batch leaves its messages unacked, and JetStream hands them out again only
+after the ack wait; by then a restarted writer (or a replica) may have committed newer
+transactions of the same agents, and the older ones would land behind them. So the writer never
+commits a message while an older PFLEA_TX message may still be uncommitted:
+
+- ``through`` is a watermark: every stream sequence up to it is committed, quarantined, or acked
+  by someone (the consumer's ack floor says so);
+- a batch that does not start right after the watermark asks the consumer for its ack floor, and
+  whatever lies between is read from the stream itself and committed first, in sequence order.
+
+Committing a message that another process still holds is safe: event ids are unique in Postgres,
+so whoever comes second finds duplicates, and the late redelivery is acked as one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter
+
+log = logging.getLogger(__name__)
+
+FILLED = Counter(
+    "pflea_writer_gap_messages_total",
+    "Older PFLEA_TX messages read from the stream ahead of a batch (held by a dead writer)",
+)
+
+
+class SourceOrder:
+    def __init__(self, js: JetStreamContext, stream: str, durable: str) -> None:
+        self.js = js
+        self.stream = stream
+        self.durable = durable
+        self.through = 0
+        self.above: set[int] = set()
+
+    def done(self, seqs: Iterable[int]) -> None:
+        """These sequences are committed or quarantined: move the watermark over them."""
+        self.above.update(s for s in seqs if s > self.through)
+        while self.through + 1 in self.above:
+            self.through += 1
+            self.above.discard(self.through)
+
+    def _raise_floor(self, floor: int) -> None:
+        if floor > self.through:
+            self.through = floor
+            self.above = {s for s in self.above if s > floor}
+            self.done(())
+
+    def _gapless(self, seqs: Sequence[int]) -> bool:
+        top = max(seqs)
+        if top <= self.through:
+            return True
+        between = top - self.through - 1  # sequences strictly between the watermark and top
+        known = {s for s in seqs if self.through < s < top} | {s for s in self.above if s < top}
+        return len(known) == between
+
+    def missing(self, seqs: Sequence[int]) -> list[int]:
+        have = set(seqs) | self.above
+        return [s for s in range(self.through + 1, max(seqs)) if s not in have]
+
+    async def older_than(self, seqs: Sequence[int], first_deliveries: Sequence[int]) -> list[RawStreamMsg]:
+        """The PFLEA_TX messages older than ``seqs`` that may not be committed yet, oldest first.
+
+        ``first_deliveries`` are the batch's sequences delivered for the first time: one at or
+        below the watermark means the stream was re-created (NATS lost its store), so the
+        watermark starts again from the consumer's ack floor.
+        """
+        if not seqs:
+            return []
+        if first_deliveries and min(first_deliveries) <= self.through:
+            log.warning("PFLEA_TX sequences went back: the stream was re-created; resetting the watermark")
+            self.through, self.above = 0, set()
+        if self._gapless(seqs):
+            return []
+        info = await self.js.consumer_info(self.stream, self.durable)
+        self._raise_floor(int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0)
+        older: list[RawStreamMsg] = []
+        for seq in self.missing(seqs):
+            try:
+                older.append(await self.js.get_msg(self.stream, seq))
+            except NotFoundError:
+                self.done((seq,))  # deleted or aged out of the stream: nothing to keep in order
+        if older:
+            FILLED.inc(len(older))
+            log.info(
+                "committing %d older messages held elsewhere first",
+                len(older),
+                extra={"from_seq": older[0].seq, "to_seq": older[-1].seq},
+            )
+        return older
