@@ -70,7 +70,7 @@ async def _events_consume_limit(h: Harness, log: writer.RelayedLog) -> Figure:
         log.events / seconds,
         "msgs/s",
         note=f"the catch-up backlog itself ({log.events:,} relayed events, relay headers and all), "
-        "fetch 1000 + ack each",
+        "pulled as the services pull (batches of 1,000), ack each",
     )
 
 

@@ -1,4 +1,4 @@
-"""The whole pipeline as processes: simulator → ingester → writer (+ relay) → four projectors.
+"""The whole pipeline as processes: simulator → ingester → writer → relay → four projectors.
 
 Each run gets its own database and JetStream namespace. Every process's peak RSS is sampled
 every 0.5 s for as long as the pipeline runs (``Pipeline.rss``).
@@ -53,7 +53,11 @@ class Pipeline:
 
     async def start_sinks(self) -> None:
         """The writer and the four projectors, ready."""
-        started = [self._start("writer", "services.writer")]
+        # As `pflea up` and compose run it: appends in one process, the log tailers in another.
+        started = [
+            self._start("writer", "services.writer", PFLEA_WRITER_PARTS="append,commands"),
+            self._start("relay", "services.writer", PFLEA_WRITER_PARTS="relay,snapshots"),
+        ]
         started += [self._start(f"projector-{n}", "services.projectors", n) for n in PROJECTIONS]
         await asyncio.gather(*(p.wait_ready() for p in started))
 

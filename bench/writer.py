@@ -1,12 +1,13 @@
 """Writer: a pre-filled PFLEA_TX drained into Postgres by the real ``python -m services.writer``.
 
 PFLEA_TX is filled first (the ingester's messages, see :mod:`bench.workload`); then the writer
-starts. Both clocks start when it logs ``ready`` (its consumer and relay start right after):
+starts as `pflea up` and compose run it: one process appending (``PFLEA_WRITER_PARTS=append,
+commands``), one tailing the log (``relay,snapshots``). Both clocks start when both log ``ready``:
 
 - **writer events/s**: until ``count(*) FROM events`` reaches the total (polled every 0.1 s via
   ``max(position)``, confirmed with ``count(*)``).
-- **relay events/s**: until PFLEA_EVENTS holds the total. The relay runs in the same process,
-  tailing the writer, so it cannot finish before the writer does.
+- **relay events/s**: until PFLEA_EVENTS holds the total. The relay tails the writer, so it
+  cannot finish before the writer does.
 
 The database and PFLEA_EVENTS are kept for the catch-up scenario.
 """
@@ -41,15 +42,20 @@ async def _drain(
 ) -> tuple[float, float, dict[str, float]]:
     """Run the writer until both the table and PFLEA_EVENTS hold ``total``: their seconds, and
     the writer's own metrics at the end."""
-    writer = h.service("writer", "writer", "services.writer", h.env(db, topology.namespace)).start()
+    env = h.env(db, topology.namespace, PFLEA_WRITER_PARTS="relay,snapshots")
+    relay = h.service("writer", "relay", "services.writer", env).start()
+    await relay.wait_ready()
+    env = h.env(db, topology.namespace, PFLEA_WRITER_PARTS="append,commands")
+    writer = h.service("writer", "writer", "services.writer", env).start()
     conn = await asyncpg.connect(db)
     try:
         ready = await writer.wait_ready()
         written_at = relayed_at = 0.0
         deadline = time.monotonic() + max(120.0, total / 500)
         while not (written_at and relayed_at):
-            if time.monotonic() > deadline or not writer.alive:
-                raise BenchError(f"writer did not drain {total} transactions:\n{writer.log_tail()}")
+            if time.monotonic() > deadline or not (writer.alive and relay.alive):
+                tails = f"{writer.log_tail()}\n{relay.log_tail()}"
+                raise BenchError(f"writer did not drain {total} transactions:\n{tails}")
             now = time.monotonic()
             if not written_at and await holds_events(conn, total):
                 written_at = now
@@ -63,6 +69,7 @@ async def _drain(
     finally:
         await conn.close()
         writer.stop()
+        relay.stop()
     return written_at - ready, relayed_at - ready, metrics
 
 
@@ -101,7 +108,7 @@ async def run(h: Harness) -> None:
             "events/s",
             "JetStream publish",
             h.limit("JetStream publish"),
-            note="publishes from the events table while the writer appends, in the same process; "
+            note="publishes from the events table while the writer appends (its own process); "
             "clock from the writer's ready line until PFLEA_EVENTS holds every event",
         )
     )

@@ -49,6 +49,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     writer_batch_size: int = 1000
     writer_batch_wait_s: float = 0.05
     writer_max_deliver: int = 10
+    writer_parts: tuple[str, ...] = ("append", "commands", "relay", "snapshots")
     ack_wait_s: float = 30.0
     projector_batch_size: int = 1000
     ingest_concurrency: int = 16
@@ -80,6 +81,7 @@ ENV_NAMES: dict[str, str] = {
     "writer_batch_size": "PFLEA_WRITER_BATCH_SIZE",
     "writer_batch_wait_s": "PFLEA_WRITER_BATCH_WAIT_S",
     "writer_max_deliver": "PFLEA_WRITER_MAX_DELIVER",
+    "writer_parts": "PFLEA_WRITER_PARTS",
     "ack_wait_s": "PFLEA_ACK_WAIT_S",
     "projector_batch_size": "PFLEA_PROJECTOR_BATCH_SIZE",
     "ingest_concurrency": "PFLEA_INGEST_CONCURRENCY",
@@ -132,10 +134,26 @@ def parse_agents(text: str) -> tuple[AgentCredential, ...]:
     return tuple(agents)
 
 
+WRITER_PARTS = ("append", "commands", "relay", "snapshots")
+
+
+def parse_writer_parts(text: str) -> tuple[str, ...]:
+    """``append,commands``: which of the writer's parts this process runs (at least one)."""
+    parts = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    unknown = [p for p in parts if p not in WRITER_PARTS]
+    if unknown or not parts:
+        raise SettingsError(
+            "PFLEA_WRITER_PARTS", f"expected a comma list of {', '.join(WRITER_PARTS)}, got {text!r}"
+        )
+    return parts
+
+
 def _convert(field: str, raw: str) -> Any:
     variable = ENV_NAMES[field]
     if field == "purpleflea_agents":
         return parse_agents(raw)
+    if field == "writer_parts":
+        return parse_writer_parts(raw)
     ftype = Settings.__annotations__[field]
     target = {"str": str, "int": int, "float": float, "Path": Path, "bool": bool}[ftype]
     if target is str:

@@ -149,6 +149,32 @@ class BatchResult(msgspec.Struct, frozen=True):
     duplicates: list[uuid.UUID]
 
 
+class StreamHeads:
+    """The last version of each stream as this process committed it, so a steady appender need
+    not read heads nor look for duplicates on every batch.
+
+    Optimistic and safe: entries move only after a commit, and nothing removes events, so an
+    entry is at most behind the table (another process appended since). Appending after a
+    stale head, or an event id already stored, fails on a unique key; the batch is then redone
+    the careful way (read heads, skip duplicates) and the entries are refreshed.
+    """
+
+    def __init__(self, capacity: int = 200_000) -> None:
+        self.capacity = capacity
+        self.versions: dict[str, int] = {}
+        self.misses = 0  # batches redone the careful way
+
+    def committed(self, appended: Iterable[Appended]) -> None:
+        if len(self.versions) > self.capacity:
+            self.versions.clear()
+        for a in appended:
+            self.versions[a.stream_id] = a.version
+
+    def forget(self, stream_ids: Iterable[str]) -> None:
+        for stream_id in stream_ids:
+            self.versions.pop(stream_id, None)
+
+
 class Snapshot(msgspec.Struct, frozen=True):
     stream_id: str
     snapshot_type: str
@@ -235,52 +261,66 @@ class EventStore:
         return int(current) + len(events)
 
     async def append_batch(
-        self, items: Iterable[StreamEvent], *, conn: asyncpg.Connection | None = None
+        self,
+        items: Iterable[StreamEvent],
+        *,
+        conn: asyncpg.Connection | None = None,
+        heads: StreamHeads | None = None,
     ) -> BatchResult:
         """Append events for many streams in one transaction, each at its stream's end.
 
         The writer's hot path. Versions follow the order of ``items`` within each stream.
         Events whose ids are already stored (or repeated within ``items``) are reported as
-        duplicates and skipped. With ``conn``, runs inside the caller's transaction.
+        duplicates and skipped. With ``conn``, runs inside the caller's transaction; with
+        ``heads`` (own transaction only), known stream heads are trusted (see StreamHeads).
         """
-        if conn is None:
+        batch = list(items)
+        if conn is not None:
+            return await self._append_batch(conn, batch)
+        if heads is None:
             async with self.pool.acquire() as own, own.transaction():
-                return await self._append_batch(own, list(items))
-        return await self._append_batch(conn, list(items))
+                return await self._append_batch(own, batch)
+        try:
+            async with self.pool.acquire() as own, own.transaction():
+                result = await self._append_trusting(own, batch, heads)
+        except BaseException:
+            heads.forget(item.stream_id for item in batch)  # the outcome may be unknown
+            raise
+        heads.committed(result.appended)
+        return result
+
+    async def _append_trusting(
+        self, conn: asyncpg.Connection, items: list[StreamEvent], heads: StreamHeads
+    ) -> BatchResult:
+        await conn.execute(_LOCK_APPENDS)
+        streams = list(dict.fromkeys(item.stream_id for item in items))
+        known = heads.versions
+        unknown = [s for s in streams if s not in known]
+        versions = {s: known[s] for s in streams if s in known}
+        if unknown:
+            versions.update(await _heads(conn, unknown))
+        seen: set[uuid.UUID] = set()
+        if len({item.event.event_id for item in items}) == len(items):
+            try:
+                async with conn.transaction():  # a savepoint: a unique violation undoes only this
+                    return await _insert_at(conn, items, versions, seen)
+            except asyncpg.UniqueViolationError:
+                pass
+        heads.misses += 1
+        heads.forget(streams)
+        return await self._append_batch(conn, items)
 
     async def _append_batch(self, conn: asyncpg.Connection, items: list[StreamEvent]) -> BatchResult:
         if not items:
             return BatchResult([], [])
-        await conn.execute("SELECT pg_advisory_xact_lock(7061746561)")
+        await conn.execute(_LOCK_APPENDS)
         ids = [item.event.event_id for item in items]
         stored = {
             r["event_id"]
             for r in await conn.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids)
         }
         streams = list(dict.fromkeys(item.stream_id for item in items))
-        heads: dict[str, int] = {
-            r["s"]: r["v"]
-            for r in await conn.fetch(
-                """SELECT s, coalesce((SELECT max(version) FROM events e WHERE e.stream_id = s), 0) AS v
-                   FROM unnest($1::text[]) AS s""",
-                streams,
-            )
-        }
-        duplicates: list[uuid.UUID] = []
-        appended: list[Appended] = []
-        records = []
-        for item in items:
-            event_id = item.event.event_id
-            if event_id in stored:
-                duplicates.append(event_id)
-                continue
-            stored.add(event_id)
-            version = heads[item.stream_id] + 1
-            heads[item.stream_id] = version
-            records.append(event_record(item.stream_id, item.stream_type, version, item.event))
-            appended.append(Appended(event_id, item.stream_id, version))
-        await _insert(conn, records)
-        return BatchResult(appended, duplicates)
+        return await _insert_at(conn, items, await _heads(conn, streams), stored)
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, to_version: int | None = None
@@ -370,6 +410,42 @@ def event_record(stream_id: str, stream_type: str, version: int, event: NewEvent
         event.metadata_json(),
         event.occurred_at,
     )
+
+
+# Every append takes this lock (the INSERT trigger takes it too); taking it first keeps the
+# heads read below valid until the commit.
+_LOCK_APPENDS = "SELECT pg_advisory_xact_lock(7061746561)"
+
+
+async def _heads(conn: asyncpg.Connection, streams: list[str]) -> dict[str, int]:
+    """The last version of each of ``streams`` (0 for a new stream)."""
+    rows = await conn.fetch(
+        """SELECT s, coalesce((SELECT max(version) FROM events e WHERE e.stream_id = s), 0) AS v
+           FROM unnest($1::text[]) AS s""",
+        streams,
+    )
+    return {r["s"]: r["v"] for r in rows}
+
+
+async def _insert_at(
+    conn: asyncpg.Connection, items: list[StreamEvent], heads: dict[str, int], stored: set[uuid.UUID]
+) -> BatchResult:
+    """Insert ``items`` after ``heads`` (updated in place), skipping ids in ``stored``."""
+    duplicates: list[uuid.UUID] = []
+    appended: list[Appended] = []
+    records = []
+    for item in items:
+        event_id = item.event.event_id
+        if event_id in stored:
+            duplicates.append(event_id)
+            continue
+        stored.add(event_id)
+        version = heads[item.stream_id] + 1
+        heads[item.stream_id] = version
+        records.append(event_record(item.stream_id, item.stream_type, version, item.event))
+        appended.append(Appended(event_id, item.stream_id, version))
+    await _insert(conn, records)
+    return BatchResult(appended, duplicates)
 
 
 async def _insert(conn: asyncpg.Connection, records: list[tuple[Any, ...]]) -> None:

@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import nats
 import pytest
 
@@ -324,9 +325,14 @@ async def test_a_bet_through_purple_flea_records_its_outcome_and_the_ingester_ne
             ingester.start()  # resumes, polls the bets' transactions again, and what it skipped
             await wait_until(all_ingested, 60, "every transaction ingested")
             await wait_until(lambda: _writer_drained(js_streams, topology), 30, "writer caught up")
+            # The feed keeps growing meanwhile: everything up to now, each exactly once.
             ids = [tx.id for tx in sim.truth(agent) if tx.id]
-            assert set((await _ingested(settings.database_url, ids)).values()) == {1}
-            assert await store.stream_version(agent) == len(ids)
+            await wait_until(all_ingested, 60, "every transaction ingested")
+            ingested = await _ingested(settings.database_url, ids)
+            assert ingested.keys() == set(ids) and set(ingested.values()) == {1}
+            stream = [e.data for e in await store.read_stream(agent)]
+            tx_ids = [msgspec.json.decode(data).get("tx_id") for data in stream]
+            assert len(tx_ids) == len(set(tx_ids)) and set(ids) <= set(tx_ids)
         finally:
             ingester.kill()
             writer.kill()

@@ -31,6 +31,7 @@ from nats.aio.client import Client as NATS
 
 from shared.embedded import free_port, nats_server_binary
 from shared.jetstream import Topology, ensure_streams, pull_consumer_config
+from shared.settings import WRITER_PARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -41,10 +42,15 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 PROJECTIONS = ("balance", "pnl", "portfolio", "leaderboard")
 PROJECTORS = tuple(f"projector-{name}" for name in PROJECTIONS)
 # The pipeline's long-running services: all scalable, all on NATS and Postgres.
-APP_SERVICES = ("ingester", "writer", *PROJECTORS)
+APP_SERVICES = ("ingester", "writer", "relay", *PROJECTORS)
 CORE_SERVICES = {"nats", "postgres", "migrate", "simulator", *APP_SERVICES}
 PROFILES = {"tools": {"nats-box"}, "observability": {"prometheus", "grafana"}}
-NATS_USER = {"ingester": "ingester", "writer": "writer", **dict.fromkeys(PROJECTORS, "projector")}
+NATS_USER = {
+    "ingester": "ingester",
+    "writer": "writer",
+    "relay": "writer",
+    **dict.fromkeys(PROJECTORS, "projector"),
+}
 TOPOLOGY = Topology()
 
 
@@ -279,7 +285,14 @@ def test_simulator_serves_http_and_the_ingester_polls_it(default: Rendered) -> N
     assert ingester["environment"]["PURPLEFLEA_API_URL"] == "http://simulator:8088"
     assert ingester["environment"]["PURPLEFLEA_AGENTS"] == ""
     assert ingester["environment"]["PFLEA_AGENTS_FROM_SIMULATOR"] == "1"
-    assert default.services["writer"]["command"] == ["python", "-m", "services.writer"]
+    writer, relay = default.services["writer"], default.services["relay"]
+    assert writer["command"] == relay["command"] == ["python", "-m", "services.writer"]
+    # One process appends and answers commands, one tails the log: together, the whole writer.
+    parts = {
+        *writer["environment"]["PFLEA_WRITER_PARTS"].split(","),
+        *relay["environment"]["PFLEA_WRITER_PARTS"].split(","),
+    }
+    assert parts == set(WRITER_PARTS)
 
 
 def test_nats_box_logs_in_as_the_cli_user(everything: Rendered) -> None:
@@ -593,6 +606,11 @@ async def test_the_writer_consumes_transactions_and_relays_events(streams: None,
     )
     msg = await _fetch_until(sub, TOPOLOGY.tx_subject(agent))
     await msg.ack_sync(timeout=5)  # the server confirms the ack: it was allowed
+    # Keeping an agent's order after a crash: the ack floor, then older messages by sequence.
+    info = await js.consumer_info(TOPOLOGY.tx_stream, TOPOLOGY.writer_durable)
+    assert info.ack_floor is not None
+    held = await js.get_msg(TOPOLOGY.tx_stream, msg.metadata.sequence.stream)
+    assert held.subject == TOPOLOGY.tx_subject(agent)
 
     event_subject = TOPOLOGY.event_subject(agent, "Deposited")
     ack = await js.publish(event_subject, b"{}", headers={"Nats-Msg-Id": uuid.uuid4().hex}, timeout=5)
@@ -738,7 +756,9 @@ async def test_no_service_can_destroy_streams_or_use_another_services_consumer(
 def test_compose_and_the_embedded_stack_share_one_permission_definition() -> None:
     from shared.nats_auth import USERS, accounts_template, render_accounts
 
-    assert accounts_template() in NATS_CONF.read_text(), "deploy/nats/nats.conf drifted from shared/nats_accounts.conf"
+    assert accounts_template() in NATS_CONF.read_text(), (
+        "deploy/nats/nats.conf drifted from shared/nats_accounts.conf"
+    )
     rendered = render_accounts("ns2", {u: f"pw-{u}" for u in USERS})
     assert '"pw-ingester"' in rendered and "$INGESTER_NATS_PASSWORD" not in rendered
     assert '"ns2.tx.>"' in rendered and "NS2_EVENTS" in rendered and "pflea." not in rendered

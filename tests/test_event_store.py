@@ -18,6 +18,7 @@ from shared.store import (
     OptimisticConcurrencyError,
     Snapshot,
     StreamEvent,
+    StreamHeads,
 )
 
 
@@ -106,6 +107,33 @@ async def test_batch_append_versions_each_stream_and_skips_duplicates(store: Eve
     # Re-running the whole batch (a redelivery) stores nothing new.
     again = await store.append_batch(items)
     assert again.appended == []
+
+
+async def test_batch_append_with_known_heads_equals_the_careful_way(store: EventStore) -> None:
+    """The writer trusts the heads it committed; whatever made them stale, versions stay 1..n
+    and duplicates are still told apart."""
+    heads = StreamHeads()
+    first = [StreamEvent(s, "agent", deposit("1")) for s in "ab" * 40]
+    await store.append_batch(first, heads=heads)
+    assert heads.versions == {"a": 40, "b": 40} and heads.misses == 0
+    # Another process appends to "a": the trusted head of "a" is now behind the table.
+    await store.append("a", "agent", [deposit("2")], expected_version=40)
+    second = [StreamEvent(s, "agent", deposit("3")) for s in "abc" * 30]
+    result = await store.append_batch(second, heads=heads)
+    assert heads.misses == 1 and len(result.appended) == 90
+    assert heads.versions == {"a": 71, "b": 70, "c": 30}
+    # A redelivered event (already stored) among new ones: found, skipped, the rest appended.
+    third = [StreamEvent("b", "agent", first[1].event), StreamEvent("b", "agent", deposit("4"))]
+    result = await store.append_batch(third, heads=heads)
+    assert result.duplicates == [first[1].event.event_id] and heads.misses == 2
+    # A batch Postgres rejects leaves no trusted head behind that was never committed.
+    bad = [StreamEvent("c", "agent", deposit("5")), StreamEvent("x" * 300, "agent", deposit("6"))]
+    with pytest.raises(asyncpg.CheckViolationError):
+        await store.append_batch(bad, heads=heads)
+    assert "c" not in heads.versions
+    await store.append_batch([StreamEvent("c", "agent", deposit("7"))], heads=heads)
+    for stream, n in {"a": 71, "b": 71, "c": 31}.items():
+        assert [e.version for e in await store.read_stream(stream)] == list(range(1, n + 1))
 
 
 async def test_snapshot_round_trip(store: EventStore) -> None:

@@ -142,10 +142,11 @@ class Stack:
                 "PURPLEFLEA_API_URL": f"http://127.0.0.1:{sim_env['PFLEA_SIM_PORT']}",
                 "PFLEA_AGENTS_FROM_SIMULATOR": "1",
             }
-        specs.append(("writer", ["services.writer"], {}))
+        specs.append(("writer", ["services.writer"], {"PFLEA_WRITER_PARTS": "append,commands"}))
+        specs.append(("relay", ["services.writer"], {"PFLEA_WRITER_PARTS": "relay,snapshots"}))
         specs.append(("ingester", ["services.ingester"], ingester_env))
         specs += [(f"projector-{n}", ["services.projectors", n], {}) for n in PROJECTIONS]
-        users = {"writer": "writer", "ingester": "ingester"}
+        users = {"writer": "writer", "relay": "writer", "ingester": "ingester"}
         for name, args, extra in specs:
             port = port + 1 if base else 0
             user = "projector" if name.startswith("projector-") else users.get(name, "cli")

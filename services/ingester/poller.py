@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 import random
 from collections import OrderedDict
+from collections.abc import Callable
 
 import asyncpg
 from nats.js import JetStreamContext

@@ -37,8 +37,8 @@ from shared.events import (
     WalletTransferIn,
     WalletTransferOut,
     encode_data,
-    plain_json,
     event_type_of,
+    plain_json,
     schema_version_of,
 )
 from shared.money import MoneyError, parse_amount

@@ -27,7 +27,7 @@ from shared.jetstream import NATS_ERRORS, Topology, ack_all, pull_consumer_confi
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
-from shared.store import EventStore, StreamEvent
+from shared.store import EventStore, StreamEvent, StreamHeads
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class TxConsumer:
         self.settings = settings
         self.lifecycle = lifecycle
         self.on_commit = on_commit or asyncio.Event()
+        self.heads = StreamHeads()
         self.order = SourceOrder(js, topology.tx_stream, topology.writer_durable)
 
     def pull_loop(self) -> PullLoop:
@@ -137,7 +138,8 @@ class TxConsumer:
         while True:
             started = time.perf_counter()
             try:
-                result = await self.store.append_batch([i.event for i in batch if i.event is not None])
+                events = [i.event for i in batch if i.event is not None]
+                result = await self.store.append_batch(events, heads=self.heads)
                 fail_point("writer.commit_reply_lost")  # committed, but the caller cannot know
             except TRANSIENT_DB_ERRORS as exc:
                 # Outcome unknown (the commit may have landed): retrying is safe because event

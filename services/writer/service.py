@@ -1,10 +1,18 @@
-"""Wire the writer: the PFLEA_TX consumer, the relay, the command handler and the snapshotter,
-sharing one pool and one NATS connection."""
+"""Wire the writer: the PFLEA_TX consumer ("append"), the command handler ("commands"), the
+relay and the snapshotter, sharing one pool and one NATS connection.
+
+``PFLEA_WRITER_PARTS`` picks the parts a process runs; by default one process runs them all.
+The relay and the snapshotter only tail the events table (woken by NOTIFY), so they can run in
+a process of their own (``PFLEA_WRITER_PARTS=relay,snapshots``), which `pflea up` and compose
+do: then they don't take CPU from the appends, and the relay's publishing is not slowed by them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from services.writer.commands import CommandHandler
 from services.writer.consumer import TxConsumer
@@ -34,26 +42,35 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
         js = nc.jetstream()
         await ensure_streams(js, topology, settings.duplicate_window_s)
         store = EventStore(pool)
+        parts = settings.writer_parts
         committed = asyncio.Event()
-        consumer = TxConsumer(
-            js, store, Quarantine(pool, "writer"), topology, settings, lifecycle, on_commit=committed
-        )
-        relay = Relay(
-            store, js, topology, lifecycle, dsn, poll_s=settings.relay_poll_s, wakeup=committed,
-            reconnects=lambda: int(nc.stats["reconnects"]),
-            duplicate_window_s=settings.duplicate_window_s,
-        )
-        commands = CommandHandler(nc, store, topology, settings, lifecycle, purpleflea)
-        every = settings.snapshot_every
-        snapshotter = Snapshotter(store, lifecycle, every=every, poll_s=settings.relay_poll_s)
+        jobs: list[Coroutine[Any, Any, None]] = []
+        if "append" in parts:
+            quarantine = Quarantine(pool, "writer")
+            consumer = TxConsumer(js, store, quarantine, topology, settings, lifecycle, on_commit=committed)
+            jobs.append(consumer.run())
+        if "relay" in parts:
+            relay = Relay(
+                store,
+                js,
+                topology,
+                lifecycle,
+                dsn,
+                poll_s=settings.relay_poll_s,
+                wakeup=committed,
+                reconnects=lambda: int(nc.stats["reconnects"]),
+                duplicate_window_s=settings.duplicate_window_s,
+            )
+            jobs.append(relay.run())
+        if "commands" in parts:
+            jobs.append(CommandHandler(nc, store, topology, settings, lifecycle, purpleflea).run())
+        if "snapshots" in parts:
+            every = settings.snapshot_every
+            jobs.append(Snapshotter(store, lifecycle, every=every, poll_s=settings.relay_poll_s).run())
+        log.info("running %s", ", ".join(parts))
         lifecycle.checks.append(lambda: nc.is_connected)
         lifecycle.ready = True
-        tasks = [
-            asyncio.create_task(consumer.run()),
-            asyncio.create_task(relay.run()),
-            asyncio.create_task(commands.run()),
-            asyncio.create_task(snapshotter.run()),
-        ]
+        tasks = [asyncio.create_task(job) for job in jobs]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
             if task.exception() is not None:
