@@ -106,8 +106,8 @@ async def consume_seconds(nc: Client, stream: str, subject: str, total: int) -> 
 async def jetstream(h: Harness) -> list[Figure]:
     n = min(h.sizes.limit_messages, len(h.workload()))
     published, consumed = await _publish_and_consume(h.servers.nats_url, h, consume=True)
-    async with nats_with_default_sync(h.servers.root) as url:
-        relaxed, _ = await _publish_and_consume(url, h, consume=False)
+    async with nats_with_default_sync(h.servers) as relaxed_servers:
+        relaxed, _ = await _publish_and_consume(relaxed_servers.nats_url, h, consume=False)
     return [
         Figure("limits", "JetStream publish", published, "msgs/s", note=f"{n:,} ingester messages"),
         Figure(

@@ -242,3 +242,19 @@ class ForeignLoad:
 def stop_all(processes: list[ServiceProcess]) -> None:
     for proc in processes:
         proc.stop()
+
+
+def cpu_seconds(pid: int, *, tree: bool = False) -> float:
+    """User + system CPU seconds of ``pid`` so far (with ``tree``, of its live children too:
+    Postgres runs a process per connection); 0.0 if it is gone."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)] if tree else [root]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total

@@ -8,13 +8,11 @@ commit time (``pg_xact_commit_timestamp``); it needs a restart, done once at sta
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import dataclasses
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from shared.embedded import EmbeddedNats, EmbeddedPostgres, free_port, nats_server_binary, postgres_binaries
+from shared.embedded import EmbeddedNats, EmbeddedPostgres, nats_server_binary, postgres_binaries
 from shared.migrate import migrate
 
 SERVICE_PASSWORD = "pflea-bench"
@@ -111,27 +109,16 @@ async def running_servers() -> AsyncIterator[Servers]:
 
 
 @contextlib.asynccontextmanager
-async def nats_with_default_sync(root: Path) -> AsyncIterator[str]:
-    """A second nats-server for one comparison only: JetStream with nats-server's default
-    ``sync_interval`` (fsync every 2 minutes) instead of the embedded default's ``always``."""
-    port = free_port()
-    store = root / "nats-default-sync"
-    store.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+async def nats_with_default_sync(servers: Servers) -> AsyncIterator[Servers]:
+    """The same servers, but NATS is a second nats-server with JetStream at nats-server's
+    default ``sync_interval`` (fsync every 2 minutes) instead of the embedded ``always``: for
+    comparison figures only."""
+    relaxed = EmbeddedNats(servers.root / "nats-default-sync", durable=False)
+    relaxed.start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            await asyncio.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
+        yield dataclasses.replace(servers, nats=relaxed)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        relaxed.stop()
 
 
 def server_versions() -> dict[str, str]:

@@ -186,11 +186,12 @@ class PullLoop:
         self.pulls.buffer.extend(carried)
         await self.pulls.start()
 
-    async def run(self, handle: Handler) -> None:
-        """Fetch and hand batches to ``handle`` until stopping; a fetched batch is always finished."""
+    async def run(self, handle: Handler, *, until: asyncio.Event | None = None) -> None:
+        """Fetch and hand batches to ``handle`` until stopping (or ``until`` is set); a fetched
+        batch is always finished."""
         await self._subscribe_until_ok()
         idle_since = time.monotonic()
-        while not self.lifecycle.stopping.is_set():
+        while not self.lifecycle.stopping.is_set() and not (until is not None and until.is_set()):
             assert self.pulls is not None
             try:
                 msgs = await self.pulls.take(timeout=1.0)

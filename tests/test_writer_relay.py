@@ -11,11 +11,19 @@ import asyncpg
 import msgspec
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared.envelope import TxEnvelope, ingested_event_id, tx_encoder
 from shared.events import FundsDeposited, encode_data
-from shared.jetstream import HDR_MSG_ID, HDR_POSITION, HDR_VERSION, Topology, pull_consumer_config
+from shared.jetstream import (
+    HDR_MSG_ID,
+    HDR_POSITION,
+    HDR_VERSION,
+    Topology,
+    delivery,
+    pull_consumer_config,
+)
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent
 from tests.support import ServiceProcess, service_env, wait_until
@@ -99,7 +107,9 @@ async def assert_source_order(database_url: str) -> None:
     """Every agent's events are stored in the order its transactions were published."""
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await conn.fetch("SELECT stream_id, data->>'tx_id' AS tx_id FROM events ORDER BY stream_id, version")
+        rows = await conn.fetch(
+            "SELECT stream_id, data->>'tx_id' AS tx_id FROM events ORDER BY stream_id, version"
+        )
     finally:
         await conn.close()
     by_stream: dict[str, list[int]] = {}
@@ -149,6 +159,46 @@ async def test_writer_killed_mid_batch_loses_and_doubles_nothing(
     await assert_log_is_clean(url, expected)
     await assert_source_order(url)
     await assert_all_relayed_in_order(js_streams, topology, expected)
+
+
+async def test_a_standby_writer_takes_over_when_the_appending_one_is_killed(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, tmp_path: Path
+) -> None:
+    """Replicas: one appends (it holds the append lock), the other stands by; SIGKILL the
+    appender mid-stream and the standby finishes, in every agent's order, nothing doubled."""
+    expected = await publish_transactions(js_streams, topology, agents=30, per_agent=100)
+    env = service_env(settings, PFLEA_WRITER_BATCH_SIZE="100", PFLEA_DELAY_AT="writer.append:0.05")
+    for i in range(2):
+        (tmp_path / f"w{i}").mkdir()
+    replicas = [ServiceProcess("services.writer", env, tmp_path / f"w{i}") for i in range(2)]
+    url = settings.database_url
+    try:
+        for replica in replicas:
+            replica.start()
+
+        def appender() -> ServiceProcess | None:
+            holding = [r for r in replicas if "holds the append lock" in r.log_tail(200)]
+            return holding[0] if len(holding) == 1 else None
+
+        await wait_until(lambda: _some(appender() is not None), 30, "one replica appending")
+        active = appender()
+        assert active is not None
+        await wait_until(lambda: _at_least(url, 600), 60, "writing under way")
+        active.kill()
+        assert await count_events(url) < len(expected), "all written before the kill: proves nothing"
+        standby = next(r for r in replicas if r is not active)
+        await wait_until(lambda: _at_least(url, len(expected)), 90, "the standby finished")
+        assert "holds the append lock" in standby.log_tail(200)
+        assert standby.terminate() == 0, standby.log_tail()
+    finally:
+        for replica in replicas:
+            replica.kill()
+    await assert_log_is_clean(url, expected)
+    await assert_source_order(url)
+
+
+async def _some(value: bool) -> bool:
+    return value
 
 
 async def test_messages_a_dead_writer_held_are_stored_ahead_of_newer_ones(
@@ -236,3 +286,15 @@ async def _at_least(url: str, n: int) -> bool:
 async def _relayed_all(nc: nats.NATS, topology: Topology, n: int) -> bool:
     info = await nc.jetstream().stream_info(topology.events_stream)
     return info.state.messages >= n
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.PFLEA_TX.writer.3.17.5.1700000000000000000.2",
+        "$JS.ACK._.ACCHASH.PFLEA_TX.writer.3.17.5.1700000000000000000.2.tok",  # domain + account
+    ],
+)
+def test_the_ack_subject_tells_sequence_and_deliveries_as_nats_py_reads_them(reply: str) -> None:
+    msg = Msg(_client=None, subject="pflea.tx.a", reply=reply, data=b"")  # type: ignore[arg-type]
+    assert delivery(msg) == (msg.metadata.sequence.stream, msg.metadata.num_delivered) == (17, 3)

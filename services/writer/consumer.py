@@ -22,8 +22,8 @@ from services.writer.order import SourceOrder
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.envelope import new_event, tx_decoder
-from shared.faults import crash_point, fail_point
-from shared.jetstream import NATS_ERRORS, Topology, ack_all, pull_consumer_config
+from shared.faults import crash_point, delay_s, fail_point
+from shared.jetstream import NATS_ERRORS, Topology, ack_all, delivery, pull_consumer_config
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
@@ -49,15 +49,20 @@ class Item(msgspec.Struct):
     subject: str
     data: bytes
     msg: Msg | None
+    delivered: int  # times delivered to a writer; 0 when read from the stream
     event: StreamEvent | None = None
 
 
 def _fetched(msg: Msg) -> Item:
-    return Item(msg.metadata.sequence.stream, msg.subject, msg.data, msg)
+    seq, delivered = delivery(msg)
+    return Item(seq, msg.subject, msg.data, msg, delivered)
 
 
 def _read(raw: RawStreamMsg) -> Item:
-    return Item(raw.seq or 0, raw.subject or "", raw.data or b"", None)
+    return Item(raw.seq or 0, raw.subject or "", raw.data or b"", None, 0)
+
+
+_APPEND_LEADER_LOCK = 7061746564  # session lock: the writer that consumes PFLEA_TX
 
 
 class TxConsumer:
@@ -79,7 +84,7 @@ class TxConsumer:
         self.lifecycle = lifecycle
         self.on_commit = on_commit or asyncio.Event()
         self.heads = StreamHeads()
-        self.order = SourceOrder(js, topology.tx_stream, topology.writer_durable)
+        self.order = SourceOrder(js, topology.tx_stream, topology.writer_durable, hold_s=0.5)
 
     def pull_loop(self) -> PullLoop:
         config = pull_consumer_config(
@@ -97,8 +102,47 @@ class TxConsumer:
         )
 
     async def run(self) -> None:
-        loop = self.pull_loop()
-        await loop.run(self._received)
+        """Append while holding the append lock: one writer consumes PFLEA_TX, replicas stand by
+        (and answer commands) and take over within a second of its death, when Postgres drops
+        its session. Two consuming at once (a lock lost in a Postgres restart) stays correct:
+        order is kept by :mod:`services.writer.order`, duplicates by event ids."""
+        while not self.lifecycle.stopping.is_set():
+            try:
+                await self._lead()
+            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("append lock lost (%r); standing by", exc)
+                if await self.lifecycle.sleep(1.0):
+                    return
+
+    async def _lead(self) -> None:
+        async with self.store.pool.acquire() as conn:
+            standing_by = False
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _APPEND_LEADER_LOCK):
+                if not standing_by:
+                    log.info("another writer appends; standing by")
+                    standing_by = True
+                if await self.lifecycle.sleep(1.0):
+                    return
+            log.info("appending (this writer holds the append lock)")
+            lost = asyncio.Event()
+            watch = asyncio.create_task(self._watch_lock(conn, lost))
+            try:
+                await self.pull_loop().run(self._received, until=lost)
+            finally:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+            if lost.is_set():
+                raise ConnectionError("the append lock's session ended")
+
+    async def _watch_lock(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """The lock lives as long as its session: check the session every second."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await conn.execute("SELECT 1")
+            except Exception:
+                lost.set()
+                return
 
     async def _received(self, msgs: list[Msg]) -> None:
         RECEIVED.inc(len(msgs))
@@ -106,7 +150,7 @@ class TxConsumer:
 
     async def process(self, msgs: list[Msg]) -> None:
         fetched = [_fetched(m) for m in msgs]
-        first = [i.seq for i in fetched if i.msg is not None and i.msg.metadata.num_delivered == 1]
+        first = [i.seq for i in fetched if i.delivered == 1]
         try:
             older = await self.order.older_than([i.seq for i in fetched], first)
         except NATS_ERRORS as exc:
@@ -122,9 +166,8 @@ class TxConsumer:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await self._poison(item, f"envelope: {exc}")
                 continue
-            delivered = item.msg.metadata.num_delivered if item.msg is not None else 0
-            if delivered >= self.settings.writer_max_deliver:
-                await self._poison(item, f"delivered {delivered} times without commit")
+            if item.delivered >= self.settings.writer_max_deliver:
+                await self._poison(item, f"delivered {item.delivered} times without commit")
                 continue
             item.event = StreamEvent(env.agent_id, "agent", new_event(env, item.seq))
             decoded.append(item)
@@ -137,6 +180,8 @@ class TxConsumer:
         attempt = 0
         while True:
             started = time.perf_counter()
+            if slow := delay_s("writer.append"):  # a slow database, for the tests
+                await asyncio.sleep(slow)
             try:
                 events = [i.event for i in batch if i.event is not None]
                 result = await self.store.append_batch(events, heads=self.heads)

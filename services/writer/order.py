@@ -7,16 +7,22 @@ commits a message while an older PFLEA_TX message may still be uncommitted:
 
 - ``through`` is a watermark: every stream sequence up to it is committed, quarantined, or acked
   by someone (the consumer's ack floor says so);
-- a batch that does not start right after the watermark asks the consumer for its ack floor, and
-  whatever lies between is read from the stream itself and committed first, in sequence order.
+- a batch that does not start right after the watermark asks the consumer for its ack floor;
+  a live holder (a writer replica) acks within a commit, so the floor is watched for up to
+  ``hold_s``; whatever still lies between after that (a dead holder's messages wait out the
+  ack wait) is read from the stream itself and committed first, in sequence order.
 
 Committing a message that another process still holds is safe: event ids are unique in Postgres,
-so whoever comes second finds duplicates, and the late redelivery is acked as one.
+so whoever comes second finds duplicates, and the late redelivery is acked as one. Replicas of
+the writer therefore stay correct, but take turns: per-agent order serialises them. Scaling the
+appends out means partitioning agents across consumers, not more replicas on one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 
 from nats.js import JetStreamContext
@@ -33,10 +39,11 @@ FILLED = Counter(
 
 
 class SourceOrder:
-    def __init__(self, js: JetStreamContext, stream: str, durable: str) -> None:
+    def __init__(self, js: JetStreamContext, stream: str, durable: str, *, hold_s: float = 2.0) -> None:
         self.js = js
         self.stream = stream
         self.durable = durable
+        self.hold_s = hold_s
         self.through = 0
         self.above: set[int] = set()
 
@@ -79,8 +86,13 @@ class SourceOrder:
             self.through, self.above = 0, set()
         if self._gapless(seqs):
             return []
-        info = await self.js.consumer_info(self.stream, self.durable)
-        self._raise_floor(int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0)
+        deadline = time.monotonic() + self.hold_s
+        while True:
+            info = await self.js.consumer_info(self.stream, self.durable)
+            self._raise_floor(int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0)
+            if self._gapless(seqs) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)  # a live holder is committing: let it finish
         older: list[RawStreamMsg] = []
         for seq in self.missing(seqs):
             try:
