@@ -55,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ingest_concurrency: int = 16
     ingest_page_limit: int = 500
     ingest_poll_interval_s: float = 1.0
+    ingest_idle_poll_max_s: float = 5.0
     ingest_timeout_s: float = 10.0
     relay_poll_s: float = 1.0
     snapshot_every: int = 100
@@ -87,6 +88,7 @@ ENV_NAMES: dict[str, str] = {
     "ingest_concurrency": "PFLEA_INGEST_CONCURRENCY",
     "ingest_page_limit": "PFLEA_INGEST_PAGE_LIMIT",
     "ingest_poll_interval_s": "PFLEA_INGEST_POLL_INTERVAL_S",
+    "ingest_idle_poll_max_s": "PFLEA_INGEST_IDLE_POLL_MAX_S",
     "ingest_timeout_s": "PFLEA_INGEST_TIMEOUT_S",
     "relay_poll_s": "PFLEA_RELAY_POLL_S",
     "snapshot_every": "PFLEA_SNAPSHOT_EVERY",

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import asyncpg
 import nats
 import pytest
 
+from services.ingester.poller import AgentPoller
 from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
 from shared.settings import Settings
 from tests.support import ServiceProcess, service_env, wait_until
@@ -167,3 +169,12 @@ async def test_a_bad_key_for_one_agent_does_not_stop_the_others(
         finally:
             ingester.kill()
             writer.kill()
+
+
+def test_an_idle_agent_is_polled_less_and_less_often_and_at_once_again_when_busy() -> None:
+    settings = Settings(ingest_poll_interval_s=1.0, ingest_idle_poll_max_s=5.0)
+    poller = SimpleNamespace(settings=settings, idle_polls=0)
+    idle = [AgentPoller._idle_interval(poller, 0) for _ in range(6)]  # type: ignore[arg-type]
+    for got, want in zip(idle, [1, 2, 4, 5, 5, 5], strict=True):
+        assert want * 0.9 <= got <= want * 1.1
+    assert AgentPoller._idle_interval(poller, 3) == 1.0  # type: ignore[arg-type]

@@ -42,6 +42,7 @@ PIPELINE = ("ingester", "writer", *(f"projector-{name}" for name in PROJECTIONS)
 BASE_ENV = {
     "PFLEA_INGEST_PAGE_LIMIT": "25",
     "PFLEA_INGEST_POLL_INTERVAL_S": "0.1",
+    "PFLEA_INGEST_IDLE_POLL_MAX_S": "0.5",
     "PFLEA_INGEST_TIMEOUT_S": "2",
     "PFLEA_WRITER_BATCH_SIZE": "100",
     "PFLEA_PROJECTOR_BATCH_SIZE": "200",
