@@ -4,9 +4,9 @@
   same JSON) into a plain table with the columns, constraints and indexes of ``events`` but no
   triggers, one transaction per ``PFLEA_WRITER_BATCH_SIZE`` rows on one connection, as the
   writer commits: what Postgres can absorb with nothing of ours in the way.
-- **JetStream publish**: ``limit_messages`` of the ingester's messages (subject per agent,
-  ``Nats-Msg-Id``), published with ``publish_async`` (pipelined, up to 4,000 in flight), every
-  ack awaited.
+- **JetStream publish**: ``limit_messages`` messages of one transaction each (subject per
+  agent, ``Nats-Msg-Id``; the size of what the relay publishes per event), published with
+  ``publish_async`` (pipelined, up to 4,000 in flight), every ack awaited.
 - **JetStream consume**: a durable pull consumer configured as the writer's, read the way the
   services read it (``shared.consumer.PullStream``: one pull request always open, batches of
   1,000 taken from its buffer) and an ack per message, until every message is acked; nothing
@@ -62,7 +62,7 @@ async def raw_copy(h: Harness) -> Figure:
 async def _publish_and_consume(url: str, h: Harness, consume: bool) -> tuple[float, float | None]:
     """(msgs/s published, msgs/s consumed) on the server at ``url``, in a namespace of its own."""
     topology = Topology(h.namespace("lim"))
-    messages = h.workload().messages[: h.sizes.limit_messages]
+    messages = h.workload().single_messages()[: h.sizes.limit_messages]
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
@@ -109,7 +109,7 @@ async def jetstream(h: Harness) -> list[Figure]:
     async with nats_with_default_sync(h.servers) as relaxed_servers:
         relaxed, _ = await _publish_and_consume(relaxed_servers.nats_url, h, consume=False)
     return [
-        Figure("limits", "JetStream publish", published, "msgs/s", note=f"{n:,} ingester messages"),
+        Figure("limits", "JetStream publish", published, "msgs/s", note=f"{n:,} one-transaction messages"),
         Figure(
             "limits",
             "JetStream consume",

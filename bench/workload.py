@@ -1,6 +1,7 @@
-"""The data the scenarios push through: simulator transactions made into ``TxEnvelope`` messages
-exactly as the ingester makes them, the same transactions as events-shaped COPY rows, and a
-server-side generator for logs too large to build in Python quickly."""
+"""The data the scenarios push through: simulator transactions made into PFLEA_TX messages
+exactly as the ingester makes them (batches of one agent's consecutive transactions), the same
+transactions as events-shaped COPY rows, and a server-side generator for logs too large to
+build in Python quickly."""
 
 from __future__ import annotations
 
@@ -14,19 +15,12 @@ from nats.js import JetStreamContext
 
 from services.ingester.transactions import parse_transaction
 from services.simulator import Simulator, SimulatorConfig
-from shared.envelope import TxEnvelope, new_event, tx_encoder
+from shared.envelope import TxEnvelope, TxMessage, new_event, tx_encoder, tx_messages
 from shared.jetstream import HDR_MSG_ID, Topology
 from shared.settings import Settings
 from shared.store import event_record
 
 SOURCE = "purpleflea"
-
-
-@dataclass(frozen=True)
-class TxMessage:
-    agent_id: str
-    payload: bytes
-    msg_id: str
 
 
 @dataclass
@@ -41,11 +35,16 @@ class Workload:
     """
 
     agents: int
-    messages: list[TxMessage]
+    messages: list[TxMessage]  # as the ingester publishes them: batches of one agent's run
     envelopes: list[TxEnvelope]
 
     def __len__(self) -> int:
-        return len(self.messages)
+        return len(self.envelopes)
+
+    def single_messages(self) -> list[TxMessage]:
+        """One transaction per message: the size of what the relay publishes per event, for
+        the JetStream limits."""
+        return [TxMessage(e.agent_id, tx_encoder.encode(e), str(e.event_id)) for e in self.envelopes]
 
     def copy_records(self) -> list[tuple[Any, ...]]:
         """The rows the writer would COPY into ``events`` for these messages, in order."""
@@ -71,8 +70,7 @@ def build_workload(transactions: int, agents: int, order: str = "pages", seed: i
             for tx in txs[start : start + step]:
                 if len(envelopes) < transactions:
                     envelopes.append(parse_transaction(tx.raw, tx.agent_id, SOURCE))
-    messages = [TxMessage(e.agent_id, tx_encoder.encode(e), str(e.event_id)) for e in envelopes]
-    return Workload(agents, messages, envelopes)
+    return Workload(agents, tx_messages(envelopes), envelopes)
 
 
 async def publish_tx(js: JetStreamContext, topology: Topology, messages: list[TxMessage]) -> float:

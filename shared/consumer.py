@@ -57,10 +57,12 @@ class PullStream:
         durable: str,
         *,
         batch: int,
+        max_bytes: int = 0,
         expires_s: float = 1.0,
         heartbeat_s: float = 0.25,
     ) -> None:
         self.nc = nc
+        self.max_bytes = max_bytes  # per request, when messages can be large (0: no limit)
         self.next_subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.batch = batch
         self.expires_s = expires_s
@@ -104,6 +106,8 @@ class PullStream:
             "expires": int(self.expires_s * 1e9),
             "idle_heartbeat": int(self.heartbeat_s * 1e9),
         }
+        if self.max_bytes:
+            request["max_bytes"] = self.max_bytes
         await self.nc.publish(self.next_subject, _request_encoder.encode(request), reply=self.inbox)
         self.open = self.batch
         self.heard = time.monotonic()
@@ -119,7 +123,7 @@ class PullStream:
         elif status == "100":
             return  # idle heartbeat (or flow control): the request is alive
         else:
-            if status not in ("404", "408"):
+            if status not in ("404", "408") and "MaxBytes" not in headers.get("Description", ""):
                 log.info("pull request ended: %s %s", status, headers.get("Description", ""))
             self.open = 0  # the request is over (expired, or the server ended it)
         if not self.open:
@@ -155,6 +159,7 @@ class PullLoop:
         lifecycle: Lifecycle,
         *,
         batch: int,
+        max_bytes: int = 0,
         watchdog_s: float = 10.0,
     ) -> None:
         self.js = js
@@ -162,6 +167,7 @@ class PullLoop:
         self.config = config
         self.lifecycle = lifecycle
         self.batch = batch
+        self.max_bytes = max_bytes
         self.watchdog_s = watchdog_s
         self.pulls: PullStream | None = None
         self.last_activity = time.monotonic()
@@ -182,7 +188,9 @@ class PullLoop:
             self.config.filter_subject, durable=self.durable, stream=self.stream, config=self.config
         )
         await sub.unsubscribe()  # only its consumer is wanted; PullStream reads it
-        self.pulls = PullStream(self.js._nc, self.js._prefix, self.stream, self.durable, batch=self.batch)
+        self.pulls = PullStream(
+            self.js._nc, self.js._prefix, self.stream, self.durable, batch=self.batch, max_bytes=self.max_bytes
+        )
         self.pulls.buffer.extend(carried)
         await self.pulls.start()
 

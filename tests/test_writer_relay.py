@@ -14,7 +14,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from shared.envelope import TxEnvelope, ingested_event_id, tx_encoder
+from shared.envelope import TxEnvelope, ingested_event_id, tx_encoder, tx_messages
 from shared.events import FundsDeposited, encode_data
 from shared.jetstream import (
     HDR_MSG_ID,
@@ -233,7 +233,8 @@ async def test_messages_a_dead_writer_held_are_stored_ahead_of_newer_ones(
 async def test_crash_between_commit_and_relay_loses_nothing(
     settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess, crash_at: str
 ) -> None:
-    expected = await publish_transactions(js_streams, topology, agents=10, per_agent=100)
+    # More than one relay batch (1,000) whatever the timing, so the second one is reached.
+    expected = await publish_transactions(js_streams, topology, agents=10, per_agent=250)
     writer.start(PFLEA_CRASH_AT=crash_at)
     assert await writer.wait_exit(60) == 137, writer.log_tail()
     writer.start()
@@ -298,3 +299,31 @@ async def _relayed_all(nc: nats.NATS, topology: Topology, n: int) -> bool:
 def test_the_ack_subject_tells_sequence_and_deliveries_as_nats_py_reads_them(reply: str) -> None:
     msg = Msg(_client=None, subject="pflea.tx.a", reply=reply, data=b"")  # type: ignore[arg-type]
     assert delivery(msg) == (msg.metadata.sequence.stream, msg.metadata.num_delivered) == (17, 3)
+
+
+async def test_a_batch_message_with_one_transaction_postgres_refuses_keeps_the_others(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess
+) -> None:
+    """The ingester sends an agent's page as one message; a row the database refuses (here,
+    data that is not an object) is quarantined alone and its neighbours are stored in order."""
+    envelopes = [envelope("agent-b", n) for n in range(5)]
+    envelopes[2] = msgspec.structs.replace(envelopes[2], data=msgspec.Raw(b"[1]"))
+    [message] = tx_messages(envelopes)
+    await js_streams.jetstream().publish(
+        topology.tx_subject(message.agent_id), message.payload, headers={HDR_MSG_ID: message.msg_id}
+    )
+    writer.start()
+    url = settings.database_url
+    await wait_until(lambda: _at_least(url, 4), 30, "the good transactions written")
+    conn = await asyncpg.connect(url)
+    try:
+        row = await wait_until(lambda: conn.fetchrow("SELECT * FROM quarantine"), 10, "quarantine")
+        assert row["source"] == "writer" and "postgres" in row["reason"]
+        assert msgspec.json.decode(row["raw"])["tx_id"] == "tx-agent-b-2"
+        assert await conn.fetchval("SELECT count(*) FROM quarantine") == 1
+    finally:
+        await conn.close()
+    assert writer.terminate() == 0, writer.log_tail()
+    good = {e.event_id for i, e in enumerate(envelopes) if i != 2}
+    await assert_log_is_clean(url, good)
+    await assert_source_order(url)

@@ -15,7 +15,7 @@ from prometheus_client import Counter
 
 from services.ingester.client import AuthFailed, BadPage, FeedClient, RateLimited, Transient
 from services.ingester.transactions import Rejected, parse_transaction
-from shared.envelope import TxEnvelope, tx_encoder
+from shared.envelope import TxEnvelope, tx_messages
 from shared.faults import crash_point
 from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, ensure_streams, publish_in_order
 from shared.ops import Lifecycle
@@ -205,12 +205,8 @@ class AgentPoller:
         while True:
             try:
                 messages = [
-                    (
-                        self.topology.tx_subject(e.agent_id),
-                        tx_encoder.encode(e),
-                        {HDR_MSG_ID: str(e.event_id)},
-                    )
-                    for e in envelopes
+                    (self.topology.tx_subject(m.agent_id), m.payload, {HDR_MSG_ID: m.msg_id})
+                    for m in tx_messages(envelopes)
                 ]
                 await publish_in_order(self.js, messages, timeout=10)
                 PUBLISHED.inc(len(envelopes))

@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from services.writer.order import SourceOrder
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.envelope import new_event, tx_decoder
+from shared.envelope import TxEnvelope, decode_tx_message, new_event, tx_encoder
 from shared.faults import crash_point, delay_s, fail_point
 from shared.jetstream import NATS_ERRORS, Topology, ack_all, delivery, pull_consumer_config
 from shared.ops import Lifecycle
@@ -50,7 +50,13 @@ class Item(msgspec.Struct):
     data: bytes
     msg: Msg | None
     delivered: int  # times delivered to a writer; 0 when read from the stream
-    event: StreamEvent | None = None
+
+
+class Tx(msgspec.Struct):
+    """One transaction of a message, as the event it becomes."""
+
+    envelope: TxEnvelope
+    event: StreamEvent
 
 
 def _fetched(msg: Msg) -> Item:
@@ -62,6 +68,8 @@ def _read(raw: RawStreamMsg) -> Item:
     return Item(raw.seq or 0, raw.subject or "", raw.data or b"", None, 0)
 
 
+# A PFLEA_TX message holds up to shared.envelope.BATCH_MAX_ITEMS transactions: pull by bytes too.
+PULL_MAX_BYTES = 1024 * 1024
 _APPEND_LEADER_LOCK = 7061746564  # session lock: the writer that consumes PFLEA_TX
 
 
@@ -84,6 +92,7 @@ class TxConsumer:
         self.lifecycle = lifecycle
         self.on_commit = on_commit or asyncio.Event()
         self.heads = StreamHeads()
+        self.in_hand: list[Msg] = []
         self.order = SourceOrder(js, topology.tx_stream, topology.writer_durable, hold_s=0.5)
 
     def pull_loop(self) -> PullLoop:
@@ -99,6 +108,7 @@ class TxConsumer:
             config,
             self.lifecycle,
             batch=self.settings.writer_batch_size,
+            max_bytes=PULL_MAX_BYTES,
         )
 
     async def run(self) -> None:
@@ -159,60 +169,75 @@ class TxConsumer:
             log.warning("cannot check PFLEA_TX order (%r); batch left for redelivery", exc)
             return
         items = sorted([*map(_read, older), *fetched], key=lambda i: i.seq)
-        decoded: list[Item] = []
+        txs: list[Tx] = []
+        kept: list[Msg] = []  # decoded messages, acked once their transactions are committed
         for item in items:
             try:
-                env = tx_decoder.decode(item.data)
+                envelopes = decode_tx_message(item.data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await self._poison(item, f"envelope: {exc}")
                 continue
             if item.delivered >= self.settings.writer_max_deliver:
                 await self._poison(item, f"delivered {item.delivered} times without commit")
                 continue
-            item.event = StreamEvent(env.agent_id, "agent", new_event(env, item.seq))
-            decoded.append(item)
-        if decoded and not await self._append_until_committed(decoded):
-            return  # stopping with Postgres away: unacked, they will be redelivered
+            txs += [Tx(e, StreamEvent(e.agent_id, "agent", new_event(e, item.seq))) for e in envelopes]
+            if item.msg is not None:
+                kept.append(item.msg)
+        self.in_hand = kept
+        step = self.settings.writer_batch_size  # transactions per Postgres transaction
+        for start in range(0, len(txs), step):
+            if not await self._append_until_committed(txs[start : start + step]):
+                return  # stopping with Postgres away: unacked, they will be redelivered
+        crash_point("writer.after_commit")  # committed, not acked, maybe not relayed
+        await ack_all(kept)
         self.order.done(i.seq for i in items)
 
-    async def _append_until_committed(self, batch: list[Item]) -> bool:
-        """Commit ``batch`` (or quarantine what Postgres rejects), then ack; False if stopped first."""
+    async def _append_until_committed(self, txs: list[Tx]) -> bool:
+        """Commit ``txs`` (quarantining any Postgres rejects); False if stopped first."""
         attempt = 0
         while True:
             started = time.perf_counter()
             if slow := delay_s("writer.append"):  # a slow database, for the tests
                 await asyncio.sleep(slow)
             try:
-                events = [i.event for i in batch if i.event is not None]
-                result = await self.store.append_batch(events, heads=self.heads)
+                result = await self.store.append_batch([t.event for t in txs], heads=self.heads)
                 fail_point("writer.commit_reply_lost")  # committed, but the caller cannot know
             except TRANSIENT_DB_ERRORS as exc:
                 # Outcome unknown (the commit may have landed): retrying is safe because event
-                # ids are unique. Keep the messages ours meanwhile so they are not redelivered.
+                # ids are unique. The messages stay ours meanwhile (in progress), not redelivered.
                 attempt += 1
                 log.warning("append failed (%r); retry %d", exc, attempt)
-                await asyncio.gather(
-                    *(i.msg.in_progress() for i in batch if i.msg is not None), return_exceptions=True
-                )
+                await self._keep()
                 if await self.lifecycle.sleep(min(0.1 * 2**attempt, 5.0)):
                     return False
                 continue
             except asyncpg.PostgresError as exc:
-                if len(batch) == 1:
-                    await self._poison(batch[0], f"postgres: {exc}")
+                if len(txs) == 1:
+                    await self._reject(txs[0], f"postgres: {exc}")
                     return True
                 # Something in the batch is rejected by the database: find it by halving.
-                mid = len(batch) // 2
-                return await self._append_until_committed(batch[:mid]) and await self._append_until_committed(
-                    batch[mid:]
-                )
+                mid = len(txs) // 2
+                first = await self._append_until_committed(txs[:mid])
+                return first and await self._append_until_committed(txs[mid:])
             BATCH_SECONDS.observe(time.perf_counter() - started)
             APPENDED.inc(len(result.appended))
             DUPLICATES.inc(len(result.duplicates))
-            crash_point("writer.after_commit")  # committed, not acked, maybe not relayed
             self.on_commit.set()
-            await ack_all([i.msg for i in batch if i.msg is not None])
             return True
+
+    async def _keep(self) -> None:
+        """Tell JetStream the messages in hand are still being worked on (no redelivery)."""
+        await asyncio.gather(*(m.in_progress() for m in self.in_hand), return_exceptions=True)
+
+    async def _reject(self, tx: Tx, reason: str) -> None:
+        """One transaction Postgres refuses: quarantined alone, its message's others go on."""
+        envelope = tx.envelope
+        await self.quarantine.put(
+            tx_encoder.encode(envelope),
+            reason,
+            agent_id=envelope.agent_id,
+            key=f"tx:{envelope.source}:{envelope.tx_id}",
+        )
 
     async def _poison(self, item: Item, reason: str) -> None:
         await self.quarantine.put(
