@@ -13,12 +13,12 @@ from typing import Any
 import asyncpg
 from nats.js import JetStreamContext
 
-from services.ingester.transactions import parse_transaction
 from services.simulator import Simulator, SimulatorConfig
 from shared.envelope import TxEnvelope, TxMessage, new_event, tx_encoder, tx_messages
 from shared.jetstream import HDR_MSG_ID, Topology
 from shared.settings import Settings
 from shared.store import event_record
+from shared.transactions import parse_transaction
 
 SOURCE = "purpleflea"
 

@@ -188,8 +188,9 @@ class PullLoop:
             self.config.filter_subject, durable=self.durable, stream=self.stream, config=self.config
         )
         await sub.unsubscribe()  # only its consumer is wanted; PullStream reads it
+        nc, prefix = self.js._nc, self.js._prefix  # nats-py exposes neither publicly
         self.pulls = PullStream(
-            self.js._nc, self.js._prefix, self.stream, self.durable, batch=self.batch, max_bytes=self.max_bytes
+            nc, prefix, self.stream, self.durable, batch=self.batch, max_bytes=self.max_bytes
         )
         self.pulls.buffer.extend(carried)
         await self.pulls.start()

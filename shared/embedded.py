@@ -158,10 +158,7 @@ def _pg_install() -> Path:
 
 
 def _world_reachable(path: Path) -> bool:
-    for part in [path, *path.parents]:
-        if not os.stat(part).st_mode & 0o001:
-            return False
-    return True
+    return all(os.stat(part).st_mode & 0o001 for part in [path, *path.parents])
 
 
 def _ensure_os_user() -> pwd.struct_passwd:
@@ -243,7 +240,8 @@ class EmbeddedPostgres:
                 ],
                 check=True,
                 capture_output=True,
-                **who,  # type: ignore[arg-type]
+                user=who.get("user"),
+                group=who.get("group"),
             )
         stale = self.pgdata / "postmaster.pid"
         if stale.exists():
@@ -274,7 +272,8 @@ class EmbeddedPostgres:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
-                **who,  # type: ignore[arg-type]
+                user=who.get("user"),
+                group=who.get("group"),
             )
         self._wait_ready(log, time.monotonic() + timeout)
         return self.url()

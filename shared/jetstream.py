@@ -190,7 +190,7 @@ async def ack_all(msgs: list[Msg]) -> None:
     """Ack each message in turn: an ack is a buffered publish, so a plain loop is far cheaper
     than a task per message. A failed ack only means a redelivery, which consumers absorb."""
     for msg in msgs:
-        try:
+        try:  # noqa: SIM105 -- the hot path: try/except is ~20x cheaper than contextlib.suppress
             await msg.ack()
         except NATS_ERRORS:
             pass

@@ -168,7 +168,8 @@ def _convert(field: str, raw: str) -> Any:
             raise SettingsError(variable, f"expected 1/0/true/false, got {raw!r}")
         return flag in ("1", "true", "yes")
     try:
-        value = msgspec.convert(raw.strip(), target, strict=False)
+        # int or float: str, Path and bool returned above.
+        value: int | float = msgspec.convert(raw.strip(), target, strict=False)
     except msgspec.ValidationError:
         raise SettingsError(variable, f"expected {ftype}, got {raw!r}") from None
     if field in _POSITIVE and value <= 0:

@@ -8,6 +8,7 @@ from a migrated template) and its own JetStream namespace.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -171,8 +172,6 @@ async def js_streams(nats_url: str, topology: Topology) -> AsyncIterator[nats.ai
         yield nc
     finally:
         for name in (topology.tx_stream, topology.events_stream):
-            try:
+            with contextlib.suppress(Exception):
                 await js.delete_stream(name)
-            except Exception:
-                pass
         await nc.close()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from services.ingester.pages import split_page
-from services.ingester.transactions import Rejected, parse_transaction
 from services.simulator import MALFORMED_KINDS
+from shared.transactions import Rejected, parse_transaction
 from tests.chaos import scenarios
 from tests.chaos.fixtures import chaos_run, chaos_servers_fixture, simulator  # noqa: F401 - fixture
 from tests.chaos.poison import KINDS as POISON_KINDS

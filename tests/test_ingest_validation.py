@@ -8,8 +8,8 @@ import msgspec
 import pytest
 
 from services.ingester.pages import BadPage, split_page
-from services.ingester.transactions import Rejected, parse_transaction
 from shared.events import decode_data
+from shared.transactions import Rejected, parse_transaction
 
 GOOD = b'{"id": "t1", "type": "bet", "amount": "2.50", "game": "dice", "created_at": "2026-01-01T00:00:00Z"}'
 
@@ -52,15 +52,18 @@ POISON = [
     ),
     (tx(memo="x" * (2 * 1024 * 1024)), "transaction"),
     (
-        b'{"id": "p", "type": "deposit", "amount": "1", "memo": "\xff\xfe", "created_at": "2026-01-01T00:00:00Z"}',
+        b'{"id": "p", "type": "deposit", "amount": "1", "memo": "\xff\xfe", '
+        b'"created_at": "2026-01-01T00:00:00Z"}',
         "UTF-8",
     ),
     (
-        b'{"id": "p", "type": "deposit", "amount": "1", "memo": "\\ud800", "created_at": "2026-01-01T00:00:00Z"}',
+        b'{"id": "p", "type": "deposit", "amount": "1", "memo": "\\ud800", '
+        b'"created_at": "2026-01-01T00:00:00Z"}',
         "surrogate",
     ),
     (
-        b'{"id": "p", "type": "deposit", "amount": "1", "memo": "a\\u0000b", "created_at": "2026-01-01T00:00:00Z"}',
+        b'{"id": "p", "type": "deposit", "amount": "1", "memo": "a\\u0000b", '
+        b'"created_at": "2026-01-01T00:00:00Z"}',
         "NUL",
     ),
     (b'{"id": "p", "type": "deposit", "amount": "1", "deep": ' + b"[" * 10000 + b"]" * 10000 + b"}", "nest"),

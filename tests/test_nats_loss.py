@@ -60,7 +60,9 @@ async def test_a_nats_server_that_loses_its_store_loses_no_transaction(
             shutil.rmtree(own_nats.data_dir / "jetstream")  # every stream, message and consumer
             own_nats.start()
             await wait_until(lambda: progress(total), 90, "every transaction after the loss", 0.3)
-            await wait_until(lambda: caught_up(settings.database_url, "balance"), 60, "balance caught up", 0.3)
+            await wait_until(
+                lambda: caught_up(settings.database_url, "balance"), 60, "balance caught up", 0.3
+            )
             for proc in procs:
                 assert proc.terminate() == 0, proc.log_tail()
         finally:

@@ -46,7 +46,9 @@ async def test_services_serve_metrics_and_health(
     settings: Settings, js_streams: nats.NATS, tmp_path: Path, module: str, args: tuple[str, ...], metric: str
 ) -> None:
     port = free_port()
-    proc = ServiceProcess(module, service_env(settings, PFLEA_METRICS_PORT=str(port)), tmp_path, *args).start()
+    proc = ServiceProcess(
+        module, service_env(settings, PFLEA_METRICS_PORT=str(port)), tmp_path, *args
+    ).start()
     try:
         await proc.wait_ready()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:

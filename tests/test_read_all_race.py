@@ -17,7 +17,7 @@ async def test_tailing_reader_sees_every_event_exactly_once(store: EventStore) -
     done = asyncio.Event()
 
     async def append_slowly(n: int) -> None:
-        for i in range(per_writer):
+        for _ in range(per_writer):
             event = NewEvent(
                 event_id=uuid.uuid4(),
                 event_type="FundsDeposited",

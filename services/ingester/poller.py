@@ -14,13 +14,13 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter
 
 from services.ingester.client import AuthFailed, BadPage, FeedClient, RateLimited, Transient
-from services.ingester.transactions import Rejected, parse_transaction
 from shared.envelope import TxEnvelope, tx_messages
 from shared.faults import crash_point
 from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, ensure_streams, publish_in_order
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import AgentCredential, Settings
+from shared.transactions import Rejected, parse_transaction
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,10 @@ class AgentPoller:
         self.seen_reconnects = self.reconnects()
         self.since = await committed_cursor(self.pool, self.agent.agent_id)
         self.recent.clear()
-        log.info("NATS reconnected: polling again from the committed cursor",
-                 extra={"agent": self.agent.agent_id, "since": self.since})
+        log.info(
+            "NATS reconnected: polling again from the committed cursor",
+            extra={"agent": self.agent.agent_id, "since": self.since},
+        )
 
     async def poll_once(self) -> float:
         """Fetch and handle one page; return how long to wait before the next poll."""

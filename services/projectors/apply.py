@@ -67,9 +67,9 @@ async def apply_batch(
     for stream, events in pending.items():
         state = states[stream]
         for recorded in events:
-            event = await _decode(recorded, model, quarantine, conn)
-            if event is not None:
-                model.apply(state, event)
+            decoded = await _decode(recorded, model, quarantine, conn)
+            if decoded is not None:
+                model.apply(state, decoded)
         applied[stream] = (events[-1].version, events[-1].position)
     await save_states(conn, model, states, {s: applied[s][1] for s in pending})
     await save_checkpoints(conn, model.name, applied)

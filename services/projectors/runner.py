@@ -118,9 +118,8 @@ class ProjectorRunner:
             except BadMessage as exc:
                 await self.quarantine.put(msg.data, f"projector {name}: {exc}", subject=msg.subject)
                 await msg.term()
-        if delivered:
-            if not await self._apply_until_committed(delivered):
-                return  # stopping while Postgres is away: unacked, so redelivered later
+        if delivered and not await self._apply_until_committed(delivered):
+            return  # stopping while Postgres is away: unacked, so redelivered later
         crash_point("projector.after_commit")
         await ack_all(msgs)
 

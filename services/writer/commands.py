@@ -32,7 +32,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Histogram
 
-from services.ingester.transactions import Rejected, parse_transaction
 from services.writer.decide import Accept, Rejection, checked_shape, decide
 from services.writer.purpleflea import PurpleFleaCommands, UpstreamRejected, UpstreamUnavailable
 from shared.commands import (
@@ -54,6 +53,7 @@ from shared.money import parse_amount
 from shared.ops import Lifecycle
 from shared.settings import AGENT_ID_PATTERN, Settings
 from shared.store import EventStore, NewEvent, OptimisticConcurrencyError, StreamEvent
+from shared.transactions import Rejected, parse_transaction
 
 log = logging.getLogger(__name__)
 

@@ -148,7 +148,8 @@ class Relay:
         if held < self.position:
             log.warning(
                 "PFLEA_EVENTS holds events up to position %d, we had relayed %d: republishing",
-                held, self.position,
+                held,
+                self.position,
             )
             self.position = held
 

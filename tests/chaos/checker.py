@@ -151,7 +151,11 @@ async def source_order_kept(conn: asyncpg.Connection, truth: list[StoredTx], fin
     findings.reordered = sum(reordered.values())
     if reordered:
         findings.reorder_samples = list(reordered.items())[:SAMPLES]
-        findings.fail(2, f"{findings.reordered} events stored after a later transaction of their feed", reordered.items())
+        findings.fail(
+            2,
+            f"{findings.reordered} events stored after a later transaction of their feed",
+            reordered.items(),
+        )
 
 
 async def read_models_equal_fold(conn: asyncpg.Connection, findings: Findings) -> None:

@@ -176,9 +176,11 @@ def _money(cls: type[Event], *extra: str) -> Callable[[dict[str, Any]], Event]:
     return build
 
 
-def _domain(cls: type[Event]) -> Callable[[dict[str, Any]], Event]:
+def _domain(cls: type[DomainPurchased | DomainRenewed | DomainSold]) -> Callable[[dict[str, Any]], Event]:
     def build(tx: dict[str, Any]) -> Event:
-        return cls(amount=_amount(tx), asset=_asset(tx), domain=_text(tx, "domain"))
+        amount, asset, domain = _amount(tx), _asset(tx), _text(tx, "domain")
+        assert domain is not None
+        return cls(amount=amount, asset=asset, domain=domain)
 
     return build
 
