@@ -7,6 +7,8 @@
   never came back: the outcome is unknown to the caller).
 - ``PFLEA_DELAY_AT=projector.apply:1.5``: every hit waits that many seconds (a slow database or
   a starved host), via :func:`delay_s`.
+- ``PFLEA_CRASH_AT=writer.tx.<tx id>:1``: a transaction that kills the writer whenever it is
+  about to be appended (the count restarts with each process).
 
 Several points may be listed, comma-separated.
 """
@@ -29,6 +31,7 @@ _counts: dict[str, int] = {}
 _crash: dict[str, int] = {name: int(n or 1) for name, n in _parse("PFLEA_CRASH_AT").items()}
 _fail: dict[str, int] = {name: int(n or 1) for name, n in _parse("PFLEA_FAIL_AT").items()}
 _delay: dict[str, float] = {name: float(s or 0) for name, s in _parse("PFLEA_DELAY_AT").items()}
+ARMED = bool(_crash or _fail or _delay)  # lets a hot path skip naming a point per item
 
 
 class InjectedFault(ConnectionError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -327,3 +328,53 @@ async def test_a_batch_message_with_one_transaction_postgres_refuses_keeps_the_o
     good = {e.event_id for i, e in enumerate(envelopes) if i != 2}
     await assert_log_is_clean(url, good)
     await assert_source_order(url)
+
+
+async def test_a_transaction_that_kills_the_writer_is_quarantined_and_the_rest_flow(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, tmp_path: Path
+) -> None:
+    """A message that crashes the writer whenever it is appended (a crash loop) must neither
+    stall the pipeline for good nor take innocent neighbours to the delivery limit with it."""
+    expected = await publish_transactions(js_streams, topology, agents=3, per_agent=20)
+    culprit = envelope("agent-1", 5)
+    env = service_env(
+        settings,
+        PFLEA_CRASH_AT=f"writer.tx.{culprit.tx_id}:1",
+        PFLEA_WRITER_MAX_DELIVER="4",
+        PFLEA_ACK_WAIT_S="2",
+    )
+    writer = ServiceProcess("services.writer", env, tmp_path)
+    url = settings.database_url
+    good = expected - {culprit.event_id}
+    crashes = 0
+    try:
+        for _ in range(40):
+            writer.start()
+            exited = None
+            for _ in range(100):
+                if await _at_least(url, len(good)):
+                    break
+                if writer.proc is not None and writer.proc.poll() is not None:
+                    exited = writer.proc.returncode
+                    break
+                await asyncio.sleep(0.1)
+            if exited is None:
+                break
+            assert exited == 137, writer.log_tail()  # the crash point, nothing else
+            crashes += 1
+        else:
+            pytest.fail("still crash-looping after 40 restarts")
+        await wait_until(lambda: _at_least(url, len(good)), 30, "the innocent transactions written")
+        assert writer.terminate() == 0, writer.log_tail()
+    finally:
+        writer.kill()
+    assert crashes >= 2, "the culprit never crashed the writer: the test proved nothing"
+    await assert_log_is_clean(url, good)
+    await assert_source_order(url)
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT reason, raw FROM quarantine")
+    finally:
+        await conn.close()
+    assert len(rows) == 1 and "times without commit" in rows[0]["reason"]
+    assert culprit.tx_id.encode() in rows[0]["raw"]

@@ -8,8 +8,10 @@ import sys
 import time
 
 import asyncpg
+import httpx
 import nats
 from nats.aio.client import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from shared.db import READER_ROLE, role_dsn
 from shared.jetstream import Topology
@@ -17,8 +19,17 @@ from shared.settings import Settings
 
 
 class StatusLine:
-    def __init__(self, database_url: str, nats_url: str, settings: Settings, *, live: bool) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        nats_url: str,
+        settings: Settings,
+        *,
+        live: bool,
+        ingester_metrics: str | None = None,
+    ) -> None:
         self.dsn = role_dsn(database_url, READER_ROLE, settings.db_service_password)
+        self.ingester_metrics = ingester_metrics  # its /metrics: transactions published
         self.nats_url = nats_url
         self.topology = Topology(settings.namespace)
         self.live = live and sys.stdout.isatty()
@@ -77,12 +88,24 @@ class StatusLine:
         }
         for row in await self.conn.fetch("SELECT projection, position FROM projection_positions"):
             counts[row["projection"]] = int(row["position"])
-        try:
-            info = await self.nc.jetstream().stream_info(self.topology.tx_stream)
-            counts["ingested"] = int(info.state.messages)
-        except nats.js.errors.NotFoundError:
-            counts["ingested"] = 0
+        counts["ingested"] = await self._published()
         return counts
+
+    async def _published(self) -> int:
+        """Transactions the ingester has published (a PFLEA_TX message holds a batch of them);
+        0 when its /metrics cannot be read."""
+        if not self.ingester_metrics:
+            return 0
+        try:
+            async with httpx.AsyncClient(timeout=2) as http:
+                text = (await http.get(self.ingester_metrics)).text
+        except httpx.HTTPError:
+            return 0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "pflea_ingester_transactions_published_total":
+                    return int(sample.value)
+        return 0
 
     async def close(self) -> None:
         if self.conn is not None:

@@ -191,7 +191,9 @@ Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
         )
 
     async def _supervise(self, database_url: str, nats_url: str) -> int:
-        status = StatusLine(database_url, nats_url, self.settings, live=self.status)
+        port = self.metrics_ports.get("ingester")
+        metrics = f"http://127.0.0.1:{port}/metrics" if port else None
+        status = StatusLine(database_url, nats_url, self.settings, live=self.status, ingester_metrics=metrics)
         watcher = asyncio.create_task(self.supervisor.watch())
         reporter = asyncio.create_task(status.run(plain_every=self.status_every))
         stop = asyncio.create_task(self.stop_requested.wait())

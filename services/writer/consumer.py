@@ -19,11 +19,12 @@ from nats.js.api import RawStreamMsg
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.writer.order import SourceOrder
+from shared import faults
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.envelope import TxEnvelope, decode_tx_message, new_event, tx_encoder
 from shared.faults import crash_point, delay_s, fail_point
-from shared.jetstream import NATS_ERRORS, Topology, ack_all, delivery, pull_consumer_config
+from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, ack_all, delivery, pull_consumer_config
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
@@ -49,7 +50,8 @@ class Item(msgspec.Struct):
     subject: str
     data: bytes
     msg: Msg | None
-    delivered: int  # times delivered to a writer; 0 when read from the stream
+    delivered: int  # times delivered to a writer (0 when read from the stream), or tried
+    key: str  # the message's identity for counting attempts: its Nats-Msg-Id
 
 
 class Tx(msgspec.Struct):
@@ -59,15 +61,27 @@ class Tx(msgspec.Struct):
     event: StreamEvent
 
 
+def _key(seq: int, headers: dict[str, str] | None) -> str:
+    return (headers or {}).get(HDR_MSG_ID) or f"seq:{seq}"
+
+
 def _fetched(msg: Msg) -> Item:
     seq, delivered = delivery(msg)
-    return Item(seq, msg.subject, msg.data, msg, delivered)
+    return Item(seq, msg.subject, msg.data, msg, delivered, _key(seq, msg.headers))
 
 
 def _read(raw: RawStreamMsg) -> Item:
-    return Item(raw.seq or 0, raw.subject or "", raw.data or b"", None, 0)
+    seq = raw.seq or 0
+    return Item(seq, raw.subject or "", raw.data or b"", None, 0, _key(seq, raw.headers))
 
 
+_COUNT_ATTEMPTS = """
+    INSERT INTO writer_attempts (msg_key, attempts) SELECT k, 1 FROM unnest($1::text[]) AS k
+    ON CONFLICT (msg_key) DO UPDATE
+    SET attempts = writer_attempts.attempts + 1, last_at = clock_timestamp()
+    RETURNING msg_key, attempts"""
+# A message delivered this often without a commit may be killing the writer: isolate it.
+ISOLATE_AFTER = 3
 # A PFLEA_TX message holds up to shared.envelope.BATCH_MAX_ITEMS transactions: pull by bytes too.
 PULL_MAX_BYTES = 1024 * 1024
 _APPEND_LEADER_LOCK = 7061746564  # session lock: the writer that consumes PFLEA_TX
@@ -134,6 +148,7 @@ class TxConsumer:
                 if await self.lifecycle.sleep(1.0):
                     return
             log.info("appending (this writer holds the append lock)")
+            await conn.execute("DELETE FROM writer_attempts WHERE last_at < now() - interval '8 days'")
             lost = asyncio.Event()
             watch = asyncio.create_task(self._watch_lock(conn, lost))
             try:
@@ -169,28 +184,89 @@ class TxConsumer:
             log.warning("cannot check PFLEA_TX order (%r); batch left for redelivery", exc)
             return
         items = sorted([*map(_read, older), *fetched], key=lambda i: i.seq)
+        if not await self._count_attempts([i for i in items if i.delivered != 1]):
+            return  # Postgres is away: unacked, they come back
+        isolate_after = max(1, min(ISOLATE_AFTER, self.settings.writer_max_deliver - 1))
+        if any(i.delivered >= isolate_after for i in items):
+            # Redelivered again and again: something in hand kills this process. Commit one
+            # message at a time, oldest first, so the innocent ones get out and only the culprit
+            # reaches the delivery limit (the first over it, everything older being committed).
+            log.warning(
+                "messages tried %d+ times: committing one at a time",
+                isolate_after,
+                extra={"tried": [(i.seq, i.delivered) for i in items if i.delivered > 1][:20]},
+            )
+            limit_hit = False
+            for item in items:
+                over = item.delivered >= self.settings.writer_max_deliver and not limit_hit
+                if over and await self._stored(item):
+                    over = False  # committed before, its ack lost with the process: ack it now
+                limit_hit = limit_hit or over
+                if not await self._commit([item], give_up=over):
+                    return
+            return
+        await self._commit(items, give_up=False)
+
+    async def _count_attempts(self, items: list[Item]) -> bool:
+        """Count one more attempt at each message that came back (redelivered, or read from the
+        stream after its holder died), committed before the attempt: a message that kills the
+        writer is counted although the writer dies with it. ``delivered`` becomes the count."""
+        if not items:
+            return True
+        keys = list(dict.fromkeys(i.key for i in items))
+        try:
+            rows = await self.store.pool.fetch(_COUNT_ATTEMPTS, keys)
+        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning("cannot count attempts (%r); batch left for redelivery", exc)
+            await self.lifecycle.sleep(1.0)
+            return False
+        attempts = {r["msg_key"]: r["attempts"] for r in rows}
+        for item in items:
+            item.delivered = max(item.delivered, attempts.get(item.key, 0))
+        return True
+
+    async def _stored(self, item: Item) -> bool:
+        """Whether every transaction of ``item`` is already in the log."""
+        try:
+            ids = [e.event_id for e in decode_tx_message(item.data)]
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False
+        found = await self.store.pool.fetchval(
+            "SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[])", ids
+        )
+        return bool(found == len(ids))
+
+    async def _commit(self, items: list[Item], *, give_up: bool) -> bool:
+        """Append the transactions of ``items`` in order, then ack them; False if stopped first.
+
+        ``give_up``: the (single) message has been delivered the maximum number of times without
+        a commit: quarantine it instead."""
         txs: list[Tx] = []
         kept: list[Msg] = []  # decoded messages, acked once their transactions are committed
         for item in items:
+            if give_up:
+                await self._poison(item, f"delivered {item.delivered} times without commit")
+                continue
             try:
                 envelopes = decode_tx_message(item.data)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await self._poison(item, f"envelope: {exc}")
                 continue
-            if item.delivered >= self.settings.writer_max_deliver:
-                await self._poison(item, f"delivered {item.delivered} times without commit")
-                continue
-            txs += [Tx(e, StreamEvent(e.agent_id, "agent", new_event(e, item.seq))) for e in envelopes]
+            for e in envelopes:
+                if faults.ARMED:
+                    crash_point(f"writer.tx.{e.tx_id}")  # a transaction that kills the writer
+                txs.append(Tx(e, StreamEvent(e.agent_id, "agent", new_event(e, item.seq))))
             if item.msg is not None:
                 kept.append(item.msg)
         self.in_hand = kept
         step = self.settings.writer_batch_size  # transactions per Postgres transaction
         for start in range(0, len(txs), step):
             if not await self._append_until_committed(txs[start : start + step]):
-                return  # stopping with Postgres away: unacked, they will be redelivered
+                return False  # stopping with Postgres away: unacked, they will be redelivered
         crash_point("writer.after_commit")  # committed, not acked, maybe not relayed
         await ack_all(kept)
         self.order.done(i.seq for i in items)
+        return True
 
     async def _append_until_committed(self, txs: list[Tx]) -> bool:
         """Commit ``txs`` (quarantining any Postgres rejects); False if stopped first."""
