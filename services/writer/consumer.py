@@ -80,6 +80,7 @@ _COUNT_ATTEMPTS = """
     ON CONFLICT (msg_key) DO UPDATE
     SET attempts = writer_attempts.attempts + 1, last_at = clock_timestamp()
     RETURNING msg_key, attempts"""
+_READ_ATTEMPTS = "SELECT msg_key, attempts FROM writer_attempts WHERE msg_key = ANY($1::text[])"
 # A message delivered this often without a commit may be killing the writer: isolate it.
 ISOLATE_AFTER = 3
 # A PFLEA_TX message holds up to shared.envelope.BATCH_MAX_ITEMS transactions: pull by bytes too.
@@ -114,7 +115,9 @@ class TxConsumer:
             self.topology.writer_durable,
             self.topology.tx_filter,
             ack_wait_s=self.settings.ack_wait_s,
-            max_deliver=self.settings.writer_max_deliver,
+            # JetStream never gives up on a message (it would sit unacked, unseen): the writer
+            # counts its own attempts and quarantines at PFLEA_WRITER_MAX_DELIVER.
+            max_deliver=-1,
         )
         return PullLoop(
             self.js,
@@ -184,46 +187,45 @@ class TxConsumer:
             log.warning("cannot check PFLEA_TX order (%r); batch left for redelivery", exc)
             return
         items = sorted([*map(_read, older), *fetched], key=lambda i: i.seq)
-        if not await self._count_attempts([i for i in items if i.delivered != 1]):
+        back = [i for i in items if i.delivered != 1]  # redelivered, or read from the stream
+        tried = await self._attempts(back, count=False)
+        if tried is None:
             return  # Postgres is away: unacked, they come back
         isolate_after = max(1, min(ISOLATE_AFTER, self.settings.writer_max_deliver - 1))
-        if any(i.delivered >= isolate_after for i in items):
-            # Redelivered again and again: something in hand kills this process. Commit one
-            # message at a time, oldest first, so the innocent ones get out and only the culprit
-            # reaches the delivery limit (the first over it, everything older being committed).
-            log.warning(
-                "messages tried %d+ times: committing one at a time",
-                isolate_after,
-                extra={"tried": [(i.seq, i.delivered) for i in items if i.delivered > 1][:20]},
-            )
-            limit_hit = False
-            for item in items:
-                over = item.delivered >= self.settings.writer_max_deliver and not limit_hit
-                if over and await self._stored(item):
-                    over = False  # committed before, its ack lost with the process: ack it now
-                limit_hit = limit_hit or over
-                if not await self._commit([item], give_up=over):
-                    return
+        if any(max(i.delivered, tried.get(i.key, 0) + 1) >= isolate_after for i in items):
+            await self._one_at_a_time(items, isolate_after)
             return
-        await self._commit(items, give_up=False)
+        if await self._attempts(back, count=True) is not None:
+            await self._commit(items, give_up=False)
 
-    async def _count_attempts(self, items: list[Item]) -> bool:
-        """Count one more attempt at each message that came back (redelivered, or read from the
-        stream after its holder died), committed before the attempt: a message that kills the
-        writer is counted although the writer dies with it. ``delivered`` becomes the count."""
+    async def _one_at_a_time(self, items: list[Item], isolate_after: int) -> None:
+        """Something in hand has been killing this process. Commit one message at a time,
+        oldest first, counting each attempt just before it: innocent messages get out, and only
+        the one that dies with the writer reaches the limit (the writer's own count; JetStream's
+        delivery count also grows for messages that were merely in hand)."""
+        log.warning("messages tried %d+ times: committing one at a time", isolate_after)
+        for item in items:
+            tried = await self._attempts([item], count=True)
+            if tried is None:
+                return
+            over = tried[item.key] >= self.settings.writer_max_deliver and not await self._stored(item)
+            if not await self._commit([item], give_up=over, attempts=tried[item.key]):
+                return
+
+    async def _attempts(self, items: list[Item], *, count: bool) -> dict[str, int] | None:
+        """The writer's attempts so far at each of ``items`` (by Nats-Msg-Id); with ``count``,
+        one more first, committed before the attempt, so a message that kills the writer is
+        counted although the writer dies with it. None when Postgres cannot be reached."""
         if not items:
-            return True
+            return {}
         keys = list(dict.fromkeys(i.key for i in items))
         try:
-            rows = await self.store.pool.fetch(_COUNT_ATTEMPTS, keys)
+            rows = await self.store.pool.fetch(_COUNT_ATTEMPTS if count else _READ_ATTEMPTS, keys)
         except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
             log.warning("cannot count attempts (%r); batch left for redelivery", exc)
             await self.lifecycle.sleep(1.0)
-            return False
-        attempts = {r["msg_key"]: r["attempts"] for r in rows}
-        for item in items:
-            item.delivered = max(item.delivered, attempts.get(item.key, 0))
-        return True
+            return None
+        return {r["msg_key"]: r["attempts"] for r in rows}
 
     async def _stored(self, item: Item) -> bool:
         """Whether every transaction of ``item`` is already in the log."""
@@ -236,16 +238,16 @@ class TxConsumer:
         )
         return bool(found == len(ids))
 
-    async def _commit(self, items: list[Item], *, give_up: bool) -> bool:
+    async def _commit(self, items: list[Item], *, give_up: bool, attempts: int = 0) -> bool:
         """Append the transactions of ``items`` in order, then ack them; False if stopped first.
 
-        ``give_up``: the (single) message has been delivered the maximum number of times without
-        a commit: quarantine it instead."""
+        ``give_up``: the (single) message has been tried the maximum number of times without a
+        commit: quarantine it instead."""
         txs: list[Tx] = []
         kept: list[Msg] = []  # decoded messages, acked once their transactions are committed
         for item in items:
             if give_up:
-                await self._poison(item, f"delivered {item.delivered} times without commit")
+                await self._poison(item, f"tried {attempts} times without commit (it kills the writer?)")
                 continue
             try:
                 envelopes = decode_tx_message(item.data)
