@@ -25,6 +25,7 @@ from bench.processes import ForeignLoad
 from bench.report import Figure, console_table, machine, write_json, write_markdown
 from bench.servers import running_servers
 from bench.workload import ORDERS
+from shared.service import tune_gc
 
 HERE = Path(__file__).resolve().parent
 
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     foreign = ForeignLoad()
     try:
+        tune_gc()  # as the services do, so the limits measured here are not a handicapped baseline
         h = asyncio.run(run_all(args, names, log_dir))
     finally:
         if args.logs is None:

@@ -24,7 +24,7 @@ def ingested_event_id(source: str, tx_id: str) -> uuid.UUID:
     return uuid.uuid5(INGESTED_EVENT_NAMESPACE, f"{source}:{tx_id}")
 
 
-class TxEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+class TxEnvelope(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     event_id: uuid.UUID
     agent_id: str
     event_type: str
@@ -37,19 +37,20 @@ class TxEnvelope(msgspec.Struct, frozen=True, kw_only=True):
 
 def new_event(env: TxEnvelope, tx_seq: int) -> NewEvent:
     """The event a PFLEA_TX message becomes; ``tx_seq`` is its sequence in the stream."""
+    origin = f"{env.source}:{env.tx_id}"
     return NewEvent(
         event_id=env.event_id,
         event_type=env.event_type,
-        data=bytes(env.data).decode(),
+        data=str(env.data, "utf-8"),
         occurred_at=env.occurred_at,
         schema_version=env.schema_version,
-        causation_id=f"{env.source}:{env.tx_id}",
-        correlation_id=f"{env.source}:{env.tx_id}",
+        causation_id=origin,
+        correlation_id=origin,
         metadata={"source": env.source, "tx_seq": tx_seq},
     )
 
 
-class TxBatch(msgspec.Struct, frozen=True, kw_only=True):
+class TxBatch(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One PFLEA_TX message: consecutive transactions of ``agent_id``, oldest first."""
 
     agent_id: str

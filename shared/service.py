@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -28,6 +29,16 @@ def _exit_cleanly(signum: int, frame: object) -> None:
     sys.exit(0)
 
 
+def tune_gc() -> None:
+    """Services allocate many short-lived objects per message (envelopes, events, rows); with
+    CPython's default thresholds the cyclic collector ran every 700 allocations and cost more
+    than building the objects (measured: 3.4 -> 1.5 us per event built; bench/README.md).
+    Everything imported so far is frozen out of the collector's sight, and young collections
+    wait for 50,000 allocations. The hot structs are not tracked at all (``gc=False``)."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def run_service(name: str, main: Main) -> None:
     """Run ``main`` until it returns or SIGTERM/SIGINT; exit 0 on a clean stop, 2 on bad config."""
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -37,6 +48,7 @@ def run_service(name: str, main: Main) -> None:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(name, settings.log_level)
+    tune_gc()
     try:
         import uvloop
 

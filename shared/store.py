@@ -62,7 +62,7 @@ class DuplicateEventError(Exception):
         self.event_ids = list(event_ids)
 
 
-class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
+class NewEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """An event about to be stored. ``data`` is its JSON; ``metadata`` extra context."""
 
     event_id: uuid.UUID
@@ -107,7 +107,7 @@ class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
         return _meta_encoder.encode(meta).decode()
 
 
-class StreamEvent(msgspec.Struct, frozen=True):
+class StreamEvent(msgspec.Struct, frozen=True, gc=False):
     """One event addressed to a stream: the unit of the writer's batch append."""
 
     stream_id: str
@@ -115,7 +115,7 @@ class StreamEvent(msgspec.Struct, frozen=True):
     event: NewEvent
 
 
-class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """An event as stored, in its current schema shape."""
 
     position: int
@@ -138,7 +138,7 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
         return result
 
 
-class Appended(msgspec.Struct, frozen=True):
+class Appended(msgspec.Struct, frozen=True, gc=False):
     event_id: uuid.UUID
     stream_id: str
     version: int
