@@ -314,13 +314,13 @@ class EventStore:
         if not items:
             return BatchResult([], [])
         await conn.execute(_LOCK_APPENDS)
-        ids = [item.event.event_id for item in items]
-        stored = {
-            r["event_id"]
-            for r in await conn.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids)
-        }
+        stored = await _stored_ids(conn, [item.event.event_id for item in items])
         streams = list(dict.fromkeys(item.stream_id for item in items))
         return await _insert_at(conn, items, await _heads(conn, streams), stored)
+
+    async def stored(self, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of ``event_ids`` are in the log."""
+        return await _stored_ids(self.pool, event_ids)
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, to_version: int | None = None
@@ -415,6 +415,11 @@ def event_record(stream_id: str, stream_type: str, version: int, event: NewEvent
 # Every append takes this lock (the INSERT trigger takes it too); taking it first keeps the
 # heads read below valid until the commit.
 _LOCK_APPENDS = "SELECT pg_advisory_xact_lock(7061746561)"
+
+
+async def _stored_ids(conn: asyncpg.Connection | asyncpg.Pool, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    rows = await conn.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids)
+    return {r["event_id"] for r in rows}
 
 
 async def _heads(conn: asyncpg.Connection, streams: list[str]) -> dict[str, int]:

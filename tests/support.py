@@ -12,6 +12,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
 from shared.settings import Settings
 from tests.conftest import SERVICE_PASSWORD
 
@@ -113,3 +117,26 @@ class ServiceProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+async def stream_messages(
+    js: JetStreamContext, stream: str, subjects: str, *, headers_only: bool = False
+) -> list[Msg]:
+    """Every message ``stream`` holds now, in order, read with an ephemeral consumer."""
+    total = int((await js.stream_info(stream)).state.messages)
+    if total == 0:
+        return []
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.ALL,
+        headers_only=headers_only,
+        inactive_threshold=30,
+    )
+    sub = await js.pull_subscribe(subjects, stream=stream, config=config)
+    msgs: list[Msg] = []
+    try:
+        while len(msgs) < total:
+            msgs += await sub.fetch(min(5000, total - len(msgs)), timeout=10)
+    finally:
+        await sub.unsubscribe()
+    return msgs

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared.envelope import decode_tx_message
 from shared.jetstream import Topology
@@ -21,6 +20,7 @@ from tests.chaos.fixtures import chaos_run, chaos_servers_fixture, simulator  # 
 from tests.chaos.harness import PIPELINE
 from tests.chaos.schedule import chaos_seeds
 from tests.chaos.servers import ChaosServers
+from tests.support import stream_messages
 
 pytestmark = [pytest.mark.chaos, pytest.mark.parametrize("seed", chaos_seeds())]
 
@@ -84,18 +84,6 @@ async def test_ingester_republishing_after_the_dedup_window_is_stopped_by_the_da
 
 
 async def _transactions_in(js: JetStreamContext, topology: Topology) -> int:
-    """Transactions in PFLEA_TX (a message holds a batch of them), read with an ephemeral
-    consumer."""
-    total = (await js.stream_info(topology.tx_stream)).state.messages
-    sub = await js.pull_subscribe(
-        topology.tx_filter,
-        stream=topology.tx_stream,
-        config=ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30),
-    )
-    seen = transactions = 0
-    while seen < total:
-        msgs = await sub.fetch(min(1000, total - seen), timeout=5)
-        seen += len(msgs)
-        transactions += sum(len(decode_tx_message(m.data)) for m in msgs)
-    await sub.unsubscribe()
-    return transactions
+    """Transactions in PFLEA_TX (a message holds a batch of them)."""
+    msgs = await stream_messages(js, topology.tx_stream, topology.tx_filter)
+    return sum(len(decode_tx_message(m.data)) for m in msgs)

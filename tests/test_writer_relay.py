@@ -13,7 +13,6 @@ import msgspec
 import nats
 import pytest
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
 
 from shared.envelope import TxEnvelope, ingested_event_id, tx_encoder, tx_messages
 from shared.events import FundsDeposited, encode_data
@@ -27,7 +26,7 @@ from shared.jetstream import (
 )
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent
-from tests.support import ServiceProcess, service_env, wait_until
+from tests.support import ServiceProcess, service_env, stream_messages, wait_until
 
 
 def envelope(agent: str, n: int) -> TxEnvelope:
@@ -71,22 +70,8 @@ async def count_events(database_url: str) -> int:
 
 
 async def relayed(nc: nats.NATS, topology: Topology) -> list[nats.aio.msg.Msg]:
-    """Every message on this test's PFLEA_EVENTS, read with an ephemeral ordered consumer."""
-    js = nc.jetstream()
-    info = await js.stream_info(topology.events_stream)
-    total = info.state.messages
-    if total == 0:
-        return []
-    sub = await js.pull_subscribe(
-        topology.events_filter,
-        stream=topology.events_stream,
-        config=ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=30),
-    )
-    msgs: list[nats.aio.msg.Msg] = []
-    while len(msgs) < total:
-        msgs += await sub.fetch(min(1000, total - len(msgs)), timeout=5)
-    await sub.unsubscribe()
-    return msgs
+    """Every message on this test's PFLEA_EVENTS."""
+    return await stream_messages(nc.jetstream(), topology.events_stream, topology.events_filter)
 
 
 async def assert_log_is_clean(database_url: str, expected: set[uuid.UUID]) -> None:

@@ -107,7 +107,6 @@ class TxConsumer:
         self.lifecycle = lifecycle
         self.on_commit = on_commit or asyncio.Event()
         self.heads = StreamHeads()
-        self.in_hand: list[Msg] = []
         self.order = SourceOrder(js, topology.tx_stream, topology.writer_durable, hold_s=0.5)
 
     def pull_loop(self) -> PullLoop:
@@ -233,10 +232,7 @@ class TxConsumer:
             ids = [e.event_id for e in decode_tx_message(item.data)]
         except (msgspec.DecodeError, msgspec.ValidationError):
             return False
-        found = await self.store.pool.fetchval(
-            "SELECT count(*) FROM events WHERE event_id = ANY($1::uuid[])", ids
-        )
-        return bool(found == len(ids))
+        return len(await self.store.stored(ids)) == len(set(ids))
 
     async def _commit(self, items: list[Item], *, give_up: bool, attempts: int = 0) -> bool:
         """Append the transactions of ``items`` in order, then ack them; False if stopped first.
@@ -260,18 +256,18 @@ class TxConsumer:
                 txs.append(Tx(e, StreamEvent(e.agent_id, "agent", new_event(e, item.seq))))
             if item.msg is not None:
                 kept.append(item.msg)
-        self.in_hand = kept
         step = self.settings.writer_batch_size  # transactions per Postgres transaction
         for start in range(0, len(txs), step):
-            if not await self._append_until_committed(txs[start : start + step]):
+            if not await self._append_until_committed(txs[start : start + step], kept):
                 return False  # stopping with Postgres away: unacked, they will be redelivered
         crash_point("writer.after_commit")  # committed, not acked, maybe not relayed
         await ack_all(kept)
         self.order.done(i.seq for i in items)
         return True
 
-    async def _append_until_committed(self, txs: list[Tx]) -> bool:
-        """Commit ``txs`` (quarantining any Postgres rejects); False if stopped first."""
+    async def _append_until_committed(self, txs: list[Tx], kept: list[Msg]) -> bool:
+        """Commit ``txs`` (quarantining any Postgres rejects); False if stopped first. ``kept``,
+        their messages, are marked in progress while Postgres is retried."""
         attempt = 0
         while True:
             started = time.perf_counter()
@@ -285,7 +281,7 @@ class TxConsumer:
                 # ids are unique. The messages stay ours meanwhile (in progress), not redelivered.
                 attempt += 1
                 log.warning("append failed (%r); retry %d", exc, attempt)
-                await self._keep()
+                await asyncio.gather(*(m.in_progress() for m in kept), return_exceptions=True)
                 if await self.lifecycle.sleep(min(0.1 * 2**attempt, 5.0)):
                     return False
                 continue
@@ -295,17 +291,13 @@ class TxConsumer:
                     return True
                 # Something in the batch is rejected by the database: find it by halving.
                 mid = len(txs) // 2
-                first = await self._append_until_committed(txs[:mid])
-                return first and await self._append_until_committed(txs[mid:])
+                first = await self._append_until_committed(txs[:mid], kept)
+                return first and await self._append_until_committed(txs[mid:], kept)
             BATCH_SECONDS.observe(time.perf_counter() - started)
             APPENDED.inc(len(result.appended))
             DUPLICATES.inc(len(result.duplicates))
             self.on_commit.set()
             return True
-
-    async def _keep(self) -> None:
-        """Tell JetStream the messages in hand are still being worked on (no redelivery)."""
-        await asyncio.gather(*(m.in_progress() for m in self.in_hand), return_exceptions=True)
 
     async def _reject(self, tx: Tx, reason: str) -> None:
         """One transaction Postgres refuses: quarantined alone, its message's others go on."""

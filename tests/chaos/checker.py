@@ -21,11 +21,11 @@ from typing import Any
 import asyncpg
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.simulator.feed import StoredTx
 from shared.jetstream import HDR_EVENT_ID, Topology
 from tests.reference import TABLE_COLUMNS, fold, stored_events, table_rows
+from tests.support import stream_messages
 
 PROJECTIONS = ("balance", "pnl", "portfolio", "leaderboard")
 AMOUNT_FIELDS = ("amount", "quantity", "price", "to_amount")
@@ -228,28 +228,6 @@ async def relay_covers_log(
 
 
 async def relayed_event_ids(js: JetStreamContext, topology: Topology) -> set[uuid.UUID]:
-    """Every Pflea-Event-Id on PFLEA_EVENTS, read with a headers-only ephemeral consumer."""
-    info = await js.stream_info(topology.events_stream)
-    total = int(info.state.messages)
-    if total == 0:
-        return set()
-    sub = await js.pull_subscribe(
-        topology.events_filter,
-        stream=topology.events_stream,
-        config=ConsumerConfig(
-            ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.ALL,
-            headers_only=True,
-            inactive_threshold=30,
-        ),
-    )
-    ids: set[uuid.UUID] = set()
-    seen = 0
-    try:
-        while seen < total:
-            msgs = await sub.fetch(min(5000, total - seen), timeout=10)
-            seen += len(msgs)
-            ids.update(uuid.UUID(m.headers[HDR_EVENT_ID]) for m in msgs if m.headers)
-    finally:
-        await sub.unsubscribe()
-    return ids
+    """Every Pflea-Event-Id on PFLEA_EVENTS (headers only)."""
+    msgs = await stream_messages(js, topology.events_stream, topology.events_filter, headers_only=True)
+    return {uuid.UUID(m.headers[HDR_EVENT_ID]) for m in msgs if m.headers}
