@@ -20,8 +20,6 @@ from shared.settings import Settings
 from shared.store import event_record
 from shared.transactions import parse_transaction
 
-SOURCE = "purpleflea"
-
 
 @dataclass
 class Workload:
@@ -69,7 +67,7 @@ def build_workload(transactions: int, agents: int, order: str = "pages", seed: i
         for txs in feeds:
             for tx in txs[start : start + step]:
                 if len(envelopes) < transactions:
-                    envelopes.append(parse_transaction(tx.raw, tx.agent_id, SOURCE))
+                    envelopes.append(parse_transaction(tx.raw, tx.agent_id, tx.feed))
     return Workload(agents, tx_messages(envelopes), envelopes)
 
 

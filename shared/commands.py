@@ -95,11 +95,17 @@ class Code:
     ESCROW_EXISTS = "escrow_exists"
     ESCROW_NOT_LOCKED = "escrow_not_locked"
     UPSTREAM_REJECTED = "upstream_rejected"
+    # The agent is linked to Purple Flea, which has no endpoint for this command: do it there,
+    # and its feed records it (a local event would be counted twice once the feed reports it).
+    NOT_ON_PURPLEFLEA = "not_on_purpleflea"
     # failed: nothing was recorded; send the same command (same command_id) again.
     UNAVAILABLE = "unavailable"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     CONFLICT = "conflict"
     INTERNAL = "internal_error"
+    # failed, NOT to be resent blindly: Purple Flea may have applied it (its feed will tell).
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    UPSTREAM_BAD_ANSWER = "upstream_bad_answer"
 
 
 RETRYABLE = frozenset({Code.UNAVAILABLE, Code.UPSTREAM_UNAVAILABLE, Code.CONFLICT})
@@ -119,6 +125,7 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     version: int | None = None
     event_ids: tuple[uuid.UUID, ...] = ()
     tx_ids: tuple[str, ...] = ()
+    bet_id: str | None = None
     won: bool | None = None
     payout: Decimal | None = None
 

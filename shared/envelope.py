@@ -13,14 +13,35 @@ from datetime import datetime
 
 import msgspec
 
+from shared.settings import CASINO_FEED
 from shared.store import NewEvent
 
-# Fixed forever: event ids of ingested transactions are uuid5(this, "<source>:<tx id>").
+# Fixed forever: the namespace of every event id derived from a Purple Flea fact.
 INGESTED_EVENT_NAMESPACE = uuid.UUID("5b0f1c1e-7a52-4b8e-9d2f-70666c656130")
+# The feed faucet claims (POST /claim) are matched against by their tx_id.
+FAUCET_FEED = "faucet"
 
 
-def ingested_event_id(source: str, tx_id: str) -> uuid.UUID:
-    """The deterministic event id of a source transaction: the database's idempotency key."""
+def ingested_event_id(feed: str, agent_id: str, tx_id: str) -> uuid.UUID:
+    """The event id of transaction ``tx_id`` of ``agent_id`` on ``feed``: the database's
+    idempotency key. A tx id is unique only within one feed of one agent, so all three count:
+    ``uuid5(INGESTED_EVENT_NAMESPACE, "<feed>:<agent>:<tx id>")``."""
+    return uuid.uuid5(INGESTED_EVENT_NAMESPACE, f"{feed}:{agent_id}:{tx_id}")
+
+
+def bet_event_id(agent_id: str, bet_id: str, won: bool) -> uuid.UUID:
+    """The event id of a casino bet's BetPlaced (``won=False``) or BetWon, from its ``bet_id``.
+
+    ``POST /bet`` answers a bet_id but no transaction id, so a bet is known by its bet_id
+    whichever way it arrives, the command's answer or a feed item that carries ``bet_id``:
+    ``uuid5(INGESTED_EVENT_NAMESPACE, "casino:<agent>:bet:<bet_id>:placed|won")``."""
+    role = "won" if won else "placed"
+    return uuid.uuid5(INGESTED_EVENT_NAMESPACE, f"{CASINO_FEED}:{agent_id}:bet:{bet_id}:{role}")
+
+
+def legacy_event_id(source: str, tx_id: str) -> uuid.UUID:
+    """The id events ingested before feeds existed were stored under: ``"<source>:<tx id>"``,
+    unique across agents only by luck. Kept to alias those events (see migrate.py)."""
     return uuid.uuid5(INGESTED_EVENT_NAMESPACE, f"{source}:{tx_id}")
 
 
@@ -31,22 +52,26 @@ class TxEnvelope(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     schema_version: int
     data: msgspec.Raw
     occurred_at: datetime
-    source: str
+    feed: str
     tx_id: str
+
+    @property
+    def origin(self) -> str:
+        """``<feed>:<tx id>``: where the transaction came from (its causation/correlation id)."""
+        return f"{self.feed}:{self.tx_id}"
 
 
 def new_event(env: TxEnvelope, tx_seq: int) -> NewEvent:
     """The event a PFLEA_TX message becomes; ``tx_seq`` is its sequence in the stream."""
-    origin = f"{env.source}:{env.tx_id}"
     return NewEvent(
         event_id=env.event_id,
         event_type=env.event_type,
         data=str(env.data, "utf-8"),
         occurred_at=env.occurred_at,
         schema_version=env.schema_version,
-        causation_id=origin,
-        correlation_id=origin,
-        metadata={"source": env.source, "tx_seq": tx_seq},
+        causation_id=env.origin,
+        correlation_id=env.origin,
+        metadata={"feed": env.feed, "tx_seq": tx_seq},
     )
 
 

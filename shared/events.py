@@ -65,10 +65,14 @@ class FundsWithdrawn(MoneyEvent, frozen=True, kw_only=True):
 
 class BetPlaced(MoneyEvent, frozen=True, kw_only=True):
     game: str | None = None
+    bet_id: str | None = None  # the casino's id of the bet (POST /bet answers it)
 
 
 class BetWon(MoneyEvent, frozen=True, kw_only=True):
+    """``amount`` is the payout."""
+
     game: str | None = None
+    bet_id: str | None = None
 
 
 class FeeCharged(MoneyEvent, frozen=True, kw_only=True):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import asyncpg
 
 from shared.db import SERVICE_ROLES
+from shared.envelope import ingested_event_id
+from shared.settings import CASINO_FEED
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +20,30 @@ _MIGRATION_LOCK = 7061746562  # any constant distinct from the append lock
 
 class MigrationError(RuntimeError):
     pass
+
+
+async def alias_legacy_event_ids(conn: asyncpg.Connection) -> None:
+    """Give every event ingested under the old ``"<source>:<tx id>"`` id the id the same
+    transaction gets now from the casino's feed (the only feed there was)."""
+    rows = await conn.fetch(
+        """SELECT event_id, stream_id, data->>'tx_id' AS tx_id FROM events
+           WHERE data ? 'tx_id' AND metadata ? 'source' AND NOT metadata ? 'feed'"""
+    )
+    aliases = [
+        (ingested_event_id(CASINO_FEED, r["stream_id"], r["tx_id"]), r["event_id"], r["stream_id"])
+        for r in rows
+    ]
+    await conn.executemany(
+        """INSERT INTO event_aliases (alias_id, event_id, stream_id) VALUES ($1, $2, $3)
+           ON CONFLICT DO NOTHING""",
+        aliases,
+    )
+    if aliases:
+        log.info("aliased %d events ingested before feed-scoped ids", len(aliases))
+
+
+# Data steps run in the same transaction as the SQL migration of their number.
+DATA_STEPS: dict[int, Callable[[asyncpg.Connection], Awaitable[None]]] = {5: alias_legacy_event_ids}
 
 
 def migration_files() -> list[tuple[int, str, str]]:
@@ -55,6 +82,8 @@ async def migrate(dsn: str, *, service_password: str | None = None) -> list[str]
                 continue
             async with conn.transaction():
                 await conn.execute(sql)
+                if (step := DATA_STEPS.get(number)) is not None:
+                    await step(conn)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
                     number,

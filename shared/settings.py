@@ -12,6 +12,8 @@ import msgspec
 
 from shared.money import MoneyError, parse_amount
 
+CASINO_FEED = "casino"  # the name of the feed at PURPLEFLEA_API_URL (shared.envelope too)
+
 # What an agent id may be: it is a NATS subject token (pflea.cmd.<agent>.<Command>) and a stream id.
 AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _AGENT_ID = AGENT_ID_PATTERN
@@ -34,14 +36,28 @@ class AgentCredential(msgspec.Struct, frozen=True):
         return f"AgentCredential(agent_id={self.agent_id!r}, api_key='***')"
 
 
+class Feed(msgspec.Struct, frozen=True):
+    """One Purple Flea transaction feed: its name (part of every transaction's identity) and
+    base URL (``GET <url>/transactions``)."""
+
+    name: str
+    url: str
+
+
+DEFAULT_CASINO_URL = "https://casino.purpleflea.com/api"
+DEFAULT_FAUCET_URL = "https://faucet.purpleflea.com/api"
+FEED_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Every knob of every service; field ``x`` is read from the variable in ``ENV_NAMES``."""
 
     database_url: str = ""
     nats_url: str = ""
-    purpleflea_api_url: str = ""
+    purpleflea_api_url: str = DEFAULT_CASINO_URL
+    purpleflea_faucet_url: str = DEFAULT_FAUCET_URL
+    purpleflea_feeds: tuple[Feed, ...] = ()
     purpleflea_agents: tuple[AgentCredential, ...] = ()
-    purpleflea_source: str = "purpleflea"
     data_dir: Path = DEFAULT_DATA_DIR
     namespace: str = "pflea"
     db_service_password: str = "pflea"
@@ -68,13 +84,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     command_timeout_s: float = 10.0
     faucet_amount: str = "10.00"
 
+    def feeds(self) -> tuple[Feed, ...]:
+        """The feeds to poll: PURPLEFLEA_FEEDS, else the casino's at PURPLEFLEA_API_URL."""
+        return self.purpleflea_feeds or (Feed(CASINO_FEED, self.purpleflea_api_url.rstrip("/")),)
+
 
 ENV_NAMES: dict[str, str] = {
     "database_url": "DATABASE_URL",
     "nats_url": "NATS_URL",
     "purpleflea_api_url": "PURPLEFLEA_API_URL",
+    "purpleflea_faucet_url": "PURPLEFLEA_FAUCET_URL",
+    "purpleflea_feeds": "PURPLEFLEA_FEEDS",
     "purpleflea_agents": "PURPLEFLEA_AGENTS",
-    "purpleflea_source": "PURPLEFLEA_SOURCE",
     "data_dir": "PFLEA_DATA_DIR",
     "namespace": "PFLEA_NAMESPACE",
     "db_service_password": "PFLEA_DB_SERVICE_PASSWORD",
@@ -136,6 +157,22 @@ def parse_agents(text: str) -> tuple[AgentCredential, ...]:
     return tuple(agents)
 
 
+def parse_feeds(text: str) -> tuple[Feed, ...]:
+    """Parse ``name=url,name=url`` (as ``casino=https://casino.purpleflea.com/api``)."""
+    feeds: list[Feed] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, url = item.partition("=")
+        name, url = name.strip(), url.strip()
+        if not sep or not url.startswith(("http://", "https://")):
+            raise SettingsError("PURPLEFLEA_FEEDS", f"entry {item!r} is not name=http(s)://url")
+        if not FEED_NAME_PATTERN.fullmatch(name):
+            raise SettingsError("PURPLEFLEA_FEEDS", f"feed name {name!r} must match [a-z][a-z0-9_]{{0,31}}")
+        if any(f.name == name for f in feeds):
+            raise SettingsError("PURPLEFLEA_FEEDS", f"feed {name!r} is listed twice")
+        feeds.append(Feed(name, url.rstrip("/")))
+    return tuple(feeds)
+
+
 WRITER_PARTS = ("append", "commands", "relay", "snapshots")
 
 
@@ -156,6 +193,8 @@ def _convert(field: str, raw: str) -> Any:
         return parse_agents(raw)
     if field == "writer_parts":
         return parse_writer_parts(raw)
+    if field == "purpleflea_feeds":
+        return parse_feeds(raw)
     ftype = Settings.__annotations__[field]
     target = {"str": str, "int": int, "float": float, "Path": Path, "bool": bool}[ftype]
     if target is str:

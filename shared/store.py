@@ -144,9 +144,17 @@ class Appended(msgspec.Struct, frozen=True, gc=False):
     version: int
 
 
+class Collision(msgspec.Struct, frozen=True, gc=False):
+    """An event whose id is stored already, but in another stream: not a duplicate of it."""
+
+    item: StreamEvent
+    stored_in: str
+
+
 class BatchResult(msgspec.Struct, frozen=True):
     appended: list[Appended]
     duplicates: list[uuid.UUID]
+    collisions: list[Collision] = []
 
 
 class StreamHeads:
@@ -205,6 +213,7 @@ class EventStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._aliases: bool | None = None
 
     async def append(
         self,
@@ -277,7 +286,7 @@ class EventStore:
         batch = list(items)
         if conn is not None:
             return await self._append_batch(conn, batch)
-        if heads is None:
+        if heads is None or await self._has_aliases():
             async with self.pool.acquire() as own, own.transaction():
                 return await self._append_batch(own, batch)
         try:
@@ -299,7 +308,7 @@ class EventStore:
         versions = {s: known[s] for s in streams if s in known}
         if unknown:
             versions.update(await _heads(conn, unknown))
-        seen: set[uuid.UUID] = set()
+        seen: dict[uuid.UUID, str] = {}
         if len({item.event.event_id for item in items}) == len(items):
             try:
                 async with conn.transaction():  # a savepoint: a unique violation undoes only this
@@ -309,6 +318,13 @@ class EventStore:
         heads.misses += 1
         heads.forget(streams)
         return await self._append_batch(conn, items)
+
+    async def _has_aliases(self) -> bool:
+        """Whether a migration aliased old event ids: then every batch looks them up (the
+        trusting path learns of duplicates only from unique keys, which aliases are not)."""
+        if self._aliases is None:
+            self._aliases = bool(await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM event_aliases)"))
+        return self._aliases
 
     async def _append_batch(self, conn: asyncpg.Connection, items: list[StreamEvent]) -> BatchResult:
         if not items:
@@ -320,7 +336,7 @@ class EventStore:
 
     async def stored(self, event_ids: list[uuid.UUID]) -> set[uuid.UUID]:
         """Which of ``event_ids`` are in the log."""
-        return await _stored_ids(self.pool, event_ids)
+        return set(await _stored_ids(self.pool, event_ids))
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, to_version: int | None = None
@@ -417,9 +433,14 @@ def event_record(stream_id: str, stream_type: str, version: int, event: NewEvent
 _LOCK_APPENDS = "SELECT pg_advisory_xact_lock(7061746561)"
 
 
-async def _stored_ids(conn: asyncpg.Connection | asyncpg.Pool, ids: list[uuid.UUID]) -> set[uuid.UUID]:
-    rows = await conn.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::uuid[])", ids)
-    return {r["event_id"] for r in rows}
+async def _stored_ids(conn: asyncpg.Connection | asyncpg.Pool, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """Which of ``ids`` are stored (or aliased), and in which stream."""
+    rows = await conn.fetch(
+        """SELECT event_id, stream_id FROM events WHERE event_id = ANY($1::uuid[])
+           UNION ALL SELECT alias_id, stream_id FROM event_aliases WHERE alias_id = ANY($1::uuid[])""",
+        ids,
+    )
+    return {r["event_id"]: r["stream_id"] for r in rows}
 
 
 async def _heads(conn: asyncpg.Connection, streams: list[str]) -> dict[str, int]:
@@ -433,24 +454,30 @@ async def _heads(conn: asyncpg.Connection, streams: list[str]) -> dict[str, int]
 
 
 async def _insert_at(
-    conn: asyncpg.Connection, items: list[StreamEvent], heads: dict[str, int], stored: set[uuid.UUID]
+    conn: asyncpg.Connection, items: list[StreamEvent], heads: dict[str, int], stored: dict[uuid.UUID, str]
 ) -> BatchResult:
-    """Insert ``items`` after ``heads`` (updated in place), skipping ids in ``stored``."""
+    """Insert ``items`` after ``heads`` (updated in place), skipping ids in ``stored`` (id ->
+    stream): a duplicate when stored in the item's own stream, else a collision, never dropped
+    silently: the caller must quarantine it."""
     duplicates: list[uuid.UUID] = []
+    collisions: list[Collision] = []
     appended: list[Appended] = []
     records = []
     for item in items:
         event_id = item.event.event_id
-        if event_id in stored:
-            duplicates.append(event_id)
+        if (stream := stored.get(event_id)) is not None:
+            if stream == item.stream_id:
+                duplicates.append(event_id)
+            else:
+                collisions.append(Collision(item, stream))
             continue
-        stored.add(event_id)
+        stored[event_id] = item.stream_id
         version = heads[item.stream_id] + 1
         heads[item.stream_id] = version
         records.append(event_record(item.stream_id, item.stream_type, version, item.event))
         appended.append(Appended(event_id, item.stream_id, version))
     await _insert(conn, records)
-    return BatchResult(appended, duplicates)
+    return BatchResult(appended, duplicates, collisions)
 
 
 async def _insert(conn: asyncpg.Connection, records: list[tuple[Any, ...]]) -> None:

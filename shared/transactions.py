@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -16,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from shared.envelope import TxEnvelope, ingested_event_id
+from shared.envelope import CASINO_FEED, TxEnvelope, bet_event_id, ingested_event_id
 from shared.events import (
     AgentRegistered,
     AssetSwapped,
@@ -217,8 +218,8 @@ BUILDERS: dict[str, tuple[Callable[[dict[str, Any]], Event], frozenset[str]]] = 
     "register": (_register, frozenset({"name", "amount", "asset"})),
     "deposit": (_money(FundsDeposited), frozenset()),
     "withdraw": (_money(FundsWithdrawn, "address"), frozenset({"address"})),
-    "bet": (_money(BetPlaced, "game"), frozenset({"game"})),
-    "win": (_money(BetWon, "game"), frozenset({"game"})),
+    "bet": (_money(BetPlaced, "game", "bet_id"), frozenset({"game", "bet_id"})),
+    "win": (_money(BetWon, "game", "bet_id"), frozenset({"game", "bet_id"})),
     "fee": (_money(FeeCharged, "reason"), frozenset({"reason"})),
     "faucet": (_money(FaucetClaimed), frozenset()),
     "escrow": (_money(EscrowLocked, "escrow_id"), frozenset({"escrow_id"})),
@@ -251,8 +252,18 @@ def to_event(tx: dict[str, Any]) -> Event:
     return msgspec.structs.replace(event, tx_id=tx_id, extra=extra)
 
 
-def parse_transaction(raw: bytes, agent_id: str, source: str) -> TxEnvelope:
-    """Validate one raw transaction of ``agent_id``; raises ``Rejected`` with the reason."""
+def transaction_event_id(feed: str, agent_id: str, tx_id: str, event: Event) -> uuid.UUID:
+    """The identity of a feed transaction: a bet carrying ``bet_id`` on the casino feed is
+    known by it (so the answer of ``POST /bet`` and the feed item are one event); anything
+    else by (feed, agent, tx id)."""
+    if feed == CASINO_FEED and isinstance(event, BetPlaced | BetWon) and event.bet_id is not None:
+        return bet_event_id(agent_id, event.bet_id, won=isinstance(event, BetWon))
+    return ingested_event_id(feed, agent_id, tx_id)
+
+
+def parse_transaction(raw: bytes, agent_id: str, feed: str) -> TxEnvelope:
+    """Validate one raw transaction of ``agent_id`` read from ``feed``; raises ``Rejected``
+    with the reason."""
     tx = decode_item(raw)
     tx_id = _text(tx, "id")
     assert tx_id is not None
@@ -263,12 +274,12 @@ def parse_transaction(raw: bytes, agent_id: str, source: str) -> TxEnvelope:
     event = to_event(tx)
     event_type = event_type_of(event)
     return TxEnvelope(
-        event_id=ingested_event_id(source, tx_id),
+        event_id=transaction_event_id(feed, agent_id, tx_id, event),
         agent_id=agent_id,
         event_type=event_type,
         schema_version=schema_version_of(event_type),
         data=msgspec.Raw(encode_data(event)),
         occurred_at=occurred_at,
-        source=source,
+        feed=feed,
         tx_id=tx_id,
     )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,28 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from shared.settings import Settings
+from services.simulator.api import feed_paths
+from services.simulator.feed import StoredTx
+from shared.envelope import bet_event_id, ingested_event_id
+from shared.settings import CASINO_FEED, Settings
 from tests.conftest import SERVICE_PASSWORD
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def simulator_feeds(url: str) -> str:
+    """``PURPLEFLEA_FEEDS`` for every feed the simulator at ``url`` serves."""
+    return ",".join(f"{name}={url}{path}" for name, path in feed_paths().items())
+
+
+def truth_event_id(tx: StoredTx) -> uuid.UUID:
+    """The event id a well-formed simulator transaction must be stored under, written from the
+    README's identity rule: a casino bet/win carrying ``bet_id`` by it, else (feed, agent, id)."""
+    assert tx.id is not None and tx.malformed is None
+    item = json.loads(tx.raw)
+    if tx.feed == CASINO_FEED and tx.type in ("bet", "win") and "bet_id" in item:
+        return bet_event_id(tx.agent_id, item["bet_id"], won=tx.type == "win")
+    return ingested_event_id(tx.feed, tx.agent_id, tx.id)
 
 
 async def wait_until(

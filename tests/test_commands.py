@@ -14,7 +14,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
-import msgspec
 import nats
 import pytest
 
@@ -22,14 +21,14 @@ from services.simulator import Simulator, load_simulator_config, running_simulat
 from services.simulator.content import WIN_PROBABILITY
 from services.writer.commands import CommandHandler
 from shared.commands import Code, LedgerClient, command_event_id, reply_decoder
-from shared.envelope import ingested_event_id
+from shared.envelope import bet_event_id, ingested_event_id
 from shared.events import AgentRegistered, FundsDeposited
 from shared.jetstream import Topology
 from shared.ops import Lifecycle
 from shared.projections.agent import AgentFold
 from shared.settings import Settings, SettingsError, load_settings
 from shared.store import EventStore, NewEvent
-from tests.support import ServiceProcess, service_env, wait_until
+from tests.support import ServiceProcess, service_env, truth_event_id, wait_until
 
 
 @pytest.fixture
@@ -267,21 +266,25 @@ async def test_a_message_that_is_not_a_command_gets_a_reason(
     assert reply.status == "rejected" and reply.code == Code.BAD_COMMAND
 
 
-async def _ingested(database_url: str, tx_ids: list[str]) -> dict[str, int]:
-    """How many events each source transaction became."""
+async def _stored_once(database_url: str, sim: Simulator, agent: str) -> bool:
+    """Whether every well-formed transaction of ``agent`` so far is stored, each exactly once
+    (under its identity), and nothing else from a feed is."""
+    expected = {truth_event_id(tx) for tx in sim.truth(agent) if tx.malformed is None}
     conn = await asyncpg.connect(database_url)
     try:
-        rows = await conn.fetch(
-            """SELECT data->>'tx_id' AS tx, count(*) AS n FROM events
-               WHERE data->>'tx_id' = ANY($1) GROUP BY 1""",
-            tx_ids,
+        stored = await conn.fetch(
+            "SELECT event_id FROM events WHERE stream_id = $1 AND metadata ? 'feed'",
+            agent,
         )
     finally:
         await conn.close()
-    return {r["tx"]: r["n"] for r in rows}
+    ids = [r["event_id"] for r in stored]
+    assert len(ids) == len(set(ids))
+    assert set(ids) <= expected, set(ids) - expected
+    return set(ids) == expected
 
 
-async def test_a_bet_through_purple_flea_records_its_outcome_and_the_ingester_never_doubles_or_skips(
+async def test_bets_and_claims_through_purple_flea_record_its_answers_and_the_feeds_never_double_them(
     settings: Settings, store: EventStore, js_streams: nats.NATS, topology: Topology, tmp_path: Path
 ) -> None:
     sim = Simulator(load_simulator_config({}, port=0, seed=5, agents=2, backlog=40, rate=10))
@@ -298,41 +301,34 @@ async def test_a_bet_through_purple_flea_records_its_outcome_and_the_ingester_ne
             ingester.start()
             writer.start()
             agent = "agent-0001"
-
-            async def all_ingested() -> bool:
-                ids = [tx.id for tx in sim.truth(agent) if tx.id]
-                return len(await _ingested(settings.database_url, ids)) == len(ids)
-
-            await wait_until(all_ingested, 60, "the backlog ingested")
-            # The ingester stops while the feed keeps growing: the bet lands ahead of what it read.
+            ingested = lambda: _stored_once(settings.database_url, sim, agent)  # noqa: E731
+            await wait_until(ingested, 60, "the backlog ingested")
+            # The ingester stops while the feeds keep growing: the bets land ahead of what it read.
             assert ingester.terminate() == 0, ingester.log_tail()
             unread = len(sim.truth(agent))
             await wait_until(lambda: _grown(sim, agent, unread + 3), 30, "the feed to grow")
             await writer.wait_ready()
             client = LedgerClient(js_streams, topology, timeout_s=20)
-            bets = [await client.place_bet(agent, "dice", "1.00") for _ in range(4)]
+            bets = [await client.place_bet(agent, "dice", "1.00") for _ in range(6)]
             faucet = await client.claim_faucet(agent)
             assert all(r.accepted for r in [*bets, faucet]), [r.reason for r in [*bets, faucet]]
-            for reply in [*bets, faucet]:
-                made = [tx for tx in sim.truth(agent) if str(reply.command_id).encode() in tx.raw]
-                assert list(reply.tx_ids) == [tx.id for tx in made]
-                assert list(reply.event_ids) == [ingested_event_id("purpleflea", tx.id) for tx in made]
             for reply in bets:
-                assert reply.won == (len(reply.tx_ids) == 2)
-                assert reply.payout == (Decimal("2.00") if reply.won else None)
+                assert reply.bet_id is not None
+                won = [False, True] if reply.won else [False]
+                assert list(reply.event_ids) == [bet_event_id(agent, reply.bet_id, won=w) for w in won]
+                assert reply.payout == (Decimal("2.00") if reply.won else Decimal(0))
+            assert {r.won for r in bets} == {True, False}
+            assert len(faucet.tx_ids) == 1
+            assert list(faucet.event_ids) == [ingested_event_id("faucet", agent, faucet.tx_ids[0])]
             recorded = {e.event_id: e for e in await store.read_stream(agent)}
-            assert all(i in recorded for r in bets for i in r.event_ids)
-            ingester.start()  # resumes, polls the bets' transactions again, and what it skipped
-            await wait_until(all_ingested, 60, "every transaction ingested")
+            for reply in [*bets, faucet]:
+                for event_id in reply.event_ids:
+                    assert recorded[event_id].meta()["origin"] == "purpleflea"
+            ingester.start()  # resumes, polls the bets' and the claim's reports, and what it skipped
+            await wait_until(ingested, 60, "every transaction ingested")
             await wait_until(lambda: _writer_drained(js_streams, topology), 30, "writer caught up")
-            # The feed keeps growing meanwhile: everything up to now, each exactly once.
-            ids = [tx.id for tx in sim.truth(agent) if tx.id]
-            await wait_until(all_ingested, 60, "every transaction ingested")
-            ingested = await _ingested(settings.database_url, ids)
-            assert ingested.keys() == set(ids) and set(ingested.values()) == {1}
-            stream = [e.data for e in await store.read_stream(agent)]
-            tx_ids = [msgspec.json.decode(data).get("tx_id") for data in stream]
-            assert len(tx_ids) == len(set(tx_ids)) and set(ids) <= set(tx_ids)
+            # The feeds keep growing meanwhile: everything up to now, each exactly once.
+            await wait_until(ingested, 60, "every transaction ingested")
         finally:
             ingester.kill()
             writer.kill()
@@ -374,11 +370,7 @@ async def test_a_bet_retried_after_purple_flea_applied_it_gets_its_outcome_not_a
         ingester = ServiceProcess("services.ingester", env, tmp_path).start()
         writer = ServiceProcess("services.writer", env, tmp_path).start()
         try:
-
-            async def all_ingested() -> bool:
-                ids = [tx.id for tx in sim.truth(agent) if tx.id]
-                return len(await _ingested(settings.database_url, ids)) == len(ids)
-
+            all_ingested = lambda: _stored_once(settings.database_url, sim, agent)  # noqa: E731
             await wait_until(all_ingested, 60, "the backlog ingested")
             everything = sim.balances(agent)[0]["PFLEA"]
             # A writer sent this bet of everything to Purple Flea, then died before its commit;
@@ -401,11 +393,10 @@ async def test_a_bet_retried_after_purple_flea_applied_it_gets_its_outcome_not_a
             client = LedgerClient(js_streams, topology, timeout_s=20)
             retried = await client.place_bet(agent, "dice", everything, command_id=command_id)
             assert retried.accepted and retried.won is False, retried.reason
-            assert list(retried.tx_ids) == [outcome.bet_tx.id]
+            assert retried.bet_id == outcome.bet_id
             fresh = await client.place_bet(agent, "dice", "1")
             assert fresh.code == Code.INSUFFICIENT_FUNDS
-            ids = [tx.id for tx in sim.truth(agent) if tx.id]
-            assert set((await _ingested(settings.database_url, ids)).values()) == {1}
+            assert await _stored_once(settings.database_url, sim, agent)
         finally:
             ingester.kill()
             writer.kill()

@@ -26,7 +26,7 @@ def tx(agent: str, n: int, size: int = 10) -> TxEnvelope:
         schema_version=1,
         data=msgspec.Raw(b'{"memo":"%s"}' % (b"x" * size)),
         occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
-        source="purpleflea",
+        feed="casino",
         tx_id=f"{agent}-{n}",
     )
 

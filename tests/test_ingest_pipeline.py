@@ -17,7 +17,7 @@ import pytest
 from services.ingester.poller import AgentPoller
 from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
 from shared.settings import Settings
-from tests.support import ServiceProcess, service_env, wait_until
+from tests.support import ServiceProcess, service_env, simulator_feeds, wait_until
 
 
 async def accounted(url: str, sim: Simulator) -> tuple[int, int]:
@@ -91,6 +91,7 @@ def _services(
         settings,
         PURPLEFLEA_API_URL=url,
         PURPLEFLEA_AGENTS=agents,
+        PURPLEFLEA_FEEDS=simulator_feeds(url),
         PFLEA_INGEST_PAGE_LIMIT="25",
         PFLEA_INGEST_POLL_INTERVAL_S="0.1",
         PFLEA_WRITER_BATCH_SIZE="100",
@@ -142,7 +143,9 @@ async def test_a_bad_key_for_one_agent_does_not_stop_the_others(
     creds = list(sim.credentials)
     async with running_simulator(sim.config, sim) as url:
         agents = ",".join(f"{c.agent_id}:{'wrong-key' if i == 0 else c.api_key}" for i, c in enumerate(creds))
-        env = service_env(settings, PURPLEFLEA_API_URL=url, PURPLEFLEA_AGENTS=agents)
+        env = service_env(
+            settings, PURPLEFLEA_API_URL=url, PURPLEFLEA_AGENTS=agents, PURPLEFLEA_FEEDS=simulator_feeds(url)
+        )
         ingester = ServiceProcess("services.ingester", env, tmp_path).start()
         writer = ServiceProcess("services.writer", env, tmp_path).start()
         try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 
 import msgspec
 import pytest
 
 from services.ingester.pages import BadPage, split_page
+from shared.envelope import INGESTED_EVENT_NAMESPACE, bet_event_id, ingested_event_id
 from shared.events import decode_data
 from shared.transactions import Rejected, parse_transaction
 
@@ -123,8 +125,25 @@ def test_an_unknown_type_is_kept_as_an_event_not_dropped() -> None:
     assert event.source_type == "airdrop_v2" and event.raw["foo"] == "bar"  # type: ignore[attr-defined]
 
 
-def test_the_event_id_is_derived_from_source_and_transaction_id() -> None:
-    a = parse_transaction(GOOD, "agent-1", "purpleflea")
-    b = parse_transaction(GOOD, "agent-1", "purpleflea")
-    c = parse_transaction(GOOD, "agent-1", "other-source")
-    assert a.event_id == b.event_id != c.event_id
+def test_the_event_id_is_derived_from_feed_agent_and_transaction_id() -> None:
+    a = parse_transaction(GOOD, "agent-1", "casino")
+    b = parse_transaction(GOOD, "agent-1", "casino")
+    other_feed = parse_transaction(GOOD, "agent-1", "faucet")
+    other_agent = parse_transaction(GOOD, "agent-2", "casino")
+    assert a.event_id == b.event_id
+    assert len({a.event_id, other_feed.event_id, other_agent.event_id}) == 3
+    assert a.event_id == uuid.uuid5(INGESTED_EVENT_NAMESPACE, f"casino:agent-1:{a.tx_id}")
+
+
+def test_a_casino_bet_carrying_its_bet_id_is_known_by_it_on_the_casino_feed_only() -> None:
+    bet = tx(type="bet", amount="2", game="dice", bet_id="b-1")
+    win = tx(type="win", amount="4", game="dice", bet_id="b-1", id="t-2")
+    assert parse_transaction(bet, "agent-1", "casino").event_id == bet_event_id("agent-1", "b-1", won=False)
+    assert parse_transaction(win, "agent-1", "casino").event_id == bet_event_id("agent-1", "b-1", won=True)
+    assert parse_transaction(bet, "agent-1", "trading").event_id == ingested_event_id(
+        "trading", "agent-1", "t9"
+    )
+    plain = tx(type="bet", amount="2", game="dice")
+    assert parse_transaction(plain, "agent-1", "casino").event_id == ingested_event_id(
+        "casino", "agent-1", "t9"
+    )

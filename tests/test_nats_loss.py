@@ -14,7 +14,7 @@ import pytest
 from services.simulator import Simulator, load_simulator_config, running_simulator
 from shared.embedded import EmbeddedNats
 from shared.settings import Settings
-from tests.support import ServiceProcess, service_env, wait_until
+from tests.support import ServiceProcess, service_env, simulator_feeds, wait_until
 from tests.test_ingest_pipeline import accounted, assert_exactly_once
 from tests.test_projector_services import caught_up
 
@@ -39,6 +39,7 @@ async def test_a_nats_server_that_loses_its_store_loses_no_transaction(
             NATS_URL=own_nats.url,
             PURPLEFLEA_API_URL=url,
             PURPLEFLEA_AGENTS=",".join(f"{c.agent_id}:{c.api_key}" for c in sim.credentials),
+            PURPLEFLEA_FEEDS=simulator_feeds(url),
             PFLEA_INGEST_PAGE_LIMIT="20",
             PFLEA_INGEST_POLL_INTERVAL_S="0.2",
         )

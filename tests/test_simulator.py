@@ -23,6 +23,7 @@ from services.simulator import (
     load_simulator_config,
     running_simulator,
 )
+from services.simulator.feed import FEEDS
 from shared.money import parse_amount
 from shared.settings import SettingsError
 from tests.support import REPO, wait_until
@@ -50,14 +51,19 @@ def bearer(agent_id: str) -> dict[str, str]:
 
 
 async def get_page(
-    client: httpx.AsyncClient, agent_id: str, since: str | None = None, limit: int | None = None
+    client: httpx.AsyncClient,
+    agent_id: str,
+    since: str | None = None,
+    limit: int | None = None,
+    feed: str = "casino",
 ) -> httpx.Response:
     params: dict[str, str | int] = {"agent_id": agent_id}
     if since is not None:
         params["since"] = since
     if limit is not None:
         params["limit"] = limit
-    return await client.get("/transactions", params=params, headers=bearer(agent_id))
+    path = "/transactions" if feed == "casino" else f"/{feed}/transactions"
+    return await client.get(path, params=params, headers=bearer(agent_id))
 
 
 def items(response: httpx.Response) -> list[Tx]:
@@ -66,11 +72,12 @@ def items(response: httpx.Response) -> list[Tx]:
     return list(json.loads(response.content, parse_float=Decimal)["transactions"])
 
 
-async def truth(client: httpx.AsyncClient, agent_id: str | None = None) -> list[Tx]:
+async def truth(client: httpx.AsyncClient, agent_id: str | None = None, feed: str | None = None) -> list[Tx]:
+    """Every transaction generated so far (of one agent, of one feed), as they happened."""
     params = {"agent_id": agent_id} if agent_id else {}
     response = await client.get("/admin/truth", params=params)
     assert response.status_code == 200
-    return list(response.json()["transactions"])
+    return [tx for tx in response.json()["transactions"] if feed is None or tx["feed"] == feed]
 
 
 async def set_faults(client: httpx.AsyncClient, **knobs: Any) -> None:
@@ -128,7 +135,7 @@ async def test_fault_decisions_replay_for_the_same_seed() -> None:
 
 async def test_pages_hold_items_strictly_after_since_oldest_first_until_caught_up() -> None:
     async with simulator(sim_config()) as client:
-        expected = [tx["id"] for tx in await truth(client, "agent-0002")]
+        expected = [tx["id"] for tx in await truth(client, "agent-0002", "casino")]
         seen: list[str] = []
         since = None
         while page := items(await get_page(client, "agent-0002", since, limit=7)):
@@ -140,24 +147,36 @@ async def test_pages_hold_items_strictly_after_since_oldest_first_until_caught_u
 
 
 async def test_limit_defaults_to_100_and_is_capped_at_1000() -> None:
-    async with simulator(sim_config(agents=1, backlog=1100)) as client:
+    async with simulator(sim_config(agents=1, backlog=2500)) as client:
         assert len(items(await get_page(client, "agent-0001"))) == 100
         assert len(items(await get_page(client, "agent-0001", limit=5000))) == 1000
         assert (await get_page(client, "agent-0001", limit=0)).status_code == 400
 
 
-async def test_every_transaction_has_the_documented_fields() -> None:
-    async with simulator(sim_config(agents=2, backlog=300)) as client:
-        page = items(await get_page(client, "agent-0001", limit=1000))
-    assert page[0]["type"] == "register" and page[0]["amount"] == "0"
-    assert len({tx["id"] for tx in page}) == len(page)
-    assert [tx["created_at"] for tx in page] == sorted(tx["created_at"] for tx in page)
-    for tx in page:
-        assert {"id", "type", "amount", "asset", "created_at"} <= tx.keys()
-        assert tx["created_at"].endswith("Z")
-        parse_amount(tx["amount"])
-    types = {tx["type"] for tx in page}
-    assert {"bet", "win", "deposit", "trade", "escrow", "escrow_release"} <= types
+FEED_TYPES = {
+    "casino": {"register", "bet", "win", "deposit", "withdraw", "fee"},
+    "trading": {"trade"},
+    "escrow": {"escrow", "escrow_release"},
+    "wallet": {"transfer_in", "transfer_out"},
+    "domains": {"domain_purchase"},
+}
+
+
+async def test_every_transaction_has_the_documented_fields_on_its_services_feed() -> None:
+    async with simulator(sim_config(agents=2, backlog=600)) as client:
+        feeds = (await client.get("/admin/feeds")).json()["feeds"]
+        pages = {feed: items(await get_page(client, "agent-0001", limit=1000, feed=feed)) for feed in feeds}
+    assert feeds == {f: "" if f == "casino" else f"/{f}" for f in FEEDS}
+    assert pages["casino"][0]["type"] == "register" and pages["casino"][0]["amount"] == "0"
+    for feed, page in pages.items():
+        assert len({tx["id"] for tx in page}) == len(page)
+        assert [tx["created_at"] for tx in page] == sorted(tx["created_at"] for tx in page)
+        for tx in page:
+            assert {"id", "type", "amount", "asset", "created_at"} <= tx.keys()
+            assert tx["created_at"].endswith("Z")
+            parse_amount(tx["amount"])
+        assert FEED_TYPES.get(feed, set()) <= {tx["type"] for tx in page}, feed
+    assert {tx["type"] for tx in pages["faucet"]} <= {"faucet"}
 
 
 async def test_an_unknown_since_is_a_400_with_a_json_error() -> None:
@@ -213,7 +232,7 @@ async def test_server_errors_and_hangs_are_injected_until_turned_off() -> None:
 
 async def test_a_repeated_page_starts_a_few_items_before_since_yet_makes_progress() -> None:
     async with simulator(sim_config(faults=FaultKnobs(repeat_page_rate=1.0))) as client:
-        ids = [tx["id"] for tx in await truth(client, "agent-0001")]
+        ids = [tx["id"] for tx in await truth(client, "agent-0001", "casino")]
         since = ids[19]
         for _ in range(10):
             page = [tx["id"] for tx in items(await get_page(client, "agent-0001", since, 5))]
@@ -257,14 +276,15 @@ LOOKS_MALFORMED: dict[str, Callable[[Tx, str], bool]] = {
 async def test_malformed_items_appear_at_the_configured_rate_and_are_flagged_in_truth() -> None:
     config = sim_config(agents=2, backlog=200, faults=FaultKnobs(malformed_rate=0.25))
     async with simulator(config) as client:
-        known = await truth(client, "agent-0001")
+        generated = len(await truth(client, "agent-0001"))
+        known = await truth(client, "agent-0001", "casino")  # malformed items are the casino's
         response = await get_page(client, "agent-0001", limit=1000)
     # The page is exactly the truth's raw items, and still valid JSON however odd they are.
     assert response.content == b'{"transactions":[%s]}' % ",".join(t["raw"] for t in known).encode()
     served = items(response)
-    assert len(served) == len(known) == 200
+    assert generated == 200 and len(served) == len(known)
     malformed = [(tx, t) for tx, t in zip(served, known, strict=True) if t["malformed"]]
-    assert 0.15 < len(malformed) / len(known) < 0.35
+    assert 0.15 < len(malformed) / generated < 0.35
     assert {t["malformed"] for _, t in malformed} == set(MALFORMED_KINDS) == LOOKS_MALFORMED.keys()
     for tx, t in malformed:
         assert LOOKS_MALFORMED[t["malformed"]](tx, t["raw"]), t["malformed"]
@@ -345,58 +365,76 @@ async def test_simulated_balances_never_go_negative_and_match_the_truth() -> Non
 # --- commands -------------------------------------------------------------------------------
 
 
-async def place_bet(client: httpx.AsyncClient, request_id: str, amount: str) -> httpx.Response:
-    body = {"agent_id": "agent-0001", "game": "dice", "amount": amount, "request_id": request_id}
-    return await client.post("/bets", json=body, headers=bearer("agent-0001"))
+async def place_bet(client: httpx.AsyncClient, amount: Any, key: str | None = None) -> httpx.Response:
+    headers = bearer("agent-0001") | ({"Idempotency-Key": key} if key else {})
+    body = b'{"agent_id":"agent-0001","game":"dice","amount":%s}' % str(amount).encode()
+    return await client.post("/bet", content=body, headers=headers)
 
 
-async def test_a_bet_appends_to_the_feed_and_its_request_id_makes_it_idempotent() -> None:
+async def test_a_bet_answers_its_outcome_and_the_casino_feed_reports_it_with_its_bet_id() -> None:
     async with simulator(sim_config()) as client:
-        last_before = (await truth(client, "agent-0001"))[-1]["id"]
-        answers = [await place_bet(client, f"bet-{i}", "1.50") for i in range(12)]
+        last_before = (await truth(client, "agent-0001", "casino"))[-1]["id"]
+        answers = [(await place_bet(client, "1.50")).json(parse_float=Decimal) for _ in range(12)]
         appended = items(await get_page(client, "agent-0001", last_before, 1000))
-        again = await place_bet(client, "bet-0", "1.50")
-        assert again.content == answers[0].content
-        assert len(await truth(client, "agent-0001")) == 40 + len(appended)
         balance, _ = fold(well_formed(await truth(client, "agent-0001")))
-    expected: list[Tx] = []
+    expected: list[tuple[str, str, Decimal]] = []
     for answer in answers:
-        outcome = json.loads(answer.content)
-        assert outcome["bet_tx"]["type"] == "bet" and outcome["bet_tx"]["amount"] == "1.50"
-        assert outcome["won"] == (outcome["win_tx"] is not None)
-        expected += [outcome["bet_tx"]] + ([outcome["win_tx"]] if outcome["won"] else [])
-    assert [tx for tx in appended if "request_id" in tx] == expected
-    assert {json.loads(a.content)["won"] for a in answers} == {True, False}
+        assert set(answer) == {"bet_id", "outcome", "payout"}
+        assert answer["outcome"] in ("win", "loss")
+        assert answer["payout"] == (Decimal("3.00") if answer["outcome"] == "win" else 0)
+        expected.append((answer["bet_id"], "bet", Decimal("1.50")))
+        if answer["outcome"] == "win":
+            expected.append((answer["bet_id"], "win", answer["payout"]))
+    assert [(tx["bet_id"], tx["type"], parse_amount(tx["amount"])) for tx in appended] == expected
+    assert {a["outcome"] for a in answers} == {"win", "loss"}
     assert all(amount >= 0 for amount in balance.values())
+
+
+async def test_a_repeated_idempotency_key_gets_the_first_answer_and_places_nothing_more() -> None:
+    async with simulator(sim_config()) as client:
+        first = await place_bet(client, "2", key="k-1")
+        before = await truth(client, "agent-0001")
+        again = await place_bet(client, "2", key="k-1")
+        assert again.content == first.content and await truth(client, "agent-0001") == before
+        other = await place_bet(client, "2", key="k-2")
+        assert other.json()["bet_id"] != first.json()["bet_id"]
 
 
 async def test_a_bet_beyond_the_balance_is_refused_with_409_and_appends_nothing() -> None:
     async with simulator(sim_config()) as client:
         before = await truth(client, "agent-0001")
-        response = await place_bet(client, "too-big", "1000000000")
+        response = await place_bet(client, "1000000000")
         assert response.status_code == 409
         assert response.json()["error"] == "insufficient_funds"
         assert await truth(client, "agent-0001") == before
 
 
-async def test_a_faucet_claim_appends_once_per_request_id() -> None:
-    async with simulator(sim_config()) as client:
-        body = {"agent_id": "agent-0003", "request_id": "drip-1"}
-        first = await client.post("/faucet", json=body, headers=bearer("agent-0003"))
-        second = await client.post("/faucet", json=body, headers=bearer("agent-0003"))
-        known = await truth(client, "agent-0003")
-    assert first.status_code == 200 and first.content == second.content
-    claim = first.json()
-    assert claim["type"] == "faucet" and claim["request_id"] == "drip-1"
-    assert [t["id"] for t in known].count(claim["id"]) == 1 and known[-1]["id"] == claim["id"]
+async def test_a_faucet_claim_answers_its_tx_id_which_the_faucet_feed_reports() -> None:
+    async with simulator(sim_config(faucet_limit=1)) as client:
+        first = await client.post(
+            "/faucet/claim", json={"agent_id": "agent-0003"}, headers=bearer("agent-0003")
+        )
+        refused = await client.post(
+            "/faucet/claim", json={"agent_id": "agent-0003"}, headers=bearer("agent-0003")
+        )
+        feed = items(await get_page(client, "agent-0003", feed="faucet"))
+    claim = first.json(parse_float=Decimal)
+    assert claim["success"] is True and claim["amount"] == Decimal("10.00")
+    assert [(tx["id"], tx["type"]) for tx in feed if tx["id"] == claim["tx_id"]] == [
+        (claim["tx_id"], "faucet")
+    ]
+    assert refused.status_code == 200 and refused.json()["success"] is False
 
 
 async def test_commands_need_the_agents_own_key() -> None:
     async with simulator(sim_config()) as client:
-        body = {"agent_id": "agent-0001", "request_id": "x"}
-        assert (await client.post("/faucet", json=body)).status_code == 401
+        body = {"agent_id": "agent-0001"}
+        assert (await client.post("/faucet/claim", json=body)).status_code == 401
         other = bearer("agent-0002")
-        assert (await client.post("/faucet", json=body, headers=other)).status_code == 403
+        assert (await client.post("/faucet/claim", json=body, headers=other)).status_code == 403
+        assert (
+            await client.post("/bet", json={**body, "game": "dice", "amount": 1}, headers=other)
+        ).status_code == 403
 
 
 # --- configuration and process --------------------------------------------------------------

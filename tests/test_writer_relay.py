@@ -32,13 +32,13 @@ from tests.support import ServiceProcess, service_env, stream_messages, wait_unt
 def envelope(agent: str, n: int) -> TxEnvelope:
     tx_id = f"tx-{agent}-{n}"
     return TxEnvelope(
-        event_id=ingested_event_id("test", tx_id),
+        event_id=ingested_event_id("test", agent, tx_id),
         agent_id=agent,
         event_type="FundsDeposited",
         schema_version=1,
         data=msgspec.Raw(encode_data(FundsDeposited(amount=Decimal(n) / 100, asset="PFLEA", tx_id=tx_id))),
         occurred_at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=n),
-        source="test",
+        feed="test",
         tx_id=tx_id,
     )
 

@@ -134,7 +134,7 @@ class Stack:
         port = base
         specs: list[tuple[str, list[str], dict[str, str]]] = []
         ingester_env: dict[str, str] = {}
-        if not self.settings.purpleflea_api_url:
+        if not os.environ.get("PURPLEFLEA_API_URL") and not os.environ.get("PURPLEFLEA_FEEDS"):
             sim_env = {k: os.environ.get(k, v) for k, v in SIM_DEFAULTS.items()}
             sim_env["PFLEA_SIM_EPOCH"] = str(self._simulator_epoch())
             specs.append(("simulator", ["services.simulator"], sim_env))

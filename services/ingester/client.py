@@ -7,7 +7,7 @@ import logging
 import httpx
 
 from services.ingester.pages import BadPage, Page, split_page
-from shared.settings import AgentCredential
+from shared.settings import AgentCredential, Feed
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,12 @@ def _retry_after(response: httpx.Response) -> float:
 
 
 class FeedClient:
-    """One httpx client shared by every agent's poller."""
+    """One feed's httpx client, shared by every agent's poller of that feed."""
 
-    def __init__(self, base_url: str, timeout_s: float, max_connections: int = 32) -> None:
+    def __init__(
+        self, base_url: str, timeout_s: float, max_connections: int = 32, *, name: str = "casino"
+    ) -> None:
+        self.name = name
         self.http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout_s),
@@ -81,3 +84,10 @@ class FeedClient:
         response = await self.http.get("/admin/agents")
         response.raise_for_status()
         return [AgentCredential(a["agent_id"], a["api_key"]) for a in response.json()["agents"]]
+
+    async def simulator_feeds(self) -> list[Feed]:
+        """The simulator's feeds (used when PURPLEFLEA_FEEDS is unset)."""
+        response = await self.http.get("/admin/feeds")
+        response.raise_for_status()
+        base = str(self.http.base_url).rstrip("/")
+        return [Feed(name, base + path) for name, path in response.json()["feeds"].items()]

@@ -19,7 +19,7 @@ from shared.faults import crash_point
 from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, ensure_streams, publish_in_order
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
-from shared.settings import AgentCredential, Settings
+from shared.settings import CASINO_FEED, AgentCredential, Settings
 from shared.transactions import Rejected, parse_transaction
 
 log = logging.getLogger(__name__)
@@ -33,20 +33,24 @@ AUTH_RETRY_S = 60.0
 RECENT_IDS = 10_000
 
 
-async def committed_cursor(pool: asyncpg.Pool, agent_id: str) -> str | None:
-    """The newest source transaction id Postgres has committed for ``agent_id``.
+async def committed_cursor(pool: asyncpg.Pool, agent_id: str, feed: str = CASINO_FEED) -> str | None:
+    """The newest transaction id of ``feed`` Postgres has committed for ``agent_id``.
 
     The resume point is what the database holds, never what NATS acknowledged: anything
     published but not yet written is polled again and deduplicated by its event id.
     Transactions the writer recorded from a command's own call to Purple Flea (PlaceBet,
     ClaimFaucet) say nothing about how far the feed was read (they may be ahead of it), so
-    they are not a resume point; the poll reaches them later and finds them stored.
+    they are not a resume point; the poll reaches them later and finds them stored. Events
+    ingested before feeds had names carry no ``feed``: they came from the casino's.
     """
     value = await pool.fetchval(
         """SELECT data->>'tx_id' FROM events
            WHERE stream_id = $1 AND data ? 'tx_id' AND NOT metadata ? 'command_id'
+             AND coalesce(metadata->>'feed', $3) = $2
            ORDER BY version DESC LIMIT 1""",
         agent_id,
+        feed,
+        CASINO_FEED,
     )
     return str(value) if value is not None else None
 
@@ -84,8 +88,8 @@ class AgentPoller:
         self.seen_reconnects = reconnects()
 
     async def run(self) -> None:
-        self.since = await committed_cursor(self.pool, self.agent.agent_id)
-        log.info("polling", extra={"agent": self.agent.agent_id, "since": self.since})
+        self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
+        log.info("polling", extra={"agent": self.agent.agent_id, "feed": self.feed.name, "since": self.since})
         while not self.lifecycle.stopping.is_set():
             try:
                 await self._resync_after_nats_restart()
@@ -115,7 +119,7 @@ class AgentPoller:
             return
         await ensure_streams(self.js, self.topology, self.settings.duplicate_window_s)
         self.seen_reconnects = self.reconnects()
-        self.since = await committed_cursor(self.pool, self.agent.agent_id)
+        self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
         self.recent.clear()
         log.info(
             "NATS reconnected: polling again from the committed cursor",
@@ -175,9 +179,10 @@ class AgentPoller:
         new = 0
         for raw in items:
             try:
-                envelope = parse_transaction(raw, self.agent.agent_id, self.settings.purpleflea_source)
+                envelope = parse_transaction(raw, self.agent.agent_id, self.feed.name)
             except Rejected as exc:
-                await self.quarantine.put(raw, exc.reason, agent_id=self.agent.agent_id, key=exc.tx_id)
+                key = None if exc.tx_id is None else f"{self.feed.name}:{exc.tx_id}"
+                await self.quarantine.put(raw, exc.reason, agent_id=self.agent.agent_id, key=key)
                 if exc.tx_id is not None and exc.tx_id not in self.recent:
                     last_new_id = exc.tx_id
                     self._remember(exc.tx_id)

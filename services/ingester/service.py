@@ -1,4 +1,4 @@
-"""Wire the ingester: one feed client, one poller per agent, bounded concurrency."""
+"""Wire the ingester: a client per feed, a poller per (agent, feed), bounded concurrency."""
 
 from __future__ import annotations
 
@@ -19,17 +19,24 @@ log = logging.getLogger(__name__)
 
 
 async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
-    api_url = require(settings.purpleflea_api_url, "PURPLEFLEA_API_URL")
     database_url = require(settings.database_url, "DATABASE_URL")
     nats_url = require(settings.nats_url, "NATS_URL")
     topology = Topology(settings.namespace)
-    feed = FeedClient(api_url, settings.ingest_timeout_s, settings.ingest_concurrency)
+    casino = FeedClient(settings.purpleflea_api_url, settings.ingest_timeout_s, settings.ingest_concurrency)
+    feeds: list[FeedClient] = []
     pool = await create_pool(role_dsn(database_url, INGESTER_ROLE, settings.db_service_password), max_size=4)
     nc = await connect_nats(nats_url, "pflea-ingester")
     try:
         agents = list(settings.purpleflea_agents)
+        configured = settings.feeds()
         if settings.agents_from_simulator:
-            agents += await _simulator_agents(feed, lifecycle)
+            agents += await _simulator_agents(casino, lifecycle)
+            if not settings.purpleflea_feeds:
+                configured = tuple(await casino.simulator_feeds())
+        feeds += [
+            FeedClient(f.url, settings.ingest_timeout_s, settings.ingest_concurrency, name=f.name)
+            for f in configured
+        ]
         if not agents:
             raise SettingsError("PURPLEFLEA_AGENTS", "no agents to poll")
         js = nc.jetstream()
@@ -50,16 +57,19 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
                 reconnects=lambda: int(nc.stats["reconnects"]),
             )
             for agent in agents
+            for feed in feeds
         ]
         lifecycle.ready = True
-        log.info("ingesting", extra={"agents": len(pollers), "api": api_url})
+        names = ",".join(f"{f.name}={f.url}" for f in configured)
+        log.info("ingesting", extra={"agents": len(agents), "feeds": names})
         results = await asyncio.gather(*(p.run() for p in pollers), return_exceptions=True)
-        for agent, result in zip(agents, results, strict=True):
+        for poller, result in zip(pollers, results, strict=True):
             if isinstance(result, BaseException) and not lifecycle.stopping.is_set():
-                log.error("poller stopped: %r", result, extra={"agent": agent.agent_id})
+                log.error("poller stopped: %r", result, extra={"agent": poller.agent.agent_id})
     finally:
         await nc.drain()
-        await feed.close()
+        for client in (casino, *feeds):
+            await client.close()
         await pool.close()
 
 

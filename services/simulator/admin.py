@@ -9,6 +9,7 @@ from aiohttp import web
 
 from shared.money import to_text
 
+from .api import feed_paths
 from .config import FaultKnobs
 from .feed import StoredTx
 from .simulator import UnknownAgent
@@ -38,6 +39,11 @@ async def agents(request: web.Request) -> web.Response:
     return json_response(_encode({"agents": listed}))
 
 
+async def feeds(request: web.Request) -> web.Response:
+    """Each feed's base URL relative to the simulator's, e.g. ``{"faucet": "/faucet"}``."""
+    return json_response(_encode({"feeds": feed_paths()}))
+
+
 def _truth_item(tx: StoredTx) -> dict[str, Any]:
     return {
         "agent_id": tx.agent_id,
@@ -45,6 +51,7 @@ def _truth_item(tx: StoredTx) -> dict[str, Any]:
         "id": tx.id,
         "type": tx.type,
         "malformed": tx.malformed,
+        "feed": tx.feed,
         # Every fragment we write is UTF-8 (escapes such as \ud800 are ASCII text).
         "raw": tx.raw.decode(),
     }
@@ -95,6 +102,7 @@ async def set_faults(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/agents", agents)
+    app.router.add_get("/admin/feeds", feeds)
     app.router.add_get("/admin/truth", truth)
     app.router.add_get("/admin/balances", balances)
     app.router.add_get("/admin/stats", stats)

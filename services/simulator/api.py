@@ -1,8 +1,10 @@
-"""The Purple Flea contract: ``GET /transactions``, ``POST /bets``, ``POST /faucet``.
+"""The Purple Flea contract: each feed's ``GET /transactions``, the casino's ``POST /bet``,
+the faucet's ``POST /claim``.
 
 Each request draws one fault decision (see :mod:`.faults`). A 429 is answered before anything
-happens. A command that then gets a 5xx or a hang *was* applied: the answer is what got lost,
-which is exactly the case its ``request_id`` idempotency exists for.
+happens. A command that then gets a 5xx or a hang *was* applied: the answer is what got lost. The
+simulator honours an ``Idempotency-Key`` header (the ledger sends its command id) by answering
+a repeated key with the first outcome; the documented Purple Flea API promises no such thing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from shared.money import MoneyError, parse_amount
 
 from . import rawjson
 from .faults import FaultDecision
-from .feed import UnknownSince
+from .feed import FAUCET_AMOUNT, FEEDS, UnknownSince
 from .simulator import BetOutcome, InsufficientFunds
 from .state import (
     SIMULATOR,
@@ -39,20 +41,18 @@ MAX_LIMIT = 1000
 class BetRequest(msgspec.Struct, frozen=True):
     agent_id: str
     game: str
-    amount: Any  # a decimal string or JSON number; shared.money decides what is acceptable
-    request_id: str
-    asset: str = "PFLEA"
+    amount: Any  # a JSON number (or decimal string); shared.money decides what is acceptable
 
 
-class FaucetRequest(msgspec.Struct, frozen=True):
+class ClaimRequest(msgspec.Struct, frozen=True):
     agent_id: str
-    request_id: str
 
 
 # float_hook: a JSON number amount such as 0.1 arrives as Decimal("0.1"), never a float.
 _bet_decoder = msgspec.json.Decoder(BetRequest, float_hook=Decimal)
-_faucet_decoder = msgspec.json.Decoder(FaucetRequest)
-Command = TypeVar("Command", BetRequest, FaucetRequest)
+_claim_decoder = msgspec.json.Decoder(ClaimRequest)
+Command = TypeVar("Command", BetRequest, ClaimRequest)
+IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 def _authorize(request: web.Request, agent_id: str) -> None:
@@ -109,7 +109,9 @@ async def _deliver(
 
 
 async def transactions(request: web.Request) -> web.Response:
+    """``GET <feed base>/transactions?agent_id=&since=&limit=``: one agent's page of one feed."""
     sim = request.app[SIMULATOR]
+    feed = request.match_info.get("feed", "casino")
     agent_id = request.query.get("agent_id", "")
     if not agent_id:
         raise bad_request("agent_id: required")
@@ -121,7 +123,7 @@ async def transactions(request: web.Request) -> web.Response:
     def page() -> web.Response:
         advance_clock(request.app)
         try:
-            items = sim.page(agent_id, since, limit, decision.overlap)
+            items = sim.page(agent_id, since, limit, decision.overlap, feed=feed)
         except UnknownSince as exc:
             return error_response(400, "unknown_since", str(exc))
         return json_response(rawjson.envelope("transactions", (tx.parts for tx in items)))
@@ -135,46 +137,62 @@ async def _command(request: web.Request, decoder: msgspec.json.Decoder[Command])
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
         raise bad_request(str(exc)) from None
     _authorize(request, command.agent_id)
-    if not command.request_id:
-        raise bad_request("request_id: must not be empty")
     return command
 
 
 def _bet_answer(outcome: BetOutcome) -> web.Response:
-    win = outcome.win_tx.raw if outcome.win_tx is not None else b"null"
-    won = b"true" if outcome.won else b"false"
-    body = b'{"bet_tx":' + outcome.bet_tx.raw + b',"win_tx":' + win + b',"won":' + won + b"}"
-    return json_response(body)
+    return json_response(
+        b'{"bet_id":%s,"outcome":"%s","payout":%s}'
+        % (rawjson.string(outcome.bet_id), b"win" if outcome.won else b"loss", rawjson.number(outcome.payout))
+    )
 
 
-async def bets(request: web.Request) -> web.Response:
+async def bet(request: web.Request) -> web.Response:
+    """``POST <casino>/bet {agent_id, game, amount}`` -> ``{bet_id, outcome, payout}``."""
     sim = request.app[SIMULATOR]
     command = await _command(request, _bet_decoder)
     try:
         amount = parse_amount(command.amount)
     except MoneyError as exc:
         raise bad_request(str(exc)) from None
-    if amount <= 0 or not command.game or not command.asset:
-        raise bad_request("amount must be positive; game and asset must not be empty")
+    if amount <= 0 or not command.game:
+        raise bad_request("amount must be positive; game must not be empty")
     decision = _throttle(request)
     advance_clock(request.app)
+    key = request.headers.get(IDEMPOTENCY_KEY)
     try:
-        outcome = sim.place_bet(command.agent_id, command.game, amount, command.asset, command.request_id)
+        outcome = sim.place_bet(command.agent_id, command.game, amount, "PFLEA", key)
     except InsufficientFunds as exc:
         return error_response(409, "insufficient_funds", str(exc))
     return await _deliver(request, decision, lambda: _bet_answer(outcome))
 
 
-async def faucet(request: web.Request) -> web.Response:
+async def claim(request: web.Request) -> web.Response:
+    """``POST <faucet>/claim {agent_id}`` -> ``{success, amount, tx_id}``; ``success: false``
+    once the agent has had ``faucet_limit`` claims (0: no limit)."""
     sim = request.app[SIMULATOR]
-    command = await _command(request, _faucet_decoder)
+    command = await _command(request, _claim_decoder)
     decision = _throttle(request)
     advance_clock(request.app)
-    tx = sim.claim_faucet(command.agent_id, command.request_id)
-    return await _deliver(request, decision, lambda: json_response(tx.raw))
+    tx = sim.claim_faucet(command.agent_id, request.headers.get(IDEMPOTENCY_KEY))
+    if tx is None:
+        body = b'{"success":false,"amount":0,"tx_id":null,"error":"claim limit reached"}'
+    else:
+        body = b'{"success":true,"amount":%s,"tx_id":%s}' % (
+            rawjson.number(FAUCET_AMOUNT),
+            rawjson.string(tx.id or ""),
+        )
+    return await _deliver(request, decision, lambda: json_response(body))
 
 
 def add_routes(app: web.Application) -> None:
+    # The casino's base is the simulator's root; every other feed's is /<feed>.
     app.router.add_get("/transactions", transactions)
-    app.router.add_post("/bets", bets)
-    app.router.add_post("/faucet", faucet)
+    app.router.add_get("/{{feed:{}}}/transactions".format("|".join(FEEDS)), transactions)
+    app.router.add_post("/bet", bet)
+    app.router.add_post("/faucet/claim", claim)
+
+
+def feed_paths() -> dict[str, str]:
+    """Each feed's base, relative to the simulator's URL."""
+    return {feed: "" if feed == "casino" else f"/{feed}" for feed in FEEDS}

@@ -35,6 +35,7 @@ ENV_NAMES: dict[str, str] = {
     "max_per_agent": "PFLEA_SIM_MAX_PER_AGENT",
     "numeric_amount_rate": "PFLEA_SIM_NUMERIC_AMOUNT_RATE",
     "epoch": "PFLEA_SIM_EPOCH",
+    "faucet_limit": "PFLEA_SIM_FAUCET_LIMIT",
 }
 
 
@@ -95,6 +96,8 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Unix time the feed's clock counts from (0: start-up). A restarted simulator with the same
     # epoch serves every transaction it served before, as the real API would after our restart.
     epoch: float = 0.0
+    # POST /claim answers success: false after this many claims per agent (0: no limit).
+    faucet_limit: int = 0
     faults: FaultKnobs = FaultKnobs()
 
     def __post_init__(self) -> None:
@@ -107,6 +110,7 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
         _at_least(ENV_NAMES["backlog"], self.backlog, 0)
         _at_least(ENV_NAMES["rate"], self.rate, 0)
         _at_least(ENV_NAMES["max_per_agent"], self.max_per_agent, 0)
+        _at_least(ENV_NAMES["faucet_limit"], self.faucet_limit, 0)
         _probability(ENV_NAMES["numeric_amount_rate"], self.numeric_amount_rate)
 
 

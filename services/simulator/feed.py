@@ -23,6 +23,20 @@ from .malformed import KINDS, malformed_item
 from .wallet import Wallet
 
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
+# Which Purple Flea service's feed reports a transaction of each type (anything else: casino).
+FEED_OF_TYPE = {
+    "faucet": "faucet",
+    "trade": "trading",
+    "swap": "trading",
+    "transfer_in": "wallet",
+    "transfer_out": "wallet",
+    "domain_purchase": "domains",
+    "domain_renewal": "domains",
+    "domain_sale": "domains",
+    "escrow": "escrow",
+    "escrow_release": "escrow",
+}
+FEEDS = ("casino", "trading", "wallet", "domains", "faucet", "escrow")
 FAUCET_AMOUNT = Decimal("10.00")
 # A repeated page starts up to this many items before ``since``.
 MAX_OVERLAP = 3
@@ -37,15 +51,20 @@ class StoredTx(msgspec.Struct, frozen=True, gc=False):
     type: str | None
     malformed: str | None
     parts: tuple[bytes, ...]
+    feed: str = "casino"
 
     @property
     def raw(self) -> bytes:
         return b"".join(self.parts)
 
 
+def feed_of(tx_type: str | None) -> str:
+    return FEED_OF_TYPE.get(tx_type or "", "casino")
+
+
 class UnknownSince(LookupError):
-    def __init__(self, agent_id: str, since: str) -> None:
-        super().__init__(f"since: {since!r} is not a transaction id in the feed of {agent_id}")
+    def __init__(self, agent_id: str, since: str, feed: str = "casino") -> None:
+        super().__init__(f"since: {since!r} is not a transaction id in the {feed} feed of {agent_id}")
         self.since = since
 
 
@@ -62,10 +81,12 @@ class AgentFeed:
         self._commands = random.Random(f"{seed}:{agent_id}:commands")
         # Agents tick at different paces so their timestamps interleave.
         self._interval = timedelta(seconds=30 + index % 30)
-        self.txs: list[StoredTx] = []
-        self._positions: dict[str, int] = {}
+        self.txs: list[StoredTx] = []  # every feed's, in the order they happened
+        self._feeds: dict[str, list[StoredTx]] = {name: [] for name in FEEDS}
+        self._positions: dict[tuple[str, str], int] = {}  # (feed, id) -> index in that feed
         self.generated = 0
         self.malformed = 0
+        self.claims = 0  # through POST /claim
 
     def _next_id(self) -> tuple[int, str, str]:
         seq = len(self.txs) + 1
@@ -73,8 +94,10 @@ class AgentFeed:
         return seq, f"sim-{self.seed}-{self.agent_id}-{seq:08d}", created_at
 
     def _append(self, tx: StoredTx) -> StoredTx:
+        feed = self._feeds[tx.feed]
         if tx.id is not None:
-            self._positions[tx.id] = len(self.txs)
+            self._positions[(tx.feed, tx.id)] = len(feed)
+        feed.append(tx)
         self.txs.append(tx)
         return tx
 
@@ -82,7 +105,7 @@ class AgentFeed:
         seq, tx_id, created_at = self._next_id()
         pairs = rawjson.tx_pairs(tx_id, draft, created_at, numeric_amount=numeric_amount)
         parts = rawjson.render(pairs)
-        return self._append(StoredTx(self.agent_id, seq, tx_id, draft.type, None, parts))
+        return self._append(StoredTx(self.agent_id, seq, tx_id, draft.type, None, parts, feed_of(draft.type)))
 
     def generate(self, malformed_rate: float, numeric_amount_rate: float) -> StoredTx:
         """Append the next generated transaction (well-formed or, at ``malformed_rate``, not)."""
@@ -100,33 +123,36 @@ class AgentFeed:
         self.malformed += 1
         seq, tx_id, created_at = self._next_id()
         item = malformed_item(kind, self._wire, tx_id, created_at)
-        return self._append(StoredTx(self.agent_id, seq, item.id, item.type, kind, item.parts))
+        return self._append(StoredTx(self.agent_id, seq, item.id, item.type, kind, item.parts, "casino"))
 
     def bet(
-        self, game: str, amount: Decimal, asset: str, request_id: str
-    ) -> tuple[StoredTx, StoredTx | None]:
-        """Bet now; raises :class:`InsufficientFunds`, appending nothing, if unaffordable."""
+        self, game: str, amount: Decimal, asset: str, bet_id: str
+    ) -> tuple[StoredTx, StoredTx | None, Decimal]:
+        """Bet now; raises :class:`InsufficientFunds`, appending nothing, if unaffordable. The
+        casino feed reports the bet (and its win) carrying ``bet_id``."""
         self.wallet.debit(asset, amount)
-        fields: tuple[tuple[str, str | Decimal], ...] = (("game", game), ("request_id", request_id))
+        fields: tuple[tuple[str, str | Decimal], ...] = (("game", game), ("bet_id", bet_id))
         bet_tx = self._append_draft(Draft("bet", amount, asset, fields))
         if self._commands.random() >= WIN_PROBABILITY:
-            return bet_tx, None
+            return bet_tx, None, Decimal(0)
         payout = MONEY_CONTEXT.multiply(amount, WIN_MULTIPLIER)
         self.wallet.credit(asset, payout)
-        return bet_tx, self._append_draft(Draft("win", payout, asset, fields))
+        return bet_tx, self._append_draft(Draft("win", payout, asset, fields)), payout
 
-    def faucet(self, request_id: str) -> StoredTx:
+    def faucet(self) -> StoredTx:
+        """A claim: the faucet feed reports it under the tx_id ``POST /claim`` answers."""
+        self.claims += 1
         self.wallet.credit("PFLEA", FAUCET_AMOUNT)
-        return self._append_draft(Draft("faucet", FAUCET_AMOUNT, "PFLEA", (("request_id", request_id),)))
+        return self._append_draft(Draft("faucet", FAUCET_AMOUNT, "PFLEA", ()))
 
-    def page(self, since: str | None, limit: int, overlap: int = 0) -> list[StoredTx]:
-        """Items strictly after ``since``, oldest first; ``overlap`` > 0 repeats that many
-        items before it (a fault), always leaving room for at least one new item."""
+    def page(self, feed: str, since: str | None, limit: int, overlap: int = 0) -> list[StoredTx]:
+        """Items of ``feed`` strictly after ``since``, oldest first; ``overlap`` > 0 repeats that
+        many items before it (a fault), always leaving room for at least one new item."""
         start = 0
         if since is not None:
-            position = self._positions.get(since)
+            position = self._positions.get((feed, since))
             if position is None:
-                raise UnknownSince(self.agent_id, since)
+                raise UnknownSince(self.agent_id, since, feed)
             start = position + 1
         start = max(0, start - min(overlap, limit - 1))
-        return self.txs[start : start + limit]
+        return self._feeds[feed][start : start + limit]

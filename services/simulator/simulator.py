@@ -6,6 +6,7 @@ so the same calls give the same state in a test, a benchmark or the ``python -m`
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 
 import msgspec
@@ -27,8 +28,10 @@ class UnknownAgent(LookupError):
 
 
 class BetOutcome(msgspec.Struct, frozen=True):
+    bet_id: str
     bet_tx: StoredTx
     win_tx: StoredTx | None
+    payout: Decimal  # 0 on a loss
 
     @property
     def won(self) -> bool:
@@ -68,6 +71,7 @@ class Simulator:
         self._round_robin = list(self.feeds.values())
         self._cursor = 0
         self._live = 0  # transactions generated after the backlog
+        # Answers by (agent, Idempotency-Key): a repeated request gets the first answer.
         self._bets: dict[tuple[str, str], BetOutcome] = {}
         self._faucets: dict[tuple[str, str], StoredTx] = {}
         for feed in self._round_robin:
@@ -134,8 +138,10 @@ class Simulator:
         stats.repeated_pages += decision.overlap > 0
         return decision
 
-    def page(self, agent_id: str, since: str | None, limit: int, overlap: int = 0) -> list[StoredTx]:
-        items = self.feed(agent_id).page(since, limit, overlap)
+    def page(
+        self, agent_id: str, since: str | None, limit: int, overlap: int = 0, feed: str = "casino"
+    ) -> list[StoredTx]:
+        items = self.feed(agent_id).page(feed, since, limit, overlap)
         self.stats.served_items += len(items)
         return items
 
@@ -157,21 +163,32 @@ class Simulator:
             self._generate(feed)
         return feed
 
-    def place_bet(self, agent_id: str, game: str, amount: Decimal, asset: str, request_id: str) -> BetOutcome:
-        """Bet now; the same ``request_id`` again returns the first outcome unchanged."""
-        key = (agent_id, request_id)
-        if (known := self._bets.get(key)) is not None:
+    def place_bet(
+        self, agent_id: str, game: str, amount: Decimal, asset: str, idempotency_key: str | None = None
+    ) -> BetOutcome:
+        """Bet now; the same ``idempotency_key`` again returns the first outcome unchanged."""
+        key = (agent_id, idempotency_key) if idempotency_key else None
+        if key is not None and (known := self._bets.get(key)) is not None:
             return known
         feed = self._settled(agent_id)
-        bet_tx, win_tx = feed.bet(game, amount, asset, request_id)
+        bet_id = f"bet-{uuid.uuid4().hex}"  # unique across simulator restarts too
+        bet_tx, win_tx, payout = feed.bet(game, amount, asset, bet_id)
         self.stats.commands += 1
-        outcome = self._bets[key] = BetOutcome(bet_tx, win_tx)
+        outcome = BetOutcome(bet_id, bet_tx, win_tx, payout)
+        if key is not None:
+            self._bets[key] = outcome
         return outcome
 
-    def claim_faucet(self, agent_id: str, request_id: str) -> StoredTx:
-        key = (agent_id, request_id)
-        if (known := self._faucets.get(key)) is not None:
+    def claim_faucet(self, agent_id: str, idempotency_key: str | None = None) -> StoredTx | None:
+        """A claim's transaction, or None when the agent has had ``faucet_limit`` claims."""
+        key = (agent_id, idempotency_key) if idempotency_key else None
+        if key is not None and (known := self._faucets.get(key)) is not None:
             return known
-        tx = self._faucets[key] = self._settled(agent_id).faucet(request_id)
+        feed = self._settled(agent_id)
+        if 0 < self.config.faucet_limit <= feed.claims:
+            return None
+        tx = feed.faucet()
         self.stats.commands += 1
+        if key is not None:
+            self._faucets[key] = tx
         return tx

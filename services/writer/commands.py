@@ -23,22 +23,29 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import msgspec
+from msgspec.structs import replace
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Histogram
 
-from services.writer.decide import Accept, Rejection, checked_shape, decide
-from services.writer.purpleflea import PurpleFleaCommands, UpstreamRejected, UpstreamUnavailable
+from services.writer.decide import FAUCET_ASSET, Accept, Rejection, checked_shape, decide
+from services.writer.purpleflea import (
+    BadAnswer,
+    OutcomeUnknown,
+    PurpleFleaCommands,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
 from shared.commands import (
     ClaimFaucet,
     Code,
     Command,
     PlaceBet,
+    RegisterAgent,
     Reply,
     command_decoder,
     command_encoder,
@@ -46,18 +53,22 @@ from shared.commands import (
     reply_decoder,
 )
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.events import BetPlaced, decode_data
+from shared.envelope import FAUCET_FEED, bet_event_id, ingested_event_id
+from shared.events import BetPlaced, BetWon, Event, FaucetClaimed
 from shared.history import current_state
 from shared.jetstream import NATS_ERRORS, Topology
 from shared.money import parse_amount
 from shared.ops import Lifecycle
-from shared.settings import AGENT_ID_PATTERN, Settings
+from shared.settings import AGENT_ID_PATTERN, CASINO_FEED, Settings
 from shared.store import EventStore, NewEvent, OptimisticConcurrencyError, StreamEvent
-from shared.transactions import Rejected, parse_transaction
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "pflea-writer-commands"
+# metadata.origin: "local" = decided by this ledger alone (no Purple Flea API answered for it),
+# "purpleflea" = what Purple Flea answered it did.
+ORIGIN_LOCAL = "local"
+ORIGIN_PURPLEFLEA = "purpleflea"
 STREAM_TYPE = "agent"
 MAX_ATTEMPTS = 25
 
@@ -136,7 +147,6 @@ class CommandHandler:
         self.topology = topology
         self.lifecycle = lifecycle
         self.purpleflea = purpleflea
-        self.source = settings.purpleflea_source
         self.faucet_amount = parse_amount(settings.faucet_amount, "PFLEA_FAUCET_AMOUNT")
         self._gate = asyncio.Semaphore(settings.command_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -203,10 +213,16 @@ class CommandHandler:
         if stored is not None:
             return stored
         key = None
-        if self.purpleflea is not None and isinstance(command, PlaceBet | ClaimFaucet):
+        if self.purpleflea is not None and not isinstance(command, RegisterAgent):
             key = await self.purpleflea.key_for(agent_id)
+        if key is not None and not isinstance(command, PlaceBet | ClaimFaucet):
+            reason = (
+                f"{agent_id} is linked to Purple Flea, which has no endpoint for {type(command).__name__}: "
+                "do it on Purple Flea and its feed will record it"
+            )
+            return await self._reject(agent_id, command, Code.NOT_ON_PURPLEFLEA, reason)
         if key is not None and await self._sent_before(command):
-            # Purple Flea may have applied it (and the ingester stored that): ask it again.
+            # Purple Flea may have applied it already: it alone judges funds now.
             shape = checked_shape(command, faucet_amount=self.faucet_amount)
             if isinstance(shape, Rejection):
                 return await self._reject(agent_id, command, shape.code, shape.reason)
@@ -224,7 +240,7 @@ class CommandHandler:
                     event,
                     event_id=command_event_id(command.command_id, i),
                     causation_id=str(command.command_id),
-                    metadata={"command": type(command).__name__, "command_id": str(command.command_id)},
+                    metadata=_command_metadata(command, ORIGIN_LOCAL),
                 )
                 for i, event in enumerate(decision.events)
             ]
@@ -239,8 +255,6 @@ class CommandHandler:
 
     async def _through_purpleflea(self, agent_id: str, command: Command, key: str, decision: Accept) -> Reply:
         assert self.purpleflea is not None
-        request_id = str(command.command_id)
-        won: bool | None = None
         await self.pool.execute(
             """INSERT INTO command_attempts (command_id, agent_id, command_type) VALUES ($1, $2, $3)
                ON CONFLICT DO NOTHING""",
@@ -251,45 +265,68 @@ class CommandHandler:
         try:
             if isinstance(command, PlaceBet):
                 bet = decision.events[0]
-                assert isinstance(bet, BetPlaced) and bet.game is not None
-                raws, won = await self.purpleflea.place_bet(
-                    agent_id, key, bet.game, bet.amount, bet.asset, request_id
-                )
-            else:
-                raws = await self.purpleflea.claim_faucet(agent_id, key, request_id)
+                assert isinstance(bet, BetPlaced)
+                return await self._bet(agent_id, command, key, bet)
+            assert isinstance(command, ClaimFaucet)
+            return await self._claim(agent_id, command, key)
         except UpstreamRejected as exc:
             if exc.status in (401, 403):  # our key is wrong: not the command's fault, do not store
                 return _reply(agent_id, command, "failed", Code.UPSTREAM_REJECTED, str(exc))
             code = Code.INSUFFICIENT_FUNDS if exc.status == 409 else Code.UPSTREAM_REJECTED
             return await self._reject(agent_id, command, code, f"Purple Flea: {exc.detail}")
         except UpstreamUnavailable as exc:
-            reason = f"Purple Flea did not answer ({exc}); send the same command again"
-            return _reply(agent_id, command, "failed", Code.UPSTREAM_UNAVAILABLE, reason)
-        try:
-            envelopes = [parse_transaction(raw, agent_id, self.source) for raw in raws]
-        except Rejected as exc:
-            # Applied upstream but unreadable: the ingester will quarantine it when it polls.
-            log.error("Purple Flea answered a transaction we cannot read: %s", exc.reason)
-            return _reply(agent_id, command, "failed", Code.INTERNAL, f"unreadable answer: {exc.reason}")
-        events = [
-            NewEvent(
-                event_id=env.event_id,
-                event_type=env.event_type,
-                data=bytes(env.data).decode(),
-                occurred_at=env.occurred_at,
-                schema_version=env.schema_version,
-                causation_id=request_id,
-                correlation_id=f"{env.source}:{env.tx_id}",
-                metadata={"source": env.source, "command": type(command).__name__, "command_id": request_id},
+            reason = (
+                f"Purple Flea could not be reached ({exc}); nothing happened, send the same command again"
             )
-            for env in envelopes
+            return _reply(agent_id, command, "failed", Code.UPSTREAM_UNAVAILABLE, reason)
+        except OutcomeUnknown as exc:
+            reason = (
+                f"Purple Flea did not answer ({exc}): it may have applied this command, and its feed "
+                "will record it if so; sending it again may apply it twice"
+            )
+            return _reply(agent_id, command, "failed", Code.OUTCOME_UNKNOWN, reason)
+        except BadAnswer as exc:
+            log.error("Purple Flea answered something undocumented: %s", exc, extra={"agent": agent_id})
+            reason = f"Purple Flea's answer is unusable ({exc}); nothing was recorded"
+            return _reply(agent_id, command, "failed", Code.UPSTREAM_BAD_ANSWER, reason)
+
+    async def _bet(self, agent_id: str, command: PlaceBet, key: str, bet: BetPlaced) -> Reply:
+        assert self.purpleflea is not None and bet.game is not None
+        if bet.asset != FAUCET_ASSET:
+            reason = f"asset: Purple Flea's casino takes bets in {FAUCET_ASSET} only, not {bet.asset}"
+            return await self._reject(agent_id, command, Code.BAD_COMMAND, reason)
+        answer = await self.purpleflea.place_bet(agent_id, key, bet.game, bet.amount, str(command.command_id))
+        won, payout = answer.checked()
+        facts: list[tuple[uuid.UUID, Event]] = [
+            (bet_event_id(agent_id, answer.bet_id, won=False), replace(bet, bet_id=answer.bet_id))
         ]
-        payout: Decimal | None = None
         if won:
-            win = decode_data(envelopes[-1].event_type, bytes(envelopes[-1].data))
-            payout = getattr(win, "amount", None)
-        extra = {"tx_ids": tuple(env.tx_id for env in envelopes), "won": won, "payout": payout}
-        # What Purple Flea did is a fact now: recorded wherever the stream is, never re-decided.
+            win = BetWon(amount=payout, asset=bet.asset, game=bet.game, bet_id=answer.bet_id)
+            facts.append((bet_event_id(agent_id, answer.bet_id, won=True), win))
+        extra = {"bet_id": answer.bet_id, "won": won, "payout": payout}
+        return await self._record(agent_id, command, CASINO_FEED, facts, **extra)
+
+    async def _claim(self, agent_id: str, command: ClaimFaucet, key: str) -> Reply:
+        assert self.purpleflea is not None
+        answer = await self.purpleflea.claim_faucet(agent_id, key, str(command.command_id))
+        if not answer.success:
+            reason = f"Purple Flea's faucet refused the claim: {answer.error or 'success: false'}"
+            return await self._reject(agent_id, command, Code.UPSTREAM_REJECTED, reason)
+        amount, tx_id = answer.checked()
+        claimed = FaucetClaimed(amount=amount, asset=FAUCET_ASSET, tx_id=tx_id)
+        facts: list[tuple[uuid.UUID, Event]] = [(ingested_event_id(FAUCET_FEED, agent_id, tx_id), claimed)]
+        return await self._record(agent_id, command, FAUCET_FEED, facts, tx_ids=(tx_id,))
+
+    async def _record(
+        self, agent_id: str, command: Command, feed: str, facts: list[tuple[uuid.UUID, Event]], **extra: Any
+    ) -> Reply:
+        """Store what Purple Flea did under the ids its feed's report of it gets (see
+        shared.envelope), so the later poll finds it stored; a fact now, never re-decided."""
+        metadata = {**_command_metadata(command, ORIGIN_PURPLEFLEA), "feed": feed}
+        events = [
+            NewEvent.of(event, event_id=event_id, causation_id=str(command.command_id), metadata=metadata)
+            for event_id, event in facts
+        ]
         return await self._commit(agent_id, command, events, expected_version=None, **extra)
 
     async def _commit(
@@ -306,9 +343,12 @@ class CommandHandler:
             async with self.pool.acquire() as conn, conn.transaction():
                 if expected_version is None:
                     # The ingester may have stored some of these transactions already: skip them.
-                    await self.store.append_batch(
+                    result = await self.store.append_batch(
                         [StreamEvent(agent_id, STREAM_TYPE, e) for e in events], conn=conn
                     )
+                    if result.collisions:  # an id of another agent's: refuse, never skip
+                        taken = {c.item.event.event_id: c.stored_in for c in result.collisions}
+                        raise RuntimeError(f"event ids stored in other streams: {taken}")
                 else:
                     await self.store.append(agent_id, STREAM_TYPE, events, expected_version, conn=conn)
                 version = await conn.fetchval(
@@ -368,6 +408,10 @@ class CommandHandler:
             )
             return _reply(agent_id, command, "rejected", Code.BAD_COMMAND, reason)
         return reply
+
+
+def _command_metadata(command: Command, origin: str) -> dict[str, str]:
+    return {"command": type(command).__name__, "command_id": str(command.command_id), "origin": origin}
 
 
 def _bad_message(agent_id: str, name: str, data: bytes, reason: str) -> Reply:

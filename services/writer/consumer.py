@@ -296,6 +296,14 @@ class TxConsumer:
             BATCH_SECONDS.observe(time.perf_counter() - started)
             APPENDED.inc(len(result.appended))
             DUPLICATES.inc(len(result.duplicates))
+            by_id = {t.event.event.event_id: t for t in txs}
+            for collision in result.collisions:
+                event_id = collision.item.event.event_id
+                reason = (
+                    f"event_id: {event_id} is stored already in stream {collision.stored_in!r}, "
+                    f"not {collision.item.stream_id!r}: not a duplicate, and not stored twice"
+                )
+                await self._reject(by_id[event_id], reason)
             self.on_commit.set()
             return True
 
@@ -306,7 +314,7 @@ class TxConsumer:
             tx_encoder.encode(envelope),
             reason,
             agent_id=envelope.agent_id,
-            key=f"tx:{envelope.source}:{envelope.tx_id}",
+            key=f"tx:{envelope.origin}",
         )
 
     async def _poison(self, item: Item, reason: str) -> None:

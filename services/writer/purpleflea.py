@@ -1,9 +1,15 @@
-"""Purple Flea's command endpoints (``POST /bets``, ``POST /faucet``) for the writer.
+"""Purple Flea's command endpoints, as documented: the casino's ``POST /bet`` and the faucet's
+``POST /claim``, each with ``Authorization: Bearer <agent key>``.
 
-Each call carries ``request_id`` = the command id, and Purple Flea answers a repeated request id
-with the first outcome. So retrying a call whose answer was lost (5xx, timeout) is safe, and so
-is a writer that crashed between the call and its commit: the retried command gets the same
-transactions, hence the same event ids.
+    POST <PURPLEFLEA_API_URL>/bet      {"agent_id", "game", "amount"}  -> {"bet_id", "outcome", "payout"}
+    POST <PURPLEFLEA_FAUCET_URL>/claim {"agent_id"}                    -> {"success", "amount", "tx_id"}
+
+Amounts leave as JSON numbers written from the Decimal's own digits and come back read as
+Decimal; a float never holds one. The documented API has no idempotency key, so a request is
+sent again only when it surely never arrived (the connection was refused) or was turned away
+before anything happened (429). A timeout or a 5xx leaves the outcome unknown: that is
+reported, never retried blindly. Each request still carries ``Idempotency-Key: <command id>``
+for a server that honours it (the simulator does).
 """
 
 from __future__ import annotations
@@ -12,11 +18,12 @@ import asyncio
 import logging
 import time
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import msgspec
 
-from shared.money import to_text
+from shared.money import MoneyError, parse_amount
 from shared.settings import AgentCredential
 
 log = logging.getLogger(__name__)
@@ -32,13 +39,55 @@ class UpstreamRejected(Exception):
 
 
 class UpstreamUnavailable(Exception):
-    """No answer in time (429, 5xx, timeouts): the outcome is unknown, retry the same command."""
+    """Purple Flea could not be asked (refused connection, 429 for too long): nothing happened."""
+
+
+class OutcomeUnknown(Exception):
+    """The request may have been applied, but no answer came (timeout, 5xx)."""
+
+
+class BadAnswer(Exception):
+    """Purple Flea answered 200 with something that is not the documented answer."""
 
 
 class BetAnswer(msgspec.Struct, frozen=True):
-    bet_tx: msgspec.Raw
-    win_tx: msgspec.Raw
-    won: bool
+    bet_id: str
+    outcome: str
+    payout: Any = 0
+
+    def checked(self) -> tuple[bool, Decimal]:
+        """(won, payout); raises BadAnswer for an outcome other than win/loss or a bad payout."""
+        if self.outcome not in ("win", "loss"):
+            raise BadAnswer(f"outcome: expected 'win' or 'loss', got {self.outcome!r}")
+        if not self.bet_id:
+            raise BadAnswer("bet_id: empty")
+        try:
+            payout = parse_amount(self.payout, "payout")
+        except MoneyError as exc:
+            raise BadAnswer(str(exc)) from None
+        won = self.outcome == "win"
+        if won and payout <= 0:
+            raise BadAnswer(f"payout: a win must pay more than 0, got {self.payout!r}")
+        return won, payout
+
+
+class ClaimAnswer(msgspec.Struct, frozen=True):
+    success: bool
+    amount: Any = None
+    tx_id: str | None = None
+    error: str | None = None
+
+    def checked(self) -> tuple[Decimal, str]:
+        """(amount, tx_id) of a successful claim; raises BadAnswer when either is unusable."""
+        try:
+            amount = parse_amount(self.amount, "amount")
+        except MoneyError as exc:
+            raise BadAnswer(str(exc)) from None
+        if amount <= 0:
+            raise BadAnswer(f"amount: a claim must credit more than 0, got {self.amount!r}")
+        if not self.tx_id:
+            raise BadAnswer("tx_id: missing from a successful claim")
+        return amount, self.tx_id
 
 
 class _Error(msgspec.Struct, frozen=True):
@@ -46,9 +95,16 @@ class _Error(msgspec.Struct, frozen=True):
     detail: str = ""
 
 
-_bet_decoder = msgspec.json.Decoder(BetAnswer)
+# float_hook: JSON numbers are read as Decimal from their own digits.
+_bet_decoder = msgspec.json.Decoder(BetAnswer, float_hook=Decimal)
+_claim_decoder = msgspec.json.Decoder(ClaimAnswer, float_hook=Decimal)
 _error_decoder = msgspec.json.Decoder(_Error)
 _encode = msgspec.json.encode
+
+
+def bet_body(agent_id: str, game: str, amount: Decimal) -> bytes:
+    """``{"agent_id", "game", "amount"}`` with the amount as a plain JSON number."""
+    return _encode({"agent_id": agent_id, "game": game, "amount": msgspec.Raw(format(amount, "f").encode())})
 
 
 class PurpleFleaCommands:
@@ -57,24 +113,27 @@ class PurpleFleaCommands:
 
     def __init__(
         self,
-        base_url: str,
+        casino_url: str,
+        faucet_url: str,
         agents: tuple[AgentCredential, ...],
         *,
         from_simulator: bool,
         timeout_s: float,
         budget_s: float,
     ) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout_s))
+        self.casino = httpx.AsyncClient(base_url=casino_url.rstrip("/"), timeout=httpx.Timeout(timeout_s))
+        self.faucet = httpx.AsyncClient(base_url=faucet_url.rstrip("/"), timeout=httpx.Timeout(timeout_s))
         self.keys = {a.agent_id: a.api_key for a in agents}
         self.from_simulator = from_simulator
         self.budget_s = budget_s
         self._refreshed_at = -1e9
 
     async def close(self) -> None:
-        await self.http.aclose()
+        await self.casino.aclose()
+        await self.faucet.aclose()
 
     async def key_for(self, agent_id: str) -> str | None:
-        """The agent's API key, or None: then its commands are recorded locally only."""
+        """The agent's API key, or None: then the agent is not linked to Purple Flea."""
         if agent_id not in self.keys and self.from_simulator:
             await self._refresh_simulator_agents()
         return self.keys.get(agent_id)
@@ -86,7 +145,7 @@ class PurpleFleaCommands:
             return
         self._refreshed_at = time.monotonic()
         try:
-            response = await self.http.get("/admin/agents")
+            response = await self.casino.get("/admin/agents")
             response.raise_for_status()
             for agent in response.json()["agents"]:
                 self.keys.setdefault(agent["agent_id"], agent["api_key"])
@@ -94,44 +153,49 @@ class PurpleFleaCommands:
             log.warning("could not list the simulator's agents: %r", exc)
 
     async def place_bet(
-        self, agent_id: str, key: str, game: str, amount: Decimal, asset: str, request_id: str
-    ) -> tuple[list[bytes], bool]:
-        """The raw transactions of the bet (and its win, if won) and whether it won."""
-        body = {
-            "agent_id": agent_id,
-            "game": game,
-            "amount": to_text(amount),
-            "asset": asset,
-            "request_id": request_id,
-        }
-        answer = _bet_decoder.decode(await self._post("/bets", key, body))
-        txs = [bytes(answer.bet_tx)]
-        if bytes(answer.win_tx) != b"null":
-            txs.append(bytes(answer.win_tx))
-        return txs, answer.won
+        self, agent_id: str, key: str, game: str, amount: Decimal, command_id: str
+    ) -> BetAnswer:
+        content = await self._post(self.casino, "/bet", key, bet_body(agent_id, game, amount), command_id)
+        try:
+            return _bet_decoder.decode(content)
+        except msgspec.DecodeError as exc:
+            raise BadAnswer(f"not the documented answer of POST /bet ({exc})") from None
 
-    async def claim_faucet(self, agent_id: str, key: str, request_id: str) -> list[bytes]:
-        body = {"agent_id": agent_id, "request_id": request_id}
-        return [await self._post("/faucet", key, body)]
+    async def claim_faucet(self, agent_id: str, key: str, command_id: str) -> ClaimAnswer:
+        content = await self._post(self.faucet, "/claim", key, _encode({"agent_id": agent_id}), command_id)
+        try:
+            return _claim_decoder.decode(content)
+        except msgspec.DecodeError as exc:
+            raise BadAnswer(f"not the documented answer of POST /claim ({exc})") from None
 
-    async def _post(self, path: str, key: str, body: dict[str, str]) -> bytes:
+    async def _post(
+        self, http: httpx.AsyncClient, path: str, key: str, body: bytes, command_id: str
+    ) -> bytes:
         deadline = time.monotonic() + self.budget_s
+        headers = {
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            "Idempotency-Key": command_id,
+        }
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = await self.http.post(
-                    path, content=_encode(body), headers={"Authorization": f"Bearer {key}"}
-                )
-            except httpx.TransportError as exc:  # includes timeouts
-                problem = f"{type(exc).__name__}"
+                response = await http.post(path, content=body, headers=headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached the server
+                problem = type(exc).__name__
+            except httpx.TransportError as exc:  # sent, maybe applied: say so, do not resend
+                raise OutcomeUnknown(f"{path}: {type(exc).__name__} after sending") from None
             else:
                 status = response.status_code
                 if status == 200:
                     return response.content
-                if status in (400, 401, 403, 404, 409, 422):
+                if status == 429:
+                    problem = "HTTP 429"
+                elif 400 <= status < 500:
                     raise UpstreamRejected(status, _detail(response.content))
-                problem = f"HTTP {status}"
+                else:
+                    raise OutcomeUnknown(f"{path}: HTTP {status}")
             wait = min(0.05 * 2**attempt, 1.0)
             if time.monotonic() + wait > deadline:
                 raise UpstreamUnavailable(f"{path}: {problem} after {attempt} tries")

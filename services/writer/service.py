@@ -25,7 +25,7 @@ from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.service import require
-from shared.settings import Settings
+from shared.settings import DEFAULT_FAUCET_URL, Settings
 from shared.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,22 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
 
 
 def _purpleflea(settings: Settings) -> PurpleFleaCommands | None:
-    """The Purple Flea API for PlaceBet/ClaimFaucet, when one is configured (else local only)."""
-    if not settings.purpleflea_api_url:
+    """The Purple Flea API for agents with a key (PURPLEFLEA_AGENTS or the simulator's); without
+    any, every command is decided locally."""
+    if not settings.purpleflea_agents and not settings.agents_from_simulator:
         return None
     return PurpleFleaCommands(
         settings.purpleflea_api_url,
+        _faucet_url(settings),
         settings.purpleflea_agents,
         from_simulator=settings.agents_from_simulator,
         timeout_s=settings.ingest_timeout_s,
         budget_s=settings.command_timeout_s / 2,
     )
+
+
+def _faucet_url(settings: Settings) -> str:
+    """PURPLEFLEA_FAUCET_URL; against the simulator (unless set) its faucet base, ``<url>/faucet``."""
+    if settings.agents_from_simulator and settings.purpleflea_faucet_url == DEFAULT_FAUCET_URL:
+        return settings.purpleflea_api_url.rstrip("/") + "/faucet"
+    return settings.purpleflea_faucet_url

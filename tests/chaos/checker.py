@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from services.simulator.feed import StoredTx
 from shared.jetstream import HDR_EVENT_ID, Topology
 from tests.reference import TABLE_COLUMNS, fold, stored_events, table_rows
-from tests.support import stream_messages
+from tests.support import stream_messages, truth_event_id
 
 PROJECTIONS = ("balance", "pnl", "portfolio", "leaderboard")
 AMOUNT_FIELDS = ("amount", "quantity", "price", "to_amount")
@@ -78,13 +78,21 @@ async def check(
 async def source_exactly_once(
     conn: asyncpg.Connection, truth: list[StoredTx], external: set[uuid.UUID], findings: Findings
 ) -> None:
-    rows = await conn.fetch("SELECT event_id, data->>'tx_id' AS tx_id FROM events")
+    rows = await conn.fetch(
+        """SELECT event_id, stream_id, metadata->>'feed' AS feed, data->>'tx_id' AS tx_id FROM events"""
+    )
     raws = [bytes(r[0]) for r in await conn.fetch("SELECT raw FROM quarantine WHERE source = 'ingester'")]
     commanded = await _command_event_ids(conn)
-    good = {tx.id for tx in truth if tx.malformed is None and tx.id is not None}
-    stored = Counter(r["tx_id"] for r in rows if r["tx_id"] is not None and r["event_id"] not in external)
+    # Each well-formed transaction under the identity the README documents (truth_event_id).
+    good = {truth_event_id(tx): tx for tx in truth if tx.malformed is None and tx.id is not None}
+    ids = {r["event_id"] for r in rows}
+    stored = Counter(
+        (r["stream_id"], r["feed"], r["tx_id"])
+        for r in rows
+        if r["tx_id"] is not None and r["feed"] is not None and r["event_id"] not in external
+    )
     quarantined = set(raws)
-    lost = sorted(good - stored.keys())
+    lost = sorted(f"{tx.agent_id}:{tx.feed}:{tx.id}" for event_id, tx in good.items() if event_id not in ids)
     unkept = [
         f"{tx.agent_id}#{tx.seq} ({tx.malformed})"
         for tx in truth
@@ -94,7 +102,7 @@ async def source_exactly_once(
     unexplained = [
         str(r["event_id"])
         for r in rows
-        if r["tx_id"] not in good and r["event_id"] not in external and r["event_id"] not in commanded
+        if r["event_id"] not in good and r["event_id"] not in external and r["event_id"] not in commanded
     ]
     findings.missing += len(lost) + len(unkept)
     findings.duplicates += sum(n - 1 for n in doubled.values()) + len(raws) - len(quarantined)
@@ -130,24 +138,27 @@ async def source_order_kept(conn: asyncpg.Connection, truth: list[StoredTx], fin
     """Ingested events that sit after a later transaction of their feed. Events a command
     recorded (a bet placed through the ledger) are left out: they are stored when the command
     runs, ahead of feed items the ingester has not read yet."""
-    seq = {tx.id: tx.seq for tx in truth if tx.malformed is None}
+    seq = {(tx.feed, tx.id): tx.seq for tx in truth if tx.malformed is None}
     commanded = await _command_event_ids(conn)
     rows = [
         r
         for r in await conn.fetch(
-            "SELECT event_id, stream_id, data->>'tx_id' AS tx_id FROM events ORDER BY stream_id, version"
+            """SELECT event_id, stream_id, metadata->>'feed' AS feed, data->>'tx_id' AS tx_id
+               FROM events ORDER BY stream_id, version"""
         )
         if r["event_id"] not in commanded
     ]
-    last: dict[str, int] = {}
+    # Feeds are polled independently: order holds within each (agent, feed).
+    last: dict[tuple[str, str], int] = {}
     reordered: dict[str, int] = {}
     for row in rows:
-        n = seq.get(row["tx_id"])
+        n = seq.get((row["feed"], row["tx_id"]))
         if n is None:
             continue
-        if n < last.get(row["stream_id"], 0):
+        key = (row["stream_id"], row["feed"])
+        if n < last.get(key, 0):
             reordered[row["stream_id"]] = reordered.get(row["stream_id"], 0) + 1
-        last[row["stream_id"]] = max(n, last.get(row["stream_id"], 0))
+        last[key] = max(n, last.get(key, 0))
     findings.reordered = sum(reordered.values())
     if reordered:
         findings.reorder_samples = list(reordered.items())[:SAMPLES]

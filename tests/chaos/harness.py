@@ -35,7 +35,7 @@ from tests.chaos.report import Progress, Verdict
 from tests.chaos.schedule import Schedule, Step
 from tests.chaos.servers import ChaosServers
 from tests.conftest import SERVICE_PASSWORD
-from tests.support import ServiceProcess, service_env
+from tests.support import ServiceProcess, service_env, simulator_feeds
 
 PIPELINE = ("ingester", "writer", *(f"projector-{name}" for name in PROJECTIONS))
 # Small, quick pipeline knobs; a scenario overrides what it is about.
@@ -94,6 +94,7 @@ class ChaosRun:
         if sim is not None and sim_url is not None:
             extra["PURPLEFLEA_API_URL"] = sim_url
             extra["PURPLEFLEA_AGENTS"] = ",".join(f"{c.agent_id}:{c.api_key}" for c in sim.credentials)
+            extra["PURPLEFLEA_FEEDS"] = simulator_feeds(sim_url)
         self.env = service_env(settings, **extra)
         self.procs: dict[str, ServiceProcess] = {}
         self.clocks: dict[str, SkewedClock] = {}
