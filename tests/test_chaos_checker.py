@@ -15,6 +15,7 @@ import nats
 import pytest
 
 from services.simulator.feed import StoredTx
+from shared.envelope import ingested_event_id
 from shared.jetstream import HDR_EVENT_ID, Topology
 from tests.chaos.checker import check
 
@@ -26,11 +27,17 @@ def _tx(seq: int, malformed: str | None = None) -> StoredTx:
 
 
 async def _insert(conn: asyncpg.Connection, stream: str, version: int, data: dict[str, object]) -> uuid.UUID:
-    event_id = uuid.uuid4()
+    """An ingested event of the casino feed: under its documented id the first time its tx id
+    is stored in ``stream``, under a random one after that (a double)."""
+    tx_id = data.get("tx_id")
+    taken = await conn.fetchval("SELECT count(*) FROM events WHERE data->>'tx_id' = $1", tx_id)
+    first = isinstance(tx_id, str) and not taken
+    event_id = ingested_event_id("casino", stream, tx_id) if first else uuid.uuid4()  # type: ignore[arg-type]
     await conn.execute(
         """INSERT INTO events (event_id, stream_id, stream_type, event_type, version, data, metadata,
                                occurred_at)
-           VALUES ($1, $2, 'agent', 'FundsDeposited', $3, $4::jsonb, '{"schema_version": 1}', $5)""",
+           VALUES ($1, $2, 'agent', 'FundsDeposited', $3, $4::jsonb,
+                   '{"schema_version": 1, "feed": "casino"}', $5)""",
         event_id,
         stream,
         version,
