@@ -23,7 +23,12 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
     database_url = require(settings.database_url, "DATABASE_URL")
     nats_url = require(settings.nats_url, "NATS_URL")
     topology = Topology(settings.namespace)
-    feed = FeedClient(api_url, settings.ingest_timeout_s, settings.ingest_concurrency)
+    feed = FeedClient(
+        api_url,
+        settings.ingest_timeout_s,
+        settings.ingest_concurrency,
+        max_page_bytes=settings.ingest_max_page_bytes,
+    )
     pool = await create_pool(role_dsn(database_url, INGESTER_ROLE, settings.db_service_password), max_size=4)
     nc = await connect_nats(nats_url, "pflea-ingester")
     try:
