@@ -8,6 +8,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import msgspec
 
+from shared.unreachable import ServerUnreachable
+
 # The roles created by the migrations; a service connects as one of them.
 INGESTER_ROLE = "pflea_ingester"
 WRITER_ROLE = "pflea_writer"
@@ -68,8 +70,18 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+# What connecting fails with when the server is down, starting, or the address is wrong.
+_UNREACHABLE = (OSError, TimeoutError, asyncpg.exceptions.CannotConnectNowError)
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kw: Any) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=init_connection, **kw)
+    """A pool of ``min_size`` open connections; ``ServerUnreachable`` if Postgres does not answer."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, init=init_connection, **kw
+        )
+    except _UNREACHABLE as exc:
+        raise ServerUnreachable("Postgres", dsn, exc) from exc
     assert pool is not None
     return pool
 

@@ -19,6 +19,7 @@ class Lifecycle:
     def __init__(self) -> None:
         self.stopping = asyncio.Event()
         self._ready = False
+        self.started = False  # ready at least once: from then on a stop drains
         self.checks: list[Callable[[], bool]] = []
 
     @property
@@ -30,6 +31,7 @@ class Lifecycle:
         if value and not self._ready:
             log.info("ready")
         self._ready = value
+        self.started = self.started or value
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -12,10 +13,13 @@ from collections.abc import Awaitable, Callable
 from shared.logs import configure_logging
 from shared.ops import Lifecycle, OpsServer
 from shared.settings import Settings, SettingsError, load_settings
+from shared.unreachable import CONNECT_FAILURES, RepeatedWarnings, ServerUnreachable
 
 log = logging.getLogger(__name__)
 
 Main = Callable[[Settings, Lifecycle], Awaitable[None]]
+
+UNREACHABLE_RETRY_S = 1.0
 
 
 def require(value: str, variable: str) -> str:
@@ -69,7 +73,34 @@ async def _serve(name: str, main: Main, settings: Settings) -> None:
     ops = OpsServer(lifecycle, settings.metrics_port)
     await ops.start()
     log.info("starting %s", name, extra={"metrics_port": settings.metrics_port})
+    running = asyncio.create_task(start_when_reachable(main, settings, lifecycle))
+    stop = asyncio.create_task(lifecycle.stopping.wait())
     try:
-        await main(settings, lifecycle)
+        await asyncio.wait({running, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not running.done() and not lifecycle.started:
+            # Stopped while still starting (waiting for a server, say): nothing is in flight.
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+            return
+        await running
     finally:
+        stop.cancel()
         await ops.stop()
+
+
+async def start_when_reachable(main: Main, settings: Settings, lifecycle: Lifecycle) -> None:
+    """Run ``main``; while a server it needs at start does not answer, start again every
+    UNREACHABLE_RETRY_S, saying so in one line (repeated at most every 30 s with a count)."""
+    warnings = RepeatedWarnings(log)
+    while True:
+        try:
+            await main(settings, lifecycle)
+            return
+        except ServerUnreachable as exc:
+            if lifecycle.started:
+                raise  # not at start: the service's own error handling missed it
+            CONNECT_FAILURES.labels(exc.server.lower()).inc()
+            warnings.warning(f"{exc}; retrying every {UNREACHABLE_RETRY_S}s")
+        if await lifecycle.sleep(UNREACHABLE_RETRY_S):
+            return

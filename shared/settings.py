@@ -73,6 +73,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ingest_poll_interval_s: float = 1.0
     ingest_idle_poll_max_s: float = 5.0
     ingest_timeout_s: float = 10.0
+    ingest_max_page_bytes: int = 16 * 1024 * 1024
     relay_poll_s: float = 1.0
     snapshot_every: int = 100
     metrics_port: int = 0
@@ -111,6 +112,7 @@ ENV_NAMES: dict[str, str] = {
     "ingest_poll_interval_s": "PFLEA_INGEST_POLL_INTERVAL_S",
     "ingest_idle_poll_max_s": "PFLEA_INGEST_IDLE_POLL_MAX_S",
     "ingest_timeout_s": "PFLEA_INGEST_TIMEOUT_S",
+    "ingest_max_page_bytes": "PFLEA_INGEST_MAX_PAGE_BYTES",
     "relay_poll_s": "PFLEA_RELAY_POLL_S",
     "snapshot_every": "PFLEA_SNAPSHOT_EVERY",
     "metrics_port": "PFLEA_METRICS_PORT",
@@ -132,6 +134,7 @@ _POSITIVE = {
     "ingest_concurrency",
     "ingest_page_limit",
     "ingest_timeout_s",
+    "ingest_max_page_bytes",
     "snapshot_every",
     "command_concurrency",
     "command_timeout_s",

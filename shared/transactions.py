@@ -148,7 +148,11 @@ def _amount(tx: dict[str, Any], field: str = "amount") -> Decimal:
 
 
 def _asset(tx: dict[str, Any], field: str = "asset", default: str | None = DEFAULT_ASSET) -> str:
-    value = tx.get(field, default)
+    value = tx.get(field)
+    if value is None:  # absent or null: the default, if the field has one
+        value = default
+    if value is None:
+        raise Rejected(f"{field}: missing", _tx_id_or_none(tx))
     if not isinstance(value, str) or not _ASSET.fullmatch(value):
         raise Rejected(
             f"{field}: expected an asset code like PFLEA or USDC, got {value!r}", _tx_id_or_none(tx)
@@ -157,9 +161,17 @@ def _asset(tx: dict[str, Any], field: str = "asset", default: str | None = DEFAU
 
 
 def _occurred_at(tx: dict[str, Any]) -> datetime:
+    """When the transaction happened by the source; when we first saw it if the source is silent."""
     value = tx.get("created_at")
+    if value is None:
+        # Absent or null: keep the transaction (its money effect is known) at our clock's time;
+        # ``to_event`` marks it. A re-poll gets a later time but the same event id, so the
+        # database keeps the first.
+        return datetime.now(UTC)
     if not isinstance(value, str):
-        raise Rejected("created_at: missing or not an ISO 8601 string", _tx_id_or_none(tx))
+        raise Rejected(
+            f"created_at: expected an ISO 8601 string, got {type(value).__name__}", _tx_id_or_none(tx)
+        )
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -233,6 +245,13 @@ BUILDERS: dict[str, tuple[Callable[[dict[str, Any]], Event], frozenset[str]]] = 
     "domain_sale": (_domain(DomainSold), frozenset({"domain"})),
 }
 _COMMON = frozenset({"id", "type", "amount", "asset", "created_at", "agent_id"})
+# In ``extra`` of an event whose transaction came without ``created_at``: its ``occurred_at``
+# is when the ingester first saw it, not when it happened.
+FIRST_SEEN = {"occurred_at_source": "first_seen"}
+
+
+def _marks(tx: dict[str, Any]) -> dict[str, Any]:
+    return dict(FIRST_SEEN) if tx.get("created_at") is None else {}
 
 
 def to_event(tx: dict[str, Any]) -> Event:
@@ -242,13 +261,14 @@ def to_event(tx: dict[str, Any]) -> Event:
     tx_id = _text(tx, "id")
     built = BUILDERS.get(tx_type)
     if built is None:
-        if "amount" in tx:
+        if tx.get("amount") is not None:
             _amount(tx)  # an unknown type still may not carry an amount we could not store
         raw = {k: plain_json(v) for k, v in tx.items()}
-        return UnknownTransaction(tx_id=tx_id, source_type=tx_type, raw=raw)
+        return UnknownTransaction(tx_id=tx_id, source_type=tx_type, raw=raw, extra=_marks(tx))
     build, own_fields = built
     event = build(tx)
     extra = {k: plain_json(v) for k, v in tx.items() if k not in _COMMON and k not in own_fields}
+    extra.update(_marks(tx))
     return msgspec.structs.replace(event, tx_id=tx_id, extra=extra)
 
 

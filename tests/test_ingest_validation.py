@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from decimal import Decimal
 
 import msgspec
@@ -79,7 +80,7 @@ POISON = [
 @pytest.mark.parametrize(("raw", "field"), POISON, ids=[f"{i}-{f}" for i, (_, f) in enumerate(POISON)])
 def test_each_poison_transaction_is_rejected_with_a_reason(raw: bytes, field: str) -> None:
     with pytest.raises(Rejected) as info:
-        parse_transaction(raw, "agent-1", "purpleflea")
+        parse_transaction(raw, "agent-1", "casino")
     assert field.lower() in info.value.reason.lower()
 
 
@@ -119,7 +120,7 @@ def test_numbers_are_exact_and_unknown_fields_are_kept() -> None:
 
 
 def test_an_unknown_type_is_kept_as_an_event_not_dropped() -> None:
-    env = parse_transaction(tx(type="airdrop_v2", amount="3", foo="bar"), "agent-1", "purpleflea")
+    env = parse_transaction(tx(type="airdrop_v2", amount="3", foo="bar"), "agent-1", "casino")
     event = decode_data(env.event_type, bytes(env.data))
     assert env.event_type == "UnknownTransaction"
     assert event.source_type == "airdrop_v2" and event.raw["foo"] == "bar"  # type: ignore[attr-defined]
@@ -147,3 +148,69 @@ def test_a_casino_bet_carrying_its_bet_id_is_known_by_it_on_the_casino_feed_only
     assert parse_transaction(plain, "agent-1", "casino").event_id == ingested_event_id(
         "casino", "agent-1", "t9"
     )
+
+
+@pytest.mark.parametrize("created_at", [..., None], ids=["missing", "null"])
+def test_a_transaction_without_created_at_is_kept_as_first_seen_and_marked(created_at: object) -> None:
+    before = datetime.now(UTC)
+    env = parse_transaction(tx(created_at=created_at, type="bet", game="dice"), "agent-1", "casino")
+    after = datetime.now(UTC)
+    event = decode_data(env.event_type, bytes(env.data))
+    assert env.event_type == "BetPlaced" and event.amount == Decimal("1")  # type: ignore[attr-defined]
+    assert before <= env.occurred_at <= after
+    assert event.extra == {"occurred_at_source": "first_seen"}
+    unknown = parse_transaction(tx(created_at=created_at, type="airdrop_v3"), "agent-1", "casino")
+    assert decode_data(unknown.event_type, bytes(unknown.data)).extra == {"occurred_at_source": "first_seen"}
+
+
+def test_a_transaction_with_created_at_is_not_marked() -> None:
+    env = parse_transaction(tx(), "agent-1", "casino")
+    assert env.occurred_at == datetime(2026, 1, 1, tzinfo=UTC)
+    assert decode_data(env.event_type, bytes(env.data)).extra == {}
+
+
+@pytest.mark.parametrize("created_at", [123, "", "yesterday", ["2026-01-01"]])
+def test_a_created_at_that_is_present_but_malformed_is_rejected_naming_it(created_at: object) -> None:
+    with pytest.raises(Rejected) as info:
+        parse_transaction(tx(created_at=created_at), "agent-1", "casino")
+    assert info.value.reason.startswith("created_at:") and info.value.tx_id == "t9"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"asset": None},
+        {"asset": ...},
+        {"type": "bet", "game": None},
+        {"type": "withdraw", "address": None},
+        {"type": "escrow_release", "escrow_id": ...},
+        {"type": "transfer_in", "chain": None, "address": ...},
+        {"type": "trade", "side": "buy", "instrument": "BTC", "quantity": "0.1", "price": None},
+        {"type": "register", "name": None, "amount": ...},
+        {"type": "airdrop_v3", "amount": None},
+        {"agent_id": None},
+    ],
+)
+def test_a_missing_or_null_optional_field_does_not_reject_the_transaction(fields: dict[str, object]) -> None:
+    env = parse_transaction(tx(**fields), "agent-1", "casino")
+    event = decode_data(env.event_type, bytes(env.data))
+    if "amount" not in fields:
+        assert event.asset == "PFLEA"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"type": "trade", "side": "buy", "quantity": "1"}, "instrument"),
+        ({"type": "trade", "side": "buy", "instrument": "BTC"}, "quantity"),
+        ({"type": "trade", "instrument": "BTC", "quantity": "1"}, "side"),
+        ({"type": "swap", "to_amount": "1"}, "to_asset"),
+        ({"type": "swap", "to_amount": "1", "to_asset": None}, "to_asset"),
+        ({"type": "domain_purchase"}, "domain"),
+        ({"amount": ...}, "amount"),
+    ],
+)
+def test_a_field_the_money_effect_needs_is_required(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(Rejected) as info:
+        parse_transaction(tx(**fields), "agent-1", "casino")
+    assert info.value.reason.startswith(f"{field}:")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import zlib
 
 import httpx
 
@@ -27,7 +29,30 @@ class AuthFailed(FeedError):
 
 
 class Transient(FeedError):
-    """5xx, timeouts, connection errors: retry with backoff."""
+    """5xx, timeouts, connection errors, a body that is no page: retry with backoff.
+
+    Nothing was consumed, so the cursor stays where it is; ``kind`` is the failure's label in
+    ``pflea_ingester_feed_errors_total``.
+    """
+
+    def __init__(self, reason: str, kind: str = "transient") -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+class CursorRejected(FeedError):
+    """A 4xx for a ``since`` cursor: the feed no longer knows it (pruned, or the feed was reset)."""
+
+    def __init__(self, since: str, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status} for since={since!r}: {_excerpt(body)}")
+        self.since = since
+        self.status = status
+
+
+def _excerpt(body: bytes, size: int = 160) -> str:
+    """The start of a body, printable in one log line."""
+    text = body[:size].decode("utf-8", "replace")
+    return repr(text + ("…" if len(body) > size else ""))
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -38,18 +63,88 @@ def _retry_after(response: httpx.Response) -> float:
         return 1.0  # an HTTP-date or garbage: a second is a safe guess
 
 
+def _inflater(encoding: str) -> zlib._Decompress | None:
+    """A decompressor for the response's ``Content-Encoding``; None when it is not compressed."""
+    match encoding.strip().lower():
+        case "" | "identity":
+            return None
+        case "gzip" | "x-gzip" | "deflate":
+            return zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, detected
+        case _:  # we ask for gzip or deflate only
+            raise Transient(f"Content-Encoding {encoding!r} was not asked for", "bad_body")
+
+
+async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """The body, decompressed, refused as soon as it passes ``limit`` bytes.
+
+    Decompression is bounded as well: each chunk may inflate to the room left and no more, so a
+    few kilobytes that would inflate to gigabytes (a gzip bomb) cost at most ``limit`` bytes.
+    """
+    inflater = _inflater(response.headers.get("Content-Encoding", ""))
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        if inflater is not None:
+            try:
+                chunk = inflater.decompress(chunk, limit + 1 - len(body))
+            except zlib.error as exc:
+                raise Transient(f"corrupt compressed body ({exc})", "bad_body") from None
+        body += chunk
+        if len(body) > limit:
+            raise Transient(
+                f"the body is over {limit} bytes (PFLEA_INGEST_MAX_PAGE_BYTES); not read further",
+                "too_large",
+            )
+    if inflater is not None and not inflater.eof:
+        raise Transient("the compressed body ends early", "bad_body")
+    return bytes(body)
+
+
+def _page(response: httpx.Response, body: bytes, agent_id: str, since: str | None) -> Page:
+    """The page a response holds, or the feed error it is."""
+    status = response.status_code
+    if status == 200:
+        try:
+            return split_page(body)
+        except BadPage as exc:
+            # Nothing was consumed and the cursor stays: a proxy's HTML or a cut-off body is a
+            # passing fault, not a transaction to quarantine.
+            raise Transient(f"HTTP 200 but {exc}: {_excerpt(body)}", "bad_body") from None
+    if status == 429:
+        raise RateLimited(_retry_after(response))
+    if status in (401, 403):
+        raise AuthFailed(f"HTTP {status}: the API key for {agent_id} was refused")
+    if status >= 500 or status == 408:
+        raise Transient(f"HTTP {status}")
+    if 400 <= status < 500:
+        if since is not None:
+            raise CursorRejected(since, status, body)
+        raise Transient(f"HTTP {status} for the first page: {_excerpt(body)}", "http_4xx")
+    raise Transient(f"HTTP {status}: not a page of transactions", "http_status")
+
+
 class FeedClient:
     """One feed's httpx client, shared by every agent's poller of that feed."""
 
     def __init__(
-        self, base_url: str, timeout_s: float, max_connections: int = 32, *, name: str = "casino"
+        self,
+        base_url: str,
+        timeout_s: float,
+        max_connections: int = 32,
+        *,
+        name: str = "casino",
+        max_page_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.name = name
         self.http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout_s),
             limits=httpx.Limits(max_connections=max_connections),
+            # Only what read_bounded can inflate with a bound (not br or zstd).
+            headers={"Accept-Encoding": "gzip, deflate"},
         )
+        # httpx's timeouts are per read: a feed dripping a byte a second would never trip them.
+        self.deadline_s = timeout_s
+        self.max_page_bytes = max_page_bytes
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -59,25 +154,28 @@ class FeedClient:
         if since is not None:
             params["since"] = since
         try:
-            response = await self.http.get(
-                "/transactions",
-                params=params,
-                headers={"Authorization": f"Bearer {agent.api_key}"},
-            )
+            async with asyncio.timeout(self.deadline_s):
+                response, body = await self._get(params, agent)
+        except TimeoutError:
+            raise Transient(
+                f"no complete answer within {self.deadline_s}s (PFLEA_INGEST_TIMEOUT_S)", "deadline"
+            ) from None
         except httpx.TimeoutException as exc:
             raise Transient(f"timeout: {type(exc).__name__}") from None
         except httpx.TransportError as exc:
             raise Transient(f"transport: {exc!r}") from None
-        status = response.status_code
-        if status == 200:
-            return split_page(response.content)
-        if status == 429:
-            raise RateLimited(_retry_after(response))
-        if status in (401, 403):
-            raise AuthFailed(f"HTTP {status}: the API key for {agent.agent_id} was refused")
-        if status >= 500:
-            raise Transient(f"HTTP {status}")
-        raise BadPage(f"HTTP {status}: {response.text[:200]}", response.content)
+        return _page(response, body, agent.agent_id, since)
+
+    async def _get(
+        self, params: dict[str, str | int], agent: AgentCredential
+    ) -> tuple[httpx.Response, bytes]:
+        """``GET /transactions`` and its body, read only where it will be used."""
+        async with self.http.stream(
+            "GET", "/transactions", params=params, headers={"Authorization": f"Bearer {agent.api_key}"}
+        ) as response:
+            if response.status_code in (401, 403, 429) or response.status_code >= 500:
+                return response, b""
+            return response, await read_bounded(response, self.max_page_bytes)
 
     async def simulator_agents(self) -> list[AgentCredential]:
         """The simulator's agents and keys (``PFLEA_AGENTS_FROM_SIMULATOR=1``)."""

@@ -13,7 +13,7 @@ import asyncpg
 from nats.js import JetStreamContext
 from prometheus_client import Counter
 
-from services.ingester.client import AuthFailed, BadPage, FeedClient, RateLimited, Transient
+from services.ingester.client import AuthFailed, CursorRejected, FeedClient, RateLimited, Transient
 from shared.envelope import TxEnvelope, tx_messages
 from shared.faults import crash_point
 from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, ensure_streams, publish_in_order
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 RECEIVED = Counter("pflea_ingester_transactions_received_total", "Transactions fetched", ["agent"])
 PUBLISHED = Counter("pflea_ingester_transactions_published_total", "Transactions published to PFLEA_TX")
 FEED_ERRORS = Counter("pflea_ingester_feed_errors_total", "Failed polls", ["kind"])
+CURSOR_RESETS = Counter(
+    "pflea_ingester_cursor_resets_total", "Feeds read again from the start because the cursor was refused"
+)
 
 MAX_BACKOFF_S = 30.0
 AUTH_RETRY_S = 60.0
@@ -56,6 +59,8 @@ async def committed_cursor(pool: asyncpg.Pool, agent_id: str, feed: str = CASINO
 
 
 class AgentPoller:
+    resets_in_a_row = 0  # cursor refusals since a poll with a cursor last succeeded
+
     def __init__(
         self,
         agent: AgentCredential,
@@ -141,13 +146,13 @@ class AgentPoller:
             log.error("%s; retrying in %ss, other agents go on", exc, AUTH_RETRY_S, extra={"agent": agent_id})
             return AUTH_RETRY_S
         except Transient as exc:
-            FEED_ERRORS.labels("transient").inc()
+            FEED_ERRORS.labels(exc.kind).inc()
             return self._next_backoff(str(exc))
-        except BadPage as exc:
-            FEED_ERRORS.labels("bad_page").inc()
-            await self.quarantine.put(exc.body, exc.args[0], agent_id=agent_id, key=f"page:{self.since}")
-            return self._next_backoff(exc.args[0])
+        except CursorRejected as exc:
+            return self._read_again_from_the_start(exc)
         self.backoff = 0.5
+        if self.since is not None:
+            self.resets_in_a_row = 0
         RECEIVED.labels(agent_id).inc(len(page.items))
         new = await self.handle(page.items)
         if len(page.items) < limit:
@@ -165,6 +170,38 @@ class AgentPoller:
             return base
         ceiling = max(base, self.settings.ingest_idle_poll_max_s)
         return min(base * 2 ** (self.idle_polls - 1), ceiling) * random.uniform(0.9, 1.1)
+
+    def _read_again_from_the_start(self, exc: CursorRejected) -> float:
+        """The feed refused our cursor (pruned, or the feed was reset): read it from the start.
+
+        Nothing is lost, and nothing doubled: what is stored already has the same event ids,
+        which JetStream's duplicate window or else the writer skips. The recent-id cache is
+        cleared because the cursor only moves past ids not in it. Logged once per incident; a
+        feed that refuses even the cursors it gave after a reset is retried with back-off.
+        """
+        CURSOR_RESETS.inc()
+        self.resets_in_a_row += 1
+        self.since = None
+        self.recent.clear()
+        agent_id = self.agent.agent_id
+        if self.resets_in_a_row == 1:
+            log.warning(
+                "%s: the feed no longer knows this cursor; reading %s's feed again from the start "
+                "(what is stored already is skipped by event id)",
+                exc,
+                agent_id,
+                extra={"agent": agent_id},
+            )
+            return 0.0
+        if self.resets_in_a_row == 2:
+            log.error(
+                "%s: the feed refuses the cursors it gave after a reset too; reading from the start "
+                "with back-off up to %ss, logged once (pflea_ingester_cursor_resets_total counts)",
+                exc,
+                MAX_BACKOFF_S,
+                extra={"agent": agent_id},
+            )
+        return min(0.5 * 2 ** (self.resets_in_a_row - 2), MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
 
     def _next_backoff(self, why: str) -> float:
         delay = self.backoff * random.uniform(0.5, 1.5)  # jitter: pollers don't retry in lockstep

@@ -34,7 +34,13 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
             if not settings.purpleflea_feeds:
                 configured = tuple(await casino.simulator_feeds())
         feeds += [
-            FeedClient(f.url, settings.ingest_timeout_s, settings.ingest_concurrency, name=f.name)
+            FeedClient(
+                f.url,
+                settings.ingest_timeout_s,
+                settings.ingest_concurrency,
+                name=f.name,
+                max_page_bytes=settings.ingest_max_page_bytes,
+            )
             for f in configured
         ]
         if not agents:
