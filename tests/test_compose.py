@@ -210,12 +210,20 @@ def test_migrate_runs_once_against_a_healthy_postgres(default: Rendered) -> None
     assert migrate["restart"] == "no"
 
 
+def test_only_migrate_builds_the_image_so_it_is_built_once(everything: Rendered) -> None:
+    builders = {name: service["build"] for name, service in everything.services.items() if "build" in service}
+    assert list(builders) == ["migrate"]
+    assert builders["migrate"]["context"] == str(ROOT)
+    assert builders["migrate"]["dockerfile"] == "deploy/Dockerfile"
+    assert everything.services["migrate"]["image"] == "pflea-ledger:local"
+
+
 @pytest.mark.parametrize("name", ["migrate", "simulator", *APP_SERVICES])
-def test_our_services_share_one_image_built_from_deploy_dockerfile(default: Rendered, name: str) -> None:
+def test_our_services_run_that_one_image_and_never_pull_it(default: Rendered, name: str) -> None:
+    # One image id for all: `up --scale` of one service finds every other container current.
     service = default.services[name]
-    assert service["build"]["context"] == str(ROOT)
-    assert service["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert service["image"] == default.services["migrate"]["image"]
+    assert service["image"] == "pflea-ledger:local"
+    assert service["pull_policy"] == "never"
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
