@@ -52,6 +52,15 @@ NATS_USER = {
     **dict.fromkeys(PROJECTORS, "projector"),
 }
 TOPOLOGY = Topology()
+# Every host port, by the variable that moves it, with its default.
+HOST_PORTS = {
+    "PFLEA_PG_HOST_PORT": ("postgres", 5432, 5432),
+    "PFLEA_NATS_HOST_PORT": ("nats", 4222, 4222),
+    "PFLEA_NATS_MONITOR_HOST_PORT": ("nats", 8222, 8222),
+    "PFLEA_SIM_HOST_PORT": ("simulator", 8088, 8088),
+    "PFLEA_PROMETHEUS_HOST_PORT": ("prometheus", 9090, 9090),
+    "PFLEA_GRAFANA_HOST_PORT": ("grafana", 3000, 3000),
+}
 
 
 # --- docker-compose config -----------------------------------------------------------------
@@ -82,10 +91,12 @@ class Rendered:
         return services
 
 
-def render(*profiles: str) -> Rendered:
-    """``docker-compose config`` as JSON, in an environment that sets none of our variables."""
+def render(*profiles: str, variables: dict[str, str] | None = None) -> Rendered:
+    """``docker-compose config`` as JSON, in an environment that sets none of our variables
+    but ``variables``."""
     ours = _interpolated_variables()
     env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith("COMPOSE_")}
+    env.update(variables or {})
     flags = [arg for profile in profiles for arg in ("--profile", profile)]
     proc = subprocess.run(
         [str(_compose_binary()), "-f", str(COMPOSE_FILE), *flags, "config", "--format", "json"],
@@ -116,6 +127,16 @@ def _mounts(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _published(service: dict[str, Any]) -> set[int]:
     return {int(port["published"]) for port in service.get("ports", [])}
+
+
+def _host_ports(rendered: Rendered) -> dict[tuple[str, int], int]:
+    """(service, container port) -> the host port it is published on, for every published port."""
+    ports = {}
+    for name, service in rendered.services.items():
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", f"{name} publishes {port} beyond this host"
+            ports[(name, int(port["target"]))] = int(port["published"])
+    return ports
 
 
 def _healthcheck(service: dict[str, Any]) -> str:
@@ -224,6 +245,20 @@ def test_our_services_run_that_one_image_and_never_pull_it(default: Rendered, na
     service = default.services[name]
     assert service["image"] == "pflea-ledger:local"
     assert service["pull_policy"] == "never"
+
+
+def test_host_ports_default_to_the_standard_ones_on_127_0_0_1(everything: Rendered) -> None:
+    assert _host_ports(everything) == {
+        (service, target): default for service, target, default in HOST_PORTS.values()
+    }
+
+
+def test_every_host_port_moves_with_its_variable() -> None:
+    moved = {variable: str(21000 + i) for i, variable in enumerate(HOST_PORTS)}
+    rendered = render(*PROFILES, variables=moved)
+    assert _host_ports(rendered) == {
+        (service, target): int(moved[variable]) for variable, (service, target, _) in HOST_PORTS.items()
+    }
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
