@@ -338,6 +338,21 @@ def test_simulator_serves_http_and_the_ingester_polls_it(default: Rendered) -> N
     assert parts == set(WRITER_PARTS)
 
 
+def test_the_simulator_keeps_its_epoch_in_a_volume_its_user_may_write(default: Rendered) -> None:
+    simulator = default.services["simulator"]
+    state_dir = simulator["environment"]["PFLEA_SIM_STATE_DIR"]
+    mount = _mounts(simulator)[state_dir]
+    assert (mount["type"], mount["source"]) == ("volume", "simulator-state")
+    # A new named volume is a copy of the image's folder, owner included: pflea must own it.
+    stage = _final_stage()
+    created = next(
+        i for i, (keyword, rest) in enumerate(stage) if keyword == "RUN" and f" {state_dir}" in rest
+    )
+    assert re.search(rf"install -d -o pflea -g pflea (-m 0?700 )?{re.escape(state_dir)}\b", stage[created][1])
+    user = max(i for i, (keyword, _) in enumerate(stage) if keyword == "USER")
+    assert created < user
+
+
 def test_nats_box_logs_in_as_the_cli_user(everything: Rendered) -> None:
     box = everything.services["nats-box"]
     assert box["image"].startswith("natsio/nats-box")

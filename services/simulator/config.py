@@ -35,6 +35,7 @@ ENV_NAMES: dict[str, str] = {
     "max_per_agent": "PFLEA_SIM_MAX_PER_AGENT",
     "numeric_amount_rate": "PFLEA_SIM_NUMERIC_AMOUNT_RATE",
     "epoch": "PFLEA_SIM_EPOCH",
+    "state_dir": "PFLEA_SIM_STATE_DIR",
 }
 
 
@@ -95,6 +96,8 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Unix time the feed's clock counts from (0: start-up). A restarted simulator with the same
     # epoch serves every transaction it served before, as the real API would after our restart.
     epoch: float = 0.0
+    # Where the epoch is kept when ``epoch`` is 0 (see :mod:`.epoch`); empty: nowhere.
+    state_dir: str = ""
     faults: FaultKnobs = FaultKnobs()
 
     def __post_init__(self) -> None:
