@@ -448,7 +448,7 @@ def test_the_image_starts_with_an_exec_form_command_and_unbuffered_output() -> N
 def test_the_image_installs_the_project_from_the_build_context() -> None:
     instructions = _dockerfile_instructions()
     assert all(rest.startswith("python:3.11-slim") for keyword, rest in instructions if keyword == "FROM")
-    assert ("RUN", "pip install --no-cache-dir .") in instructions
+    assert ("RUN", "pip --python /opt/venv/bin/python install --no-cache-dir .") in instructions
     ignored = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -465,6 +465,17 @@ def test_the_image_installs_the_project_from_the_build_context() -> None:
     for path in copied:
         assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
         assert path not in ignored, f"the Dockerfile copies {path}, which .dockerignore drops"
+
+
+def test_the_image_has_no_embedded_servers_and_no_pip() -> None:
+    instructions = _dockerfile_instructions()
+    installs = [rest for keyword, rest in instructions if keyword == "RUN" and "pip" in rest.split()]
+    # The project alone: the `embedded` extra's Postgres and nats-server would be ~60 MB unused.
+    assert installs == ["pip --python /opt/venv/bin/python install --no-cache-dir ."]
+    assert not any("embedded" in rest for _, rest in instructions)
+    # A venv without pip, filled by the build stage's pip: no pip or setuptools at run time.
+    assert ("RUN", "python -m venv --without-pip /opt/venv") in instructions
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in _final_stage()
 
 
 # --- NATS permissions, on a real server running deploy/nats/nats.conf ----------------------

