@@ -38,8 +38,8 @@ from bench.harness import Harness
 from bench.pipeline import Pipeline, pipeline_state
 from bench.processes import RssSampler, wait_until
 from bench.report import Figure, Target
-from shared.jetstream import HDR_POSITION
 from shared.projections.registry import PROJECTIONS
+from shared.wire import HDR_POSITION
 
 SETUP_SQL = """
 CREATE TABLE bench_commits (projection text NOT NULL, position bigint NOT NULL);

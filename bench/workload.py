@@ -14,11 +14,12 @@ import asyncpg
 from nats.js import JetStreamContext
 
 from services.simulator import Simulator, SimulatorConfig
-from shared.envelope import TxEnvelope, TxMessage, new_event, tx_encoder, tx_messages
-from shared.jetstream import HDR_MSG_ID, Topology
+from shared.envelope import TxEnvelope, new_event
+from shared.jetstream import Topology
 from shared.settings import Settings
 from shared.store import event_record
 from shared.transactions import parse_transaction
+from shared.wire import HDR_MSG_ID, TxMessage, tx_messages
 
 
 @dataclass
@@ -40,9 +41,9 @@ class Workload:
         return len(self.envelopes)
 
     def single_messages(self) -> list[TxMessage]:
-        """One transaction per message: the size of what the relay publishes per event, for
-        the JetStream limits."""
-        return [TxMessage(e.agent_id, tx_encoder.encode(e), str(e.event_id)) for e in self.envelopes]
+        """One transaction per message (a batch of one): about the size of what the relay
+        publishes per event, for the JetStream limits."""
+        return [tx_messages([e])[0] for e in self.envelopes]
 
     def copy_records(self) -> list[tuple[Any, ...]]:
         """The rows the writer would COPY into ``events`` for these messages, in order."""

@@ -1,9 +1,6 @@
-"""The messages the ingester puts on PFLEA_TX: validated transactions, ready to be events.
+"""A validated transaction ready to be an event (:class:`TxEnvelope`), and its identity.
 
-A PFLEA_TX message is a :class:`TxBatch`: consecutive transactions of one agent in feed order
-(a page, cut into pieces of at most ``BATCH_MAX_ITEMS`` transactions and ``BATCH_MAX_BYTES``).
-Per-message costs (a JetStream publish and its fsync, a delivery, an ack) are paid once per
-batch instead of once per transaction. A lone :class:`TxEnvelope` is accepted as well.
+PFLEA_TX carries envelopes in batches; that wire format is ``shared.wire``'s.
 """
 
 from __future__ import annotations
@@ -73,73 +70,3 @@ def new_event(env: TxEnvelope, tx_seq: int) -> NewEvent:
         correlation_id=env.origin,
         metadata={"feed": env.feed, "tx_seq": tx_seq},
     )
-
-
-class TxBatch(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    """One PFLEA_TX message: consecutive transactions of ``agent_id``, oldest first."""
-
-    agent_id: str
-    transactions: list[TxEnvelope]
-
-
-BATCH_MAX_ITEMS = 200
-BATCH_MAX_BYTES = 192 * 1024  # under PFLEA_TX's max message size (shared.jetstream.MAX_TX_BYTES)
-# Fixed forever: a batch's Nats-Msg-Id is uuid5(this, "<first event id>:<last event id>:<n>").
-BATCH_NAMESPACE = uuid.UUID("5b0f1c1e-7a52-4b8e-9d2f-706261746368")
-
-tx_encoder = msgspec.json.Encoder()
-tx_decoder = msgspec.json.Decoder(TxEnvelope)
-_batch_decoder = msgspec.json.Decoder(TxBatch)
-
-
-class TxMessage(msgspec.Struct, frozen=True):
-    """A PFLEA_TX message ready to publish: its agent (subject), payload and Nats-Msg-Id."""
-
-    agent_id: str
-    payload: bytes
-    msg_id: str
-
-
-def tx_messages(envelopes: list[TxEnvelope]) -> list[TxMessage]:
-    """``envelopes`` (in feed order) as PFLEA_TX messages: each run of one agent's consecutive
-    transactions cut into batches. The same transactions always make the same messages, so
-    JetStream's duplicate window also catches a page published twice."""
-    messages: list[TxMessage] = []
-    run: list[tuple[TxEnvelope, bytes]] = []
-    size = 0
-    for envelope in envelopes:
-        encoded = tx_encoder.encode(envelope)
-        if run and (
-            envelope.agent_id != run[0][0].agent_id
-            or len(run) >= BATCH_MAX_ITEMS
-            or size + len(encoded) > BATCH_MAX_BYTES
-        ):
-            messages.append(_batch_message(run))
-            run, size = [], 0
-        run.append((envelope, encoded))
-        size += len(encoded) + 1
-    if run:
-        messages.append(_batch_message(run))
-    return messages
-
-
-def _batch_message(run: list[tuple[TxEnvelope, bytes]]) -> TxMessage:
-    first, last = run[0][0], run[-1][0]
-    agent = tx_encoder.encode(first.agent_id)
-    payload = b'{"agent_id":%s,"transactions":[%s]}' % (agent, b",".join(e for _, e in run))
-    msg_id = uuid.uuid5(BATCH_NAMESPACE, f"{first.event_id}:{last.event_id}:{len(run)}")
-    return TxMessage(first.agent_id, payload, str(msg_id))
-
-
-def decode_tx_message(data: bytes) -> list[TxEnvelope]:
-    """The transactions of a PFLEA_TX message (a batch, or a lone envelope), in feed order.
-
-    Raises ``msgspec.DecodeError``/``ValidationError`` for anything else, including a batch
-    that mixes agents."""
-    try:
-        batch = _batch_decoder.decode(data)
-    except msgspec.ValidationError:
-        return [tx_decoder.decode(data)]
-    if any(tx.agent_id != batch.agent_id for tx in batch.transactions):
-        raise msgspec.ValidationError(f"a batch for {batch.agent_id!r} holds another agent's transaction")
-    return batch.transactions

@@ -37,6 +37,7 @@ from shared.projections.agent import (
     to_json,
 )
 from shared.store import EventStore, RecordedEvent, Snapshot, fetch_stream
+from shared.upcasting import UnreadableEvent
 
 TimeBasis = Literal["occurred", "recorded"]
 TIME_BASES: tuple[TimeBasis, ...] = ("occurred", "recorded")
@@ -239,11 +240,10 @@ async def current_state(
 
 
 def decoded(recorded: RecordedEvent) -> Event | None:
-    """The event, or None if no fold can read it: as the projectors do (they quarantine it),
-    one unreadable event must not stop an answer."""
+    """The event, or None if it is unreadable: skipped, as every fold does (shared.upcasting)."""
     try:
         return recorded.decode()
-    except (ValueError, msgspec.MsgspecError):
+    except UnreadableEvent:
         return None
 
 

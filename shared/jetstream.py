@@ -29,14 +29,6 @@ from nats.js.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
-# Headers the relay puts on every event on PFLEA_EVENTS.
-HDR_MSG_ID = "Nats-Msg-Id"
-HDR_EVENT_ID = "Pflea-Event-Id"
-HDR_STREAM_ID = "Pflea-Stream-Id"
-HDR_VERSION = "Pflea-Stream-Version"
-HDR_POSITION = "Pflea-Position"
-HDR_EVENT_TYPE = "Pflea-Event-Type"
-
 MAX_TX_BYTES = 256 * 1024
 
 # What a publish can fail with when NATS is away or slow: retry these, let bugs surface.

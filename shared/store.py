@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from shared.events import Event, decode_data, encode_data, event_type_of, schema_version_of
-from shared.upcasting import upcast
+from shared.events import Event, encode_data, event_type_of, schema_version_of
+from shared.upcasting import UpcastError, decode_event, upcast
 
 EVENT_COLUMNS = (
     "event_id",
@@ -131,7 +131,8 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     recorded_at: datetime
 
     def decode(self) -> Event:
-        return decode_data(self.event_type, self.data)
+        """The event, under the one decode policy (raises ``UnreadableEvent``)."""
+        return decode_event(self.event_type, self.schema_version, self.data)
 
     def meta(self) -> dict[str, Any]:
         result: dict[str, Any] = msgspec.json.decode(self.metadata)
@@ -192,7 +193,11 @@ class Snapshot(msgspec.Struct, frozen=True):
 
 
 def _recorded(row: asyncpg.Record) -> RecordedEvent:
-    data, schema_version = upcast(row["event_type"], row["schema_version"], row["data"])
+    try:
+        data, schema_version = upcast(row["event_type"], row["schema_version"], row["data"])
+    except (UpcastError, msgspec.MsgspecError, KeyError, TypeError, ValueError):
+        # Unreadable (see shared.upcasting): kept as stored; decode() says why.
+        data, schema_version = row["data"], row["schema_version"]
     return RecordedEvent(
         position=row["position"],
         event_id=row["event_id"],

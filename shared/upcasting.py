@@ -1,7 +1,13 @@
-"""Upcasters: functions that lift an event's stored data from one schema version to the next.
+"""Upcasters, and the one policy for turning a stored event into a catalogue event.
 
 Stored events are never rewritten; every reader gets the current shape because the
 ``EventStore`` runs the chain ``v -> v+1 -> ... -> current`` on read.
+
+**Decode policy** (:func:`decode_event`, used by every reader: the store, the relay, projectors
+and their gap fill, rebuilds, time travel): an event no upcaster can lift, or whose data does not
+fit its type, is *unreadable*. It stays in the log as stored and is relayed as stored (with its
+stored schema version); a fold skips it, and projectors and rebuilds also quarantine it with the
+reason. No reader stops on it.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from shared.events import CURRENT_SCHEMA_VERSION
+from shared.events import CURRENT_SCHEMA_VERSION, Event, UnknownEventType, decode_data
 
 Data = dict[str, Any]
 Upcaster = Callable[[Data], Data]
@@ -49,6 +55,19 @@ def missing_upcasters() -> list[tuple[str, int]]:
 
 def needs_upcast(event_type: str, schema_version: int) -> bool:
     return schema_version < CURRENT_SCHEMA_VERSION.get(event_type, 1)
+
+
+class UnreadableEvent(ValueError):
+    """A stored event no fold can read; see the decode policy above."""
+
+
+def decode_event(event_type: str, schema_version: int, data: str | bytes) -> Event:
+    """The catalogue event of stored (or delivered) data; ``UnreadableEvent`` naming why not."""
+    try:
+        current, _ = upcast(event_type, schema_version, data)
+        return decode_data(event_type, current)
+    except (UpcastError, UnknownEventType, msgspec.MsgspecError, KeyError, TypeError, ValueError) as exc:
+        raise UnreadableEvent(f"{event_type} (schema v{schema_version}): {exc}") from None
 
 
 def upcast(event_type: str, schema_version: int, data: str | bytes) -> tuple[str, int]:

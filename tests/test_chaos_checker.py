@@ -16,7 +16,8 @@ import pytest
 
 from services.simulator.feed import StoredTx
 from shared.envelope import ingested_event_id
-from shared.jetstream import HDR_EVENT_ID, Topology
+from shared.jetstream import Topology
+from shared.wire import HDR_EVENT_ID
 from tests.chaos.checker import check
 
 pytestmark = pytest.mark.chaos

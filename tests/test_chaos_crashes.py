@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from shared.envelope import decode_tx_message
 from shared.jetstream import Topology
+from shared.wire import decode_tx_message
 from tests.chaos import scenarios
 from tests.chaos.fixtures import chaos_run, chaos_servers_fixture, simulator  # noqa: F401 - fixture
 from tests.chaos.harness import PIPELINE

@@ -16,17 +16,14 @@ import asyncpg
 import msgspec
 import pytest
 
+from shared.commands import Reply
+from shared.ledger_client import LedgerClient, LedgerUnavailable
 from tests.chaos import scenarios
 from tests.chaos.backlog import append_backlog, backlog
 from tests.chaos.checker import PROJECTIONS
 from tests.chaos.fixtures import chaos_run, chaos_servers_fixture  # noqa: F401 - fixture
 from tests.chaos.schedule import chaos_seeds, rng_for
 from tests.chaos.servers import ChaosServers
-
-try:
-    from shared.commands import LedgerClient, LedgerUnavailable, Reply
-except ImportError:  # the command handler is another issue's work
-    LedgerClient = None  # type: ignore[assignment,misc]
 
 pytestmark = pytest.mark.chaos
 # Nothing here kills nats-server, so it need not fsync each message: the 100k backlog relays
@@ -44,8 +41,6 @@ def _test_id(request: pytest.FixtureRequest) -> str:
 async def test_commands_racing_for_the_same_funds_across_two_killed_writers_never_overdraw(
     chaos_servers: ChaosServers, seed: int, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if LedgerClient is None:
-        pytest.skip("shared.commands (the agent command client) is not importable yet")
     schedule = scenarios.command_race(seed, _test_id(request))
     env = {"PFLEA_FAUCET_AMOUNT": str(FUNDS)}
     services = ("writer", "writer-2", *(f"projector-{p}" for p in PROJECTIONS))

@@ -20,14 +20,16 @@ import pytest
 from services.simulator import Simulator, load_simulator_config, running_simulator
 from services.simulator.content import WIN_PROBABILITY
 from services.writer.commands import CommandHandler
-from shared.commands import Code, LedgerClient, command_event_id, reply_decoder
+from shared.commands import Code, command_event_id
 from shared.envelope import bet_event_id, ingested_event_id
 from shared.events import AgentRegistered, FundsDeposited
 from shared.jetstream import Topology
+from shared.ledger_client import LedgerClient
 from shared.ops import Lifecycle
 from shared.projections.agent import AgentFold
 from shared.settings import Settings, SettingsError, load_settings
 from shared.store import EventStore, NewEvent
+from shared.wire import decode_reply
 from tests.support import ServiceProcess, service_env, truth_event_id, wait_until
 
 
@@ -262,7 +264,7 @@ async def test_a_message_that_is_not_a_command_gets_a_reason(
 ) -> None:
     await start_handlers(1)
     msg = await js_streams.request(topology.command_subject("agent-x", "PlaceBet"), b'{"nope": 1}', timeout=5)
-    reply = reply_decoder.decode(msg.data)
+    reply = decode_reply(msg.data)
     assert reply.status == "rejected" and reply.code == Code.BAD_COMMAND
 
 

@@ -8,14 +8,8 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from shared.envelope import (
-    BATCH_MAX_BYTES,
-    BATCH_MAX_ITEMS,
-    TxEnvelope,
-    decode_tx_message,
-    tx_encoder,
-    tx_messages,
-)
+from shared.envelope import TxEnvelope
+from shared.wire import BATCH_MAX_BYTES, BATCH_MAX_ITEMS, decode_tx_message, tx_encoder, tx_messages
 
 
 def tx(agent: str, n: int, size: int = 10) -> TxEnvelope:
@@ -53,8 +47,11 @@ def test_a_batch_stays_under_its_byte_limit() -> None:
     assert [t for m in messages for t in decode_tx_message(m.payload)] == txs
 
 
-def test_a_lone_envelope_is_a_message_too_and_a_mixed_batch_is_refused() -> None:
-    assert decode_tx_message(tx_encoder.encode(tx("a", 1))) == [tx("a", 1)]
+def test_a_lone_envelope_and_a_mixed_batch_are_refused() -> None:
+    # One format: a batch, even of one transaction.
+    with pytest.raises(msgspec.ValidationError):
+        decode_tx_message(tx_encoder.encode(tx("a", 1)))
+    assert decode_tx_message(tx_messages([tx("a", 1)])[0].payload) == [tx("a", 1)]
     mixed = msgspec.json.encode({"agent_id": "a", "transactions": [tx("a", 1), tx("b", 2)]})
     with pytest.raises(msgspec.ValidationError, match="another agent"):
         decode_tx_message(mixed)

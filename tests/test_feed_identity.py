@@ -13,12 +13,13 @@ import msgspec
 import nats
 import pytest
 
-from shared.envelope import TxEnvelope, legacy_event_id, new_event, tx_messages
-from shared.jetstream import HDR_MSG_ID, Topology
+from shared.envelope import TxEnvelope, legacy_event_id, new_event
+from shared.jetstream import Topology
 from shared.migrate import alias_legacy_event_ids
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent, StreamEvent
 from shared.transactions import parse_transaction
+from shared.wire import HDR_MSG_ID, tx_messages
 from tests.support import ServiceProcess, service_env, wait_until
 
 

@@ -14,18 +14,20 @@ from shared.db import PROJECTOR_ROLE, READER_ROLE, create_pool, role_dsn
 from shared.projections.registry import PROJECTIONS
 from shared.quarantine import Quarantine
 from shared.store import EventStore, RecordedEvent
+from shared.wire import DeliveredEvent
 from tests.conftest import SERVICE_PASSWORD
 from tests.reference import TABLE_COLUMNS, assert_read_models_match_fold, generate
 
 
-async def all_events(store: EventStore) -> list[RecordedEvent]:
+async def all_events(store: EventStore) -> list[DeliveredEvent]:
+    """The whole log as the relay delivers it."""
     events: list[RecordedEvent] = []
     while batch := await store.read_all(events[-1].position if events else 0, 5000):
         events += batch
-    return events
+    return [DeliveredEvent.of(e) for e in events]
 
 
-async def deliver_shuffled(pool: asyncpg.Pool, events: list[RecordedEvent], seed: int) -> None:
+async def deliver_shuffled(pool: asyncpg.Pool, events: list[DeliveredEvent], seed: int) -> None:
     """Every projection gets every event at least once: shuffled, duplicated, in odd batches."""
     rng = random.Random(seed)
     deliveries = events + rng.sample(events, len(events) // 3)

@@ -10,9 +10,10 @@ import nats
 import pytest
 from nats.js.errors import NotFoundError
 
-from shared.jetstream import HDR_MSG_ID, Topology
+from shared.jetstream import Topology
 from shared.settings import Settings
 from shared.store import EventStore
+from shared.wire import HDR_MSG_ID
 from tests.reference import assert_read_models_match_fold, generate
 from tests.support import ServiceProcess, service_env, wait_until
 from tests.test_writer_relay import relayed

@@ -15,10 +15,11 @@ from aiohttp import web
 
 from services.writer.commands import CommandHandler
 from services.writer.purpleflea import PurpleFleaCommands
-from shared.commands import Code, LedgerClient
+from shared.commands import Code
 from shared.envelope import bet_event_id, ingested_event_id
 from shared.events import AgentRegistered, FundsDeposited
 from shared.jetstream import Topology
+from shared.ledger_client import LedgerClient
 from shared.ops import Lifecycle
 from shared.settings import AgentCredential, Settings
 from shared.store import EventStore, NewEvent

@@ -14,18 +14,12 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
-from shared.envelope import TxEnvelope, ingested_event_id, tx_encoder, tx_messages
+from shared.envelope import TxEnvelope, ingested_event_id
 from shared.events import FundsDeposited, encode_data
-from shared.jetstream import (
-    HDR_MSG_ID,
-    HDR_POSITION,
-    HDR_VERSION,
-    Topology,
-    delivery,
-    pull_consumer_config,
-)
+from shared.jetstream import Topology, delivery, pull_consumer_config
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent
+from shared.wire import HDR_MSG_ID, HDR_POSITION, HDR_VERSION, tx_messages
 from tests.support import ServiceProcess, service_env, stream_messages, wait_until
 
 
@@ -52,10 +46,9 @@ async def publish_transactions(
         for a in range(agents):
             env = envelope(f"agent-{a}", n)
             ids.add(env.event_id)
+            [message] = tx_messages([env])
             await js.publish_async(
-                topology.tx_subject(env.agent_id),
-                tx_encoder.encode(env),
-                headers={HDR_MSG_ID: str(env.event_id)},
+                topology.tx_subject(env.agent_id), message.payload, headers={HDR_MSG_ID: message.msg_id}
             )
     await js.publish_async_completed()
     return ids

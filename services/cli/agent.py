@@ -16,8 +16,6 @@ from services.cli.render import cell, fail, print_json
 from shared.commands import (
     ClaimFaucet,
     Command,
-    LedgerClient,
-    LedgerUnavailable,
     LockEscrow,
     PlaceBet,
     RegisterAgent,
@@ -25,6 +23,7 @@ from shared.commands import (
     Reply,
     WithdrawFunds,
 )
+from shared.ledger_client import LedgerClient, LedgerUnavailable
 
 Build = Callable[[argparse.Namespace, uuid.UUID], Command]
 

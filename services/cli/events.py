@@ -17,16 +17,15 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from services.cli.connections import OK, connect_nats, reader_pool, run, settings, stop_on_signals
 from services.cli.render import cell, print_json
 from shared.history import UnknownAgent
-from shared.jetstream import HDR_EVENT_ID, HDR_EVENT_TYPE, HDR_POSITION, HDR_VERSION
 from shared.money import to_text
 from shared.store import RecordedEvent, fetch_stream
+from shared.wire import BadMessage, DeliveredEvent, delivered_event
 
 PAGE = 5000
 
@@ -51,22 +50,9 @@ class Line(msgspec.Struct, frozen=True):
     data: msgspec.Raw
 
 
-def _from_recorded(e: RecordedEvent) -> Line:
+def _line(e: RecordedEvent | DeliveredEvent) -> Line:
     return Line(
         e.version, e.position, e.event_id, e.event_type, e.occurred_at, e.recorded_at, msgspec.Raw(e.data)
-    )
-
-
-def _from_msg(msg: Msg) -> Line:
-    h = msg.headers or {}
-    return Line(
-        int(h[HDR_VERSION]),
-        int(h[HDR_POSITION]),
-        uuid.UUID(h[HDR_EVENT_ID]),
-        h[HDR_EVENT_TYPE],
-        datetime.fromisoformat(h["Pflea-Occurred-At"]),
-        datetime.fromisoformat(h["Pflea-Recorded-At"]),
-        msgspec.Raw(msg.data),
     )
 
 
@@ -123,7 +109,7 @@ async def _history(pool: asyncpg.Pool, args: argparse.Namespace, after: int, upt
         async with pool.acquire() as conn:
             page = await fetch_stream(conn, args.agent, last + 1, stop)
         for event in page:
-            _show(args.agent, _from_recorded(event), args.json)
+            _show(args.agent, _line(event), args.json)
         if page:
             last = page[-1].version
         if len(page) < PAGE or (upto is not None and last >= upto):
@@ -141,10 +127,11 @@ async def _follow(pool: asyncpg.Pool, args: argparse.Namespace, queue: asyncio.Q
             if getting not in done:
                 getting.cancel()
                 return
+            msg = getting.result()
             try:
-                line = _from_msg(getting.result())
-            except (KeyError, ValueError, nats.errors.Error):
-                continue  # not a relayed event (no headers): nothing to show
+                line = _line(delivered_event(msg.data, msg.headers))
+            except BadMessage:
+                continue  # not a relayed event: nothing to show
             if line.version <= last:
                 continue  # printed from the log already, or a relay repeat
             if line.version > last + 1:

@@ -14,13 +14,14 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter
 
 from services.ingester.client import AuthFailed, CursorRejected, FeedClient, RateLimited, Transient
-from shared.envelope import TxEnvelope, tx_messages
+from shared.envelope import TxEnvelope
 from shared.faults import crash_point
-from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, ensure_streams, publish_in_order
+from shared.jetstream import NATS_ERRORS, Topology, ensure_streams, publish_in_order
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import CASINO_FEED, AgentCredential, Settings
 from shared.transactions import Rejected, parse_transaction
+from shared.wire import HDR_MSG_ID, tx_messages
 
 log = logging.getLogger(__name__)
 

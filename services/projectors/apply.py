@@ -24,32 +24,34 @@ from services.projectors.tables import (
 from shared.events import Event
 from shared.projections.model import ReadModel
 from shared.quarantine import Quarantine
-from shared.store import RecordedEvent, fetch_stream
+from shared.store import fetch_stream
+from shared.upcasting import UnreadableEvent
+from shared.wire import DeliveredEvent
 
 log = logging.getLogger(__name__)
 
 
-def _contiguous(events: list[RecordedEvent], after: int) -> bool:
+def _contiguous(events: list[DeliveredEvent], after: int) -> bool:
     return all(e.version == after + i for i, e in enumerate(events, 1))
 
 
 async def apply_batch(
     conn: asyncpg.Connection,
     model: ReadModel[Any],
-    delivered: list[RecordedEvent],
+    delivered: list[DeliveredEvent],
     quarantine: Quarantine,
 ) -> int:
     """Apply ``delivered`` (any order, repeats allowed) inside the caller's transaction.
 
     Returns how many events changed the read model's checkpoints (applied or gap-filled).
     """
-    by_stream: dict[str, dict[int, RecordedEvent]] = {}
+    by_stream: dict[str, dict[int, DeliveredEvent]] = {}
     for event in delivered:
         by_stream.setdefault(event.stream_id, {})[event.version] = event
     streams = sorted(by_stream)
     await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", projection_lock(model.name))
     checkpoints = await lock_checkpoints(conn, model.name, streams)
-    pending: dict[str, list[RecordedEvent]] = {}
+    pending: dict[str, list[DeliveredEvent]] = {}
     for stream in streams:
         done = checkpoints[stream]
         fresh = [by_stream[stream][v] for v in sorted(by_stream[stream]) if v > done]
@@ -58,7 +60,8 @@ async def apply_batch(
         if not _contiguous(fresh, done):
             # A gap: the missing versions are committed (the relay publishes only what is),
             # so read them instead of waiting for a redelivery that may never come.
-            fresh = await fetch_stream(conn, stream, done + 1, fresh[-1].version)
+            stored = await fetch_stream(conn, stream, done + 1, fresh[-1].version)
+            fresh = [DeliveredEvent.of(e) for e in stored]
         pending[stream] = fresh
     if not pending:
         return 0
@@ -79,12 +82,12 @@ async def apply_batch(
 
 
 async def _decode(
-    recorded: RecordedEvent, model: ReadModel[Any], quarantine: Quarantine, conn: asyncpg.Connection
+    recorded: DeliveredEvent, model: ReadModel[Any], quarantine: Quarantine, conn: asyncpg.Connection
 ) -> Event | None:
-    """The event, or None after quarantining it: one poison event must not stop the stream."""
+    """The event, or None after quarantining it: one unreadable event must not stop the stream."""
     try:
         return recorded.decode()
-    except Exception as exc:
+    except UnreadableEvent as exc:
         await quarantine.put(
             recorded.data.encode(),
             f"projector {model.name}: cannot apply {recorded.event_type} v{recorded.version} "

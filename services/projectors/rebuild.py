@@ -19,10 +19,9 @@ import asyncpg
 
 from services.projectors.tables import projection_lock, save_states
 from shared.db import connect
-from shared.events import decode_data
 from shared.projections.model import AgentState, ReadModel
 from shared.quarantine import Quarantine
-from shared.upcasting import upcast
+from shared.upcasting import UnreadableEvent, decode_event
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +61,9 @@ class _Fold:
         state = self.states.get(stream)
         if state is None:
             state = self.states[stream] = {}
-        data, _ = upcast(row["event_type"], row["schema_version"], row["data"])
         try:
-            event = decode_data(row["event_type"], data)
-        except Exception as exc:
+            event = decode_event(row["event_type"], row["schema_version"], row["data"])
+        except UnreadableEvent as exc:
             self.poison.append((row, str(exc)))
         else:
             self.model.apply(state, event)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -18,21 +16,12 @@ from services.projectors.apply import apply_batch
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.faults import crash_point, delay_s
-from shared.jetstream import (
-    HDR_EVENT_ID,
-    HDR_EVENT_TYPE,
-    HDR_POSITION,
-    HDR_STREAM_ID,
-    HDR_VERSION,
-    Topology,
-    ack_all,
-    pull_consumer_config,
-)
+from shared.jetstream import Topology, ack_all, pull_consumer_config
 from shared.ops import Lifecycle
 from shared.projections.model import ReadModel
 from shared.quarantine import Quarantine
 from shared.settings import Settings
-from shared.store import RecordedEvent
+from shared.wire import BadMessage, DeliveredEvent, delivered_event
 
 log = logging.getLogger(__name__)
 
@@ -46,31 +35,6 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 LAG = Gauge("pflea_projector_lag_events", "Messages not yet applied (consumer pending)", ["projection"])
-
-
-class BadMessage(ValueError):
-    pass
-
-
-def recorded_from_msg(msg: Msg) -> RecordedEvent:
-    """Rebuild the stored event from the relay's headers and payload."""
-    headers = msg.headers or {}
-    try:
-        return RecordedEvent(
-            position=int(headers[HDR_POSITION]),
-            event_id=uuid.UUID(headers[HDR_EVENT_ID]),
-            stream_id=headers[HDR_STREAM_ID],
-            stream_type="agent",
-            event_type=headers[HDR_EVENT_TYPE],
-            version=int(headers[HDR_VERSION]),
-            data=msg.data.decode(),
-            metadata="{}",
-            schema_version=int(headers.get("Pflea-Schema-Version", "1")),
-            occurred_at=datetime.fromisoformat(headers["Pflea-Occurred-At"]),
-            recorded_at=datetime.fromisoformat(headers["Pflea-Recorded-At"]),
-        )
-    except (KeyError, ValueError, UnicodeDecodeError) as exc:
-        raise BadMessage(f"not a relayed event: {exc!r}") from None
 
 
 class ProjectorRunner:
@@ -111,10 +75,10 @@ class ProjectorRunner:
     async def handle(self, msgs: list[Msg]) -> None:
         name = self.model.name
         RECEIVED.labels(name).inc(len(msgs))
-        delivered: list[RecordedEvent] = []
+        delivered: list[DeliveredEvent] = []
         for msg in msgs:
             try:
-                delivered.append(recorded_from_msg(msg))
+                delivered.append(delivered_event(msg.data, msg.headers))
             except BadMessage as exc:
                 await self.quarantine.put(msg.data, f"projector {name}: {exc}", subject=msg.subject)
                 await msg.term()
@@ -123,7 +87,7 @@ class ProjectorRunner:
         crash_point("projector.after_commit")
         await ack_all(msgs)
 
-    async def _apply_until_committed(self, delivered: list[RecordedEvent]) -> bool:
+    async def _apply_until_committed(self, delivered: list[DeliveredEvent]) -> bool:
         name = self.model.name
         attempt = 0
         while True:

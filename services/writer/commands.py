@@ -47,10 +47,7 @@ from shared.commands import (
     PlaceBet,
     RegisterAgent,
     Reply,
-    command_decoder,
-    command_encoder,
     command_event_id,
-    reply_decoder,
 )
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.envelope import FAUCET_FEED, bet_event_id, ingested_event_id
@@ -61,6 +58,7 @@ from shared.money import parse_amount
 from shared.ops import Lifecycle
 from shared.settings import AGENT_ID_PATTERN, CASINO_FEED, Settings
 from shared.store import EventStore, NewEvent, OptimisticConcurrencyError, StreamEvent
+from shared.wire import decode_command, decode_reply, encode_reply
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +180,7 @@ class CommandHandler:
         COMMANDS.labels(reply.command, reply.status).inc()
         if msg.reply:
             try:
-                await msg.respond(command_encoder.encode(reply))
+                await msg.respond(encode_reply(reply))
             except NATS_ERRORS as exc:  # the client retries with the same command id
                 log.warning("could not answer a command: %r", exc)
 
@@ -191,7 +189,7 @@ class CommandHandler:
         prefix = f"{self.topology.namespace}.cmd."
         agent_id, _, name = subject.removeprefix(prefix).partition(".")
         try:
-            command = command_decoder.decode(data)
+            command = decode_command(data)
         except msgspec.DecodeError as exc:
             return _bad_message(agent_id, name, data, f"command: {exc}")
         if type(command).__name__ != name or not AGENT_ID_PATTERN.fullmatch(agent_id):
@@ -383,7 +381,7 @@ class CommandHandler:
             reply.command,
             reply.accepted,
             version,
-            command_encoder.encode(reply),
+            encode_reply(reply),
         )
         return bool(inserted)
 
@@ -400,7 +398,7 @@ class CommandHandler:
         )
         if data is None:
             return None
-        reply = reply_decoder.decode(data)
+        reply = decode_reply(data)
         if reply.agent_id != agent_id or reply.command != type(command).__name__:
             reason = (
                 f"command_id {command.command_id} was used for {reply.command} of {reply.agent_id}; "

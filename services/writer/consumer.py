@@ -22,13 +22,14 @@ from services.writer.order import SourceOrder
 from shared import faults
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.envelope import TxEnvelope, decode_tx_message, new_event, tx_encoder
+from shared.envelope import TxEnvelope, new_event
 from shared.faults import crash_point, delay_s, fail_point
-from shared.jetstream import HDR_MSG_ID, NATS_ERRORS, Topology, ack_all, delivery, pull_consumer_config
+from shared.jetstream import NATS_ERRORS, Topology, ack_all, delivery, pull_consumer_config
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
 from shared.store import EventStore, StreamEvent, StreamHeads
+from shared.wire import HDR_MSG_ID, decode_tx_message, tx_encoder
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ _COUNT_ATTEMPTS = """
 _READ_ATTEMPTS = "SELECT msg_key, attempts FROM writer_attempts WHERE msg_key = ANY($1::text[])"
 # A message delivered this often without a commit may be killing the writer: isolate it.
 ISOLATE_AFTER = 3
-# A PFLEA_TX message holds up to shared.envelope.BATCH_MAX_ITEMS transactions: pull by bytes too.
+# A PFLEA_TX message holds up to shared.wire.BATCH_MAX_ITEMS transactions: pull by bytes too.
 PULL_MAX_BYTES = 1024 * 1024
 _APPEND_LEADER_LOCK = 7061746564  # session lock: the writer that consumes PFLEA_TX
 

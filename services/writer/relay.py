@@ -19,20 +19,10 @@ from prometheus_client import Counter, Gauge
 
 from shared.db import TRANSIENT_DB_ERRORS, connect
 from shared.faults import crash_point
-from shared.jetstream import (
-    HDR_EVENT_ID,
-    HDR_EVENT_TYPE,
-    HDR_MSG_ID,
-    HDR_POSITION,
-    HDR_STREAM_ID,
-    HDR_VERSION,
-    NATS_ERRORS,
-    Topology,
-    ensure_streams,
-    publish_in_order,
-)
+from shared.jetstream import NATS_ERRORS, Topology, ensure_streams, publish_in_order
 from shared.ops import Lifecycle
 from shared.store import EventStore, RecordedEvent
+from shared.wire import HDR_POSITION, event_message
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +182,7 @@ class Relay:
         attempt = 0
         while True:
             try:
-                messages = [
-                    (self.topology.event_subject(e.stream_id, e.event_type), e.data.encode(), _headers(e))
-                    for e in events
-                ]
+                messages = [event_message(self.topology, e) for e in events]
                 await publish_in_order(self.js, messages, timeout=15)
                 return
             except NATS_ERRORS as exc:
@@ -205,17 +192,3 @@ class Relay:
                     raise _Stopped from exc
                 if self.reconnects() != self.seen_reconnects:
                     raise _Reconnected from exc  # compare with the stream before going on
-
-
-def _headers(e: RecordedEvent) -> dict[str, str]:
-    return {
-        HDR_MSG_ID: str(e.event_id),
-        HDR_EVENT_ID: str(e.event_id),
-        HDR_STREAM_ID: e.stream_id,
-        HDR_VERSION: str(e.version),
-        HDR_POSITION: str(e.position),
-        HDR_EVENT_TYPE: e.event_type,
-        "Pflea-Occurred-At": e.occurred_at.isoformat(),
-        "Pflea-Recorded-At": e.recorded_at.isoformat(),
-        "Pflea-Schema-Version": str(e.schema_version),
-    }

@@ -23,7 +23,8 @@ import msgspec
 from nats.js import JetStreamContext
 
 from services.simulator.feed import StoredTx
-from shared.jetstream import HDR_EVENT_ID, Topology
+from shared.jetstream import Topology
+from shared.wire import HDR_EVENT_ID
 from tests.reference import TABLE_COLUMNS, fold, stored_events, table_rows
 from tests.support import stream_messages, truth_event_id
 
