@@ -19,7 +19,7 @@ from nats.js.api import RawStreamMsg
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.writer.order import SourceOrder
-from shared import faults
+from shared import faults, locks
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.envelope import TxEnvelope, decode_tx_message, new_event, tx_encoder
@@ -85,7 +85,6 @@ _READ_ATTEMPTS = "SELECT msg_key, attempts FROM writer_attempts WHERE msg_key = 
 ISOLATE_AFTER = 3
 # A PFLEA_TX message holds up to shared.envelope.BATCH_MAX_ITEMS transactions: pull by bytes too.
 PULL_MAX_BYTES = 1024 * 1024
-_APPEND_LEADER_LOCK = 7061746564  # session lock: the writer that consumes PFLEA_TX
 
 
 class TxConsumer:
@@ -143,7 +142,7 @@ class TxConsumer:
     async def _lead(self) -> None:
         async with self.store.pool.acquire() as conn:
             standing_by = False
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _APPEND_LEADER_LOCK):
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", locks.APPEND_LEADER):
                 if not standing_by:
                     log.info("another writer appends; standing by")
                     standing_by = True

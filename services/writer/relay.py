@@ -17,6 +17,7 @@ import asyncpg
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
+from shared import locks
 from shared.db import TRANSIENT_DB_ERRORS, connect
 from shared.faults import crash_point
 from shared.jetstream import (
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 PUBLISHED = Counter("pflea_relay_events_published_total", "Events published to PFLEA_EVENTS")
 RELAY_POSITION = Gauge("pflea_relay_position", "Last global position relayed")
 
-_RELAY_LOCK = 7061746563
 RELAY_NAME = "events"
 
 
@@ -97,7 +97,7 @@ class Relay:
     async def _lead(self) -> None:
         conn = await connect(self.dsn)
         try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK):
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", locks.RELAY_LEADER):
                 if await self.lifecycle.sleep(self.poll_s):
                     return
             await conn.add_listener("pflea_events", self._notified)
