@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
 from shared import locks
-from shared.db import TRANSIENT_DB_ERRORS, connect
+from shared.db import TRANSIENT_DB_ERRORS
 from shared.faults import crash_point
 from shared.jetstream import (
     HDR_EVENT_ID,
@@ -32,6 +32,7 @@ from shared.jetstream import (
     ensure_streams,
     publish_in_order,
 )
+from shared.lease import LeaderLease
 from shared.ops import Lifecycle
 from shared.store import EventStore, RecordedEvent
 
@@ -95,26 +96,27 @@ class Relay:
                     return
 
     async def _lead(self) -> None:
-        conn = await connect(self.dsn)
-        try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", locks.RELAY_LEADER):
-                if await self.lifecycle.sleep(self.poll_s):
-                    return
-            await conn.add_listener("pflea_events", self._notified)
-            self.position = await self._checkpoint(conn)
+        async with LeaderLease(self.dsn, locks.RELAY_LEADER, self.lifecycle, poll_s=self.poll_s) as lease:
+            if not await lease.acquire():
+                return
+            async with lease.connection() as conn:
+                await conn.add_listener("pflea_events", self._notified)
+                self.position = await self._checkpoint(conn)
             log.info("relaying", extra={"position": self.position})
-            while not self.lifecycle.stopping.is_set():
+            while not self.lifecycle.stopping.is_set() and not lease.lost.is_set():
                 if self.reconnects() != self.seen_reconnects:
                     self.seen_reconnects = self.reconnects()
                     await self.reconcile_with_stream()
                 try:
-                    relayed = await self.relay_once(conn)
+                    # On the lock's session, so that a relay that lost it cannot move the checkpoint.
+                    async with lease.connection() as conn:
+                        relayed = await self.relay_once(conn)
                 except _Reconnected:
                     continue
                 if relayed < self.batch_size:
                     await self._wait_for_work()
-        finally:
-            await conn.close()  # also releases the advisory lock
+            if lease.lost.is_set():
+                raise ConnectionError("the relay lock's session ended")
 
     async def reconcile_with_stream(self) -> None:
         """Rewind to what PFLEA_EVENTS really holds, if NATS lost what we had published.

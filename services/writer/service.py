@@ -47,7 +47,9 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
         jobs: list[Coroutine[Any, Any, None]] = []
         if "append" in parts:
             quarantine = Quarantine(pool, "writer")
-            consumer = TxConsumer(js, store, quarantine, topology, settings, lifecycle, on_commit=committed)
+            consumer = TxConsumer(
+                js, store, quarantine, topology, settings, lifecycle, dsn, on_commit=committed
+            )
             jobs.append(consumer.run())
         if "relay" in parts:
             relay = Relay(
