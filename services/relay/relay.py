@@ -3,8 +3,8 @@
 The events table is the outbox. The relay reads ``position > checkpoint`` (gap-free, see the
 store), publishes with ``Nats-Msg-Id`` = event id, waits for every ack, and only then moves its
 checkpoint in Postgres. A crash anywhere repeats a suffix, which JetStream's duplicate window
-and the projectors' per-stream checkpoints absorb. One relay runs at a time: it holds a session
-advisory lock, so writer replicas can all run one and only the holder publishes.
+and the projectors' per-stream checkpoints absorb. One relay runs at a time: it holds a leader
+lease (a session advisory lock), so replicas can all run one and only the holder publishes.
 """
 
 from __future__ import annotations
