@@ -56,7 +56,7 @@ class Pipeline:
         # As `pflea up` and compose run it: appends in one process, the log tailers in another.
         started = [
             self._start("writer", "services.writer", PFLEA_WRITER_PARTS="append,commands"),
-            self._start("relay", "services.writer", PFLEA_WRITER_PARTS="relay,snapshots"),
+            self._start("relay", "services.relay"),
         ]
         started += [self._start(f"projector-{n}", "services.projectors", n) for n in PROJECTIONS]
         await asyncio.gather(*(p.wait_ready() for p in started))

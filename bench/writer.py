@@ -2,7 +2,8 @@
 
 PFLEA_TX is filled first (the ingester's messages, see :mod:`bench.workload`); then the writer
 starts as `pflea up` and compose run it: one process appending (``PFLEA_WRITER_PARTS=append,
-commands``), one tailing the log (``relay,snapshots``). Both clocks start when both log ``ready``:
+commands``), one tailing the log (``python -m services.relay``). Both clocks start when both log
+``ready``:
 
 - **writer events/s**: until ``count(*) FROM events`` reaches the total (polled every 0.1 s via
   ``max(position)``, confirmed with ``count(*)``).
@@ -42,8 +43,7 @@ async def _drain(
 ) -> tuple[float, float, dict[str, float]]:
     """Run the writer until both the table and PFLEA_EVENTS hold ``total``: their seconds, and
     the writer's own metrics at the end."""
-    env = h.env(db, topology.namespace, PFLEA_WRITER_PARTS="relay,snapshots")
-    relay = h.service("writer", "relay", "services.writer", env).start()
+    relay = h.service("writer", "relay", "services.relay", h.env(db, topology.namespace)).start()
     await relay.wait_ready()
     env = h.env(db, topology.namespace, PFLEA_WRITER_PARTS="append,commands")
     writer = h.service("writer", "writer", "services.writer", env).start()

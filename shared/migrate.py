@@ -9,13 +9,12 @@ from importlib import resources
 
 import asyncpg
 
+from shared import locks
 from shared.db import SERVICE_ROLES
 from shared.envelope import ingested_event_id
 from shared.settings import CASINO_FEED
 
 log = logging.getLogger(__name__)
-
-_MIGRATION_LOCK = 7061746562  # any constant distinct from the append lock
 
 
 class MigrationError(RuntimeError):
@@ -65,7 +64,7 @@ async def migrate(dsn: str, *, service_password: str | None = None) -> list[str]
     conn = await asyncpg.connect(dsn)
     applied_now: list[str] = []
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        await conn.execute("SELECT pg_advisory_lock($1)", locks.MIGRATIONS)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version    integer PRIMARY KEY,
@@ -98,7 +97,7 @@ async def migrate(dsn: str, *, service_password: str | None = None) -> list[str]
                 await conn.execute(f"ALTER ROLE {role} PASSWORD {_literal(service_password)}")
     finally:
         try:
-            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+            await conn.execute("SELECT pg_advisory_unlock($1)", locks.MIGRATIONS)
         finally:
             await conn.close()
     return applied_now

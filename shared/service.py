@@ -8,7 +8,8 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any
 
 from shared.logs import configure_logging
 from shared.ops import Lifecycle, OpsServer
@@ -26,6 +27,21 @@ def require(value: str, variable: str) -> str:
     if not value:
         raise SettingsError(variable, "must be set for this service (see README, Configuration)")
     return value
+
+
+async def run_together(jobs: Iterable[Coroutine[Any, Any, None]], lifecycle: Lifecycle) -> None:
+    """Run a service's parts as tasks until all return; the first to fail stops the others
+    (through ``lifecycle``), and its error is raised once they have finished."""
+    tasks = [asyncio.create_task(job) for job in jobs]
+    if not tasks:
+        return
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    for task in done:
+        if task.exception() is not None:
+            lifecycle.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise task.exception()  # type: ignore[misc]
+    await asyncio.gather(*tasks)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

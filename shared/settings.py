@@ -65,7 +65,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     writer_batch_size: int = 1000
     writer_batch_wait_s: float = 0.05
     writer_max_deliver: int = 10
-    writer_parts: tuple[str, ...] = ("append", "commands", "relay", "snapshots")
+    writer_parts: tuple[str, ...] = ("append", "commands")
     ack_wait_s: float = 30.0
     projector_batch_size: int = 1000
     ingest_concurrency: int = 16
@@ -176,6 +176,7 @@ def parse_feeds(text: str) -> tuple[Feed, ...]:
     return tuple(feeds)
 
 
+# "relay" and "snapshots" moved to `python -m services.relay`; accepted (with a warning) for one release.
 WRITER_PARTS = ("append", "commands", "relay", "snapshots")
 
 

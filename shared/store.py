@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from shared import locks
 from shared.events import Event, encode_data, event_type_of, schema_version_of
 from shared.upcasting import UpcastError, decode_event, upcast
 
@@ -256,7 +257,7 @@ class EventStore:
         expected_version: int | None,
     ) -> int:
         ids = [e.event_id for e in events]
-        await conn.execute("SELECT pg_advisory_xact_lock(7061746561)")
+        await conn.execute(_LOCK_APPENDS)
         stored = await conn.fetch(
             "SELECT event_id, stream_id, version FROM events WHERE event_id = ANY($1::uuid[])",
             ids,
@@ -435,7 +436,7 @@ def event_record(stream_id: str, stream_type: str, version: int, event: NewEvent
 
 # Every append takes this lock (the INSERT trigger takes it too); taking it first keeps the
 # heads read below valid until the commit.
-_LOCK_APPENDS = "SELECT pg_advisory_xact_lock(7061746561)"
+_LOCK_APPENDS = f"SELECT pg_advisory_xact_lock({locks.APPENDS})"
 
 
 async def _stored_ids(conn: asyncpg.Connection | asyncpg.Pool, ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:

@@ -70,7 +70,7 @@ async def test_ingester_republishing_after_the_dedup_window_is_stopped_by_the_da
     env = {"PFLEA_DUPLICATE_WINDOW_S": str(window_s)}
     sim = simulator(seed, rate=0)  # the backlog only: every page is published before any commit
     async with chaos_run(chaos_servers, schedule, tmp_path, sim=sim, env=env) as run:
-        await run.start_services(tuple(name for name in PIPELINE if name.startswith("projector-")))
+        await run.start_services(tuple(n for n in PIPELINE if n.startswith("projector-") or n == "relay"))
         await run.play()
         verdict = await run.finish()
         js = await run.js()

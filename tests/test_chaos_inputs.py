@@ -81,6 +81,7 @@ async def test_wall_clocks_jumping_an_hour_neither_reorder_nor_drop_anything(
         "ingester",
         "writer",
         f"projector-{rng_for('clock-skew-victim', seed).choice(['balance', 'pnl'])}",
+        "relay",
     ]
     schedule = scenarios.clock_jumps(seed, _test_id(request), skewed)
     async with chaos_run(chaos_servers, schedule, tmp_path, sim=simulator(seed)) as run:

@@ -43,7 +43,7 @@ async def test_commands_racing_for_the_same_funds_across_two_killed_writers_neve
 ) -> None:
     schedule = scenarios.command_race(seed, _test_id(request))
     env = {"PFLEA_FAUCET_AMOUNT": str(FUNDS)}
-    services = ("writer", "writer-2", *(f"projector-{p}" for p in PROJECTIONS))
+    services = ("writer", "writer-2", "relay", *(f"projector-{p}" for p in PROJECTIONS))
     async with chaos_run(chaos_servers, schedule, tmp_path, env=env) as run:
         await run.start_services(services)
         client = LedgerClient(await run.nats(), run.topology, timeout_s=2.0, attempts=3)
@@ -134,7 +134,7 @@ async def test_a_slow_projector_drains_a_100k_backlog_without_a_redelivery_storm
     env = {"PFLEA_ACK_WAIT_S": str(ack_wait_s), "PFLEA_PROJECTOR_BATCH_SIZE": str(batch)}
     async with chaos_run(chaos_servers, schedule, tmp_path, env=env) as run:
         run.external = await append_backlog(run.database_url, backlog(seed, agents=50, events=100_000))
-        await run.start_services(("writer", *(f"projector-{p}" for p in PROJECTIONS if p != slow)))
+        await run.start_services(("writer", "relay", *(f"projector-{p}" for p in PROJECTIONS if p != slow)))
         await run.play()
 
         redelivered: list[int] = []

@@ -155,12 +155,17 @@ async def test_a_question_without_an_answer_fails_clearly(
 
 @pytest.fixture
 async def writer(settings: Settings, tmp_path: Path, js_streams: nats.NATS) -> AsyncIterator[ServiceProcess]:
-    proc = ServiceProcess("services.writer", service_env(settings), tmp_path).start()
+    """The writer, and the relay and snapshotter beside it."""
+    procs = [
+        ServiceProcess(m, service_env(settings), tmp_path) for m in ("services.writer", "services.relay")
+    ]
     try:
-        await proc.wait_ready()
-        yield proc
+        for proc in procs:
+            await proc.start().wait_ready()
+        yield procs[0]
     finally:
-        proc.kill()
+        for proc in procs:
+            proc.kill()
 
 
 async def test_commands_from_the_cli_print_the_reply_and_exit_non_zero_when_rejected(

@@ -31,7 +31,6 @@ from nats.aio.client import Client as NATS
 
 from shared.embedded import free_port, nats_server_binary
 from shared.jetstream import Topology, ensure_streams, pull_consumer_config
-from shared.settings import WRITER_PARTS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -304,6 +303,13 @@ def test_app_services_use_the_owner_url_and_their_own_nats_user(default: Rendere
     assert url.password == default.services["nats"]["environment"][password_variable]
 
 
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_services_run_a_service_module_of_this_repository(default: Rendered, name: str) -> None:
+    command = default.services[name]["command"]
+    assert command[:2] == ["python", "-m"]
+    assert (ROOT / command[2].replace(".", "/") / "__main__.py").is_file(), f"{name}: no module {command[2]}"
+
+
 def test_the_postgres_password_reaches_the_services(default: Rendered) -> None:
     password = default.services["postgres"]["environment"]["POSTGRES_PASSWORD"]
     assert urlsplit(default.services["writer"]["environment"]["DATABASE_URL"]).password == password
@@ -329,13 +335,11 @@ def test_simulator_serves_http_and_the_ingester_polls_it(default: Rendered) -> N
     assert ingester["environment"]["PURPLEFLEA_AGENTS"] == ""
     assert ingester["environment"]["PFLEA_AGENTS_FROM_SIMULATOR"] == "1"
     writer, relay = default.services["writer"], default.services["relay"]
-    assert writer["command"] == relay["command"] == ["python", "-m", "services.writer"]
-    # One process appends and answers commands, one tails the log: together, the whole writer.
-    parts = {
-        *writer["environment"]["PFLEA_WRITER_PARTS"].split(","),
-        *relay["environment"]["PFLEA_WRITER_PARTS"].split(","),
-    }
-    assert parts == set(WRITER_PARTS)
+    # One process appends and answers commands, one tails the log (the relay and snapshotter).
+    assert writer["command"] == ["python", "-m", "services.writer"]
+    assert writer["environment"]["PFLEA_WRITER_PARTS"].split(",") == ["append", "commands"]
+    assert relay["command"] == ["python", "-m", "services.relay"]
+    assert "PFLEA_WRITER_PARTS" not in relay["environment"]
 
 
 def test_the_simulator_keeps_its_epoch_in_a_volume_its_user_may_write(default: Rendered) -> None:

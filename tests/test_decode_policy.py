@@ -131,7 +131,7 @@ async def test_a_rebuild_quarantines_them_and_folds_the_rest(log: None, database
 async def test_the_relay_publishes_them_as_stored_and_goes_on(
     log: None, settings: Settings, topology: Topology, js_streams: nats.NATS, tmp_path: Path
 ) -> None:
-    relay = ServiceProcess("services.writer", service_env(settings, PFLEA_WRITER_PARTS="relay"), tmp_path)
+    relay = ServiceProcess("services.relay", service_env(settings), tmp_path)
     relay.start()
     try:
 

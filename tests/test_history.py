@@ -17,7 +17,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from services.writer.snapshots import Snapshotter
+from services.relay.snapshots import Snapshotter
 from shared.db import PROJECTOR_ROLE, READER_ROLE, create_pool, role_dsn
 from shared.events import BetWon, FundsDeposited
 from shared.history import AgentView, AsOf, History, HistoryError, UnknownAgent, current_state

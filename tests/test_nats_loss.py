@@ -46,6 +46,7 @@ async def test_a_nats_server_that_loses_its_store_loses_no_transaction(
         procs = [
             ServiceProcess("services.ingester", env, tmp_path),
             ServiceProcess("services.writer", env, tmp_path),
+            ServiceProcess("services.relay", env, tmp_path),
             ServiceProcess("services.projectors", env, tmp_path, "balance"),
         ]
         try:

@@ -36,14 +36,24 @@ async def test_readyz_turns_503_while_draining_and_healthz_stays_up() -> None:
 
 
 @pytest.mark.parametrize(
-    ("module", "args", "metric"),
+    ("module", "args", "metrics"),
     [
-        ("services.writer", (), "pflea_writer_events_appended_total"),
-        ("services.projectors", ("balance",), "pflea_projector_events_applied_total"),
+        ("services.writer", (), ("pflea_writer_events_appended_total", "pflea_quarantine_total")),
+        ("services.relay", (), ("pflea_relay_events_published_total", "pflea_writer_snapshots_saved_total")),
+        (
+            "services.projectors",
+            ("balance",),
+            ("pflea_projector_events_applied_total", "pflea_quarantine_total"),
+        ),
     ],
 )
 async def test_services_serve_metrics_and_health(
-    settings: Settings, js_streams: nats.NATS, tmp_path: Path, module: str, args: tuple[str, ...], metric: str
+    settings: Settings,
+    js_streams: nats.NATS,
+    tmp_path: Path,
+    module: str,
+    args: tuple[str, ...],
+    metrics: tuple[str, ...],
 ) -> None:
     port = free_port()
     proc = ServiceProcess(
@@ -55,7 +65,7 @@ async def test_services_serve_metrics_and_health(
             assert (await http.get("/healthz")).json() == {"ok": True}
             assert (await http.get("/readyz")).status_code == 200
             body = (await http.get("/metrics")).text
-        assert metric in body and "pflea_quarantine_total" in body
+        assert all(metric in body for metric in metrics), body
         assert proc.terminate() == 0
         lines = [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.startswith("{")]
         assert lines and all({"ts", "level", "service", "msg"} <= set(line) for line in lines)

@@ -61,8 +61,7 @@ async def test_three_replicas_with_redeliveries_and_shuffled_order_equal_one(
 ) -> None:
     await store.append_batch(generate(11, agents=30, events=3000))
     env = service_env(settings, PFLEA_PROJECTOR_BATCH_SIZE="13", PFLEA_ACK_WAIT_S="2")
-    writer = ServiceProcess("services.writer", env, tmp_path).start()
-    processes.append(writer)
+    processes.append(ServiceProcess("services.relay", env, tmp_path).start())
     await wait_until(lambda: _stream_count(js_streams, topology, 3000), 60, "relay published the log")
     # Every event again, shuffled, under fresh message ids: out-of-order repeats for the replicas.
     msgs = await relayed(js_streams, topology)
@@ -104,7 +103,7 @@ async def test_a_projector_killed_around_its_commit_never_applies_twice(
 ) -> None:
     await store.append_batch(generate(12, agents=10, events=800))
     env = service_env(settings, PFLEA_PROJECTOR_BATCH_SIZE="50", PFLEA_ACK_WAIT_S="2")
-    processes.append(ServiceProcess("services.writer", env, tmp_path).start())
+    processes.append(ServiceProcess("services.relay", env, tmp_path).start())
     projector = ServiceProcess("services.projectors", env, tmp_path, "pnl")
     processes.append(projector)
     projector.start(PFLEA_CRASH_AT=crash_at)

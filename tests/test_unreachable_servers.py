@@ -17,7 +17,7 @@ from shared.settings import Settings
 from shared.unreachable import RepeatedWarnings, ServerUnreachable, redacted_url
 from tests.support import ServiceProcess, service_env, wait_until
 
-SERVICES = ["services.ingester", "services.writer"]
+SERVICES = ["services.ingester", "services.writer", "services.relay"]
 
 
 def closed_url(server: str, port: int) -> dict[str, str]:

@@ -117,6 +117,12 @@ async def _stop(proc: subprocess.Popen[bytes], out: Path) -> None:
     assert proc.poll() == 0, f"pflea up did not stop cleanly:\n{out.read_text()[-3000:]}"
 
 
+def _logged(log: Path, msg: str) -> set[str]:
+    """The services that logged ``msg`` in ``log`` (JSON lines)."""
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return {line["service"] for line in lines if line.get("msg") == msg}
+
+
 async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "up.out"
     proc = _start(data_dir, out)
@@ -142,6 +148,9 @@ async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path
         await _no_duplicates(stack.database_url)
         assert (data_dir / "simulator.json").read_bytes() == epoch
         assert "unknown_since" not in (data_dir / "logs" / "ingester.log").read_text()
+        # The relay is a service of its own; the writer only appends and answers commands.
+        assert _logged(data_dir / "logs" / "relay.log", "relaying") == {"relay"}
+        assert _logged(data_dir / "logs" / "writer.log", "relaying") == set()
         await _stop(proc, out)
     finally:
         if proc.poll() is None:

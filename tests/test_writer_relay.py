@@ -120,21 +120,36 @@ def writer(settings: Settings, tmp_path: Path) -> ServiceProcess:
     proc.kill()
 
 
+@pytest.fixture
+def relay(settings: Settings, tmp_path: Path) -> ServiceProcess:
+    proc = ServiceProcess("services.relay", service_env(settings), tmp_path)
+    yield proc
+    proc.kill()
+
+
 async def test_writer_killed_mid_batch_loses_and_doubles_nothing(
-    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess
+    settings: Settings,
+    topology: Topology,
+    js_streams: nats.NATS,
+    writer: ServiceProcess,
+    relay: ServiceProcess,
 ) -> None:
     expected = await publish_transactions(js_streams, topology, agents=40, per_agent=100)
     url = settings.database_url
     for round_ in range(3):
         writer.start()
+        relay.start()
         floor = 800 * (round_ + 1)
         await wait_until(lambda f=floor: _at_least(url, f), 60, f"{floor} events written")
         writer.kill()
+        relay.kill()
     writer.start()
+    relay.start()
     await writer.wait_ready()
     await wait_until(lambda: _at_least(url, len(expected)), 60, "every transaction written")
     await wait_until(lambda: _relayed_all(js_streams, topology, len(expected)), 60, "relay caught up")
     assert writer.terminate() == 0, writer.log_tail()
+    assert relay.terminate() == 0, relay.log_tail()
     await assert_log_is_clean(url, expected)
     await assert_source_order(url)
     await assert_all_relayed_in_order(js_streams, topology, expected)
@@ -210,32 +225,91 @@ async def test_messages_a_dead_writer_held_are_stored_ahead_of_newer_ones(
     "crash_at", ["writer.after_commit:2", "relay.after_publish:2", "relay.before_publish:2"]
 )
 async def test_crash_between_commit_and_relay_loses_nothing(
-    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess, crash_at: str
+    settings: Settings,
+    topology: Topology,
+    js_streams: nats.NATS,
+    writer: ServiceProcess,
+    relay: ServiceProcess,
+    crash_at: str,
 ) -> None:
     # More than one relay batch (1,000) whatever the timing, so the second one is reached.
     expected = await publish_transactions(js_streams, topology, agents=10, per_agent=250)
-    writer.start(PFLEA_CRASH_AT=crash_at)
-    assert await writer.wait_exit(60) == 137, writer.log_tail()
-    writer.start()
+    crashing, other = (writer, relay) if crash_at.startswith("writer.") else (relay, writer)
+    other.start()
+    crashing.start(PFLEA_CRASH_AT=crash_at)
+    assert await crashing.wait_exit(60) == 137, crashing.log_tail()
+    crashing.start()
     await writer.wait_ready()
+    await relay.wait_ready()
     await wait_until(lambda: _at_least(settings.database_url, len(expected)), 60, "all written")
     await wait_until(lambda: _relayed_all(js_streams, topology, len(expected)), 60, "all relayed")
     assert writer.terminate() == 0
+    assert relay.terminate() == 0
     await assert_log_is_clean(settings.database_url, expected)
     await assert_all_relayed_in_order(js_streams, topology, expected)
 
 
 async def test_events_committed_by_others_are_relayed(
-    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess, store: EventStore
+    settings: Settings, topology: Topology, js_streams: nats.NATS, relay: ServiceProcess, store: EventStore
 ) -> None:
-    """The table is the outbox: an event appended while no writer ran still gets published."""
+    """The table is the outbox: an event appended while no relay ran still gets published."""
     events = [NewEvent.of(FundsDeposited(amount=Decimal("1.5"), asset="USDC")) for _ in range(5)]
     await store.append("solo", "agent", events, expected_version=0)
-    writer.start()
-    await writer.wait_ready()
+    relay.start()
+    await relay.wait_ready()
     await wait_until(lambda: _relayed_all(js_streams, topology, 5), 30, "relay of direct appends")
-    assert writer.terminate() == 0
+    assert relay.terminate() == 0
     await assert_all_relayed_in_order(js_streams, topology, {e.event_id for e in events})
+
+
+async def test_a_writer_told_to_relay_still_relays_this_release_and_says_where_it_moved(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, store: EventStore, tmp_path: Path
+) -> None:
+    events = [NewEvent.of(FundsDeposited(amount=Decimal("1.5"), asset="USDC")) for _ in range(5)]
+    await store.append("solo", "agent", events, expected_version=0)
+    env = service_env(settings, PFLEA_WRITER_PARTS="append,commands,relay,snapshots")
+    writer = ServiceProcess("services.writer", env, tmp_path).start()
+    try:
+        await writer.wait_ready()
+        await wait_until(lambda: _relayed_all(js_streams, topology, 5), 30, "the writer relaying")
+        assert writer.terminate() == 0, writer.log_tail()
+    finally:
+        writer.kill()
+    log = writer.log_path.read_text()
+    assert "PFLEA_WRITER_PARTS names relay, snapshots, which moved to `python -m services.relay`" in log
+    await assert_all_relayed_in_order(js_streams, topology, {e.event_id for e in events})
+
+
+async def test_a_standby_relay_takes_over_when_the_leading_one_is_killed(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, store: EventStore, tmp_path: Path
+) -> None:
+    """Relay replicas: one publishes (it holds the relay lease), the other stands by; SIGKILL
+    the leader and the standby publishes what is committed after, in order."""
+    env = service_env(settings, PFLEA_RELAY_POLL_S="0.1")
+    for i in range(2):
+        (tmp_path / f"r{i}").mkdir()
+    replicas = [ServiceProcess("services.relay", env, tmp_path / f"r{i}") for i in range(2)]
+    before = [NewEvent.of(FundsDeposited(amount=Decimal("1"), asset="USDC")) for _ in range(5)]
+    after = [NewEvent.of(FundsDeposited(amount=Decimal("2"), asset="USDC")) for _ in range(5)]
+    try:
+        await store.append("before", "agent", before, expected_version=0)
+        for replica in replicas:
+            replica.start()
+        for replica in replicas:
+            await replica.wait_ready()
+        await wait_until(lambda: _relayed_all(js_streams, topology, 5), 30, "the leader relaying")
+        leaders = [r for r in replicas if '"msg":"relaying"' in r.log_tail(200)]
+        assert len(leaders) == 1, "two relays lead at once"
+        leaders[0].kill()
+        await store.append("after", "agent", after, expected_version=0)
+        await wait_until(lambda: _relayed_all(js_streams, topology, 10), 30, "the standby relaying")
+        standby = next(r for r in replicas if r is not leaders[0])
+        assert '"msg":"relaying"' in standby.log_tail(200)
+        assert standby.terminate() == 0, standby.log_tail()
+    finally:
+        for replica in replicas:
+            replica.kill()
+    await assert_all_relayed_in_order(js_streams, topology, {e.event_id for e in before + after})
 
 
 async def test_an_undecodable_message_is_quarantined_and_the_rest_flow(

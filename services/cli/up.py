@@ -1,7 +1,7 @@
 """``pflea up``: the whole system on one machine, nothing installed but Python.
 
 Embedded servers (unless DATABASE_URL / NATS_URL point elsewhere), migrations, then the
-simulator (unless PURPLEFLEA_API_URL is set), ingester, writer and the four projectors as
+simulator (unless PURPLEFLEA_API_URL is set), ingester, writer, relay and the four projectors as
 supervised processes, with a live status line. Ctrl-C or SIGTERM stops everything cleanly;
 the next ``pflea up`` resumes from the same data folder.
 """
@@ -141,7 +141,7 @@ class Stack:
                 "PFLEA_AGENTS_FROM_SIMULATOR": "1",
             }
         specs.append(("writer", ["services.writer"], {"PFLEA_WRITER_PARTS": "append,commands"}))
-        specs.append(("relay", ["services.writer"], {"PFLEA_WRITER_PARTS": "relay,snapshots"}))
+        specs.append(("relay", ["services.relay"], {}))
         specs.append(("ingester", ["services.ingester"], ingester_env))
         specs += [(f"projector-{n}", ["services.projectors", n], {}) for n in PROJECTIONS]
         users = {"writer": "writer", "relay": "writer", "ingester": "ingester"}

@@ -17,10 +17,10 @@ from services.projectors.tables import (
     advance_position,
     load_states,
     lock_checkpoints,
-    projection_lock,
     save_checkpoints,
     save_states,
 )
+from shared import locks
 from shared.events import Event
 from shared.projections.model import ReadModel
 from shared.quarantine import Quarantine
@@ -49,7 +49,7 @@ async def apply_batch(
     for event in delivered:
         by_stream.setdefault(event.stream_id, {})[event.version] = event
     streams = sorted(by_stream)
-    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", projection_lock(model.name))
+    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", locks.projection(model.name))
     checkpoints = await lock_checkpoints(conn, model.name, streams)
     pending: dict[str, list[DeliveredEvent]] = {}
     for stream in streams:

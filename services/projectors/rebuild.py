@@ -17,7 +17,8 @@ from typing import Any
 
 import asyncpg
 
-from services.projectors.tables import projection_lock, save_states
+from services.projectors.tables import save_states
+from shared import locks
 from shared.db import connect
 from shared.projections.model import AgentState, ReadModel
 from shared.quarantine import Quarantine
@@ -91,7 +92,7 @@ async def rebuild(owner_dsn: str, model: ReadModel[Any]) -> RebuildReport:
         await conn.execute(f"CREATE UNLOGGED TABLE {staging} (LIKE {model.table} INCLUDING ALL)")
         await _copy_rows(conn, model, fold, staging)
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", projection_lock(model.name))
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", locks.projection(model.name))
             fold.touched.clear()
             await fold.read(conn, fold.position)  # what was committed since the snapshot
             if fold.touched:

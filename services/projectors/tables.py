@@ -10,11 +10,6 @@ import asyncpg
 from shared.projections.model import AgentState, ReadModel
 
 
-def projection_lock(name: str) -> int:
-    """Live batches take this lock shared; a rebuild's swap takes it exclusive."""
-    return 7061746600 + sum(name.encode())
-
-
 async def load_states(
     conn: asyncpg.Connection, model: ReadModel[Any], agent_ids: list[str]
 ) -> dict[str, AgentState[Any]]:

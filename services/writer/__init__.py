@@ -1,1 +1,1 @@
-"""Writer: PFLEA_TX → Postgres events (batched), and the relay of committed events to PFLEA_EVENTS."""
+"""Writer: PFLEA_TX → Postgres events (batched), and agent commands."""

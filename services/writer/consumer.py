@@ -19,12 +19,13 @@ from nats.js.api import RawStreamMsg
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.writer.order import SourceOrder
-from shared import faults
+from shared import faults, locks
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.envelope import TxEnvelope, new_event
 from shared.faults import crash_point, delay_s, fail_point
 from shared.jetstream import NATS_ERRORS, Topology, ack_all, delivery, pull_consumer_config
+from shared.lease import LeaderLease
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
@@ -86,7 +87,6 @@ _READ_ATTEMPTS = "SELECT msg_key, attempts FROM writer_attempts WHERE msg_key = 
 ISOLATE_AFTER = 3
 # A PFLEA_TX message holds up to shared.wire.BATCH_MAX_ITEMS transactions: pull by bytes too.
 PULL_MAX_BYTES = 1024 * 1024
-_APPEND_LEADER_LOCK = 7061746564  # session lock: the writer that consumes PFLEA_TX
 
 
 class TxConsumer:
@@ -98,6 +98,7 @@ class TxConsumer:
         topology: Topology,
         settings: Settings,
         lifecycle: Lifecycle,
+        dsn: str,
         on_commit: asyncio.Event | None = None,
     ) -> None:
         self.js = js
@@ -106,6 +107,7 @@ class TxConsumer:
         self.topology = topology
         self.settings = settings
         self.lifecycle = lifecycle
+        self.dsn = dsn  # the append lock's own session connects with it
         self.on_commit = on_commit or asyncio.Event()
         self.heads = StreamHeads()
         self.order = SourceOrder(js, topology.tx_stream, topology.writer_durable, hold_s=0.5)
@@ -142,35 +144,16 @@ class TxConsumer:
                     return
 
     async def _lead(self) -> None:
-        async with self.store.pool.acquire() as conn:
-            standing_by = False
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _APPEND_LEADER_LOCK):
-                if not standing_by:
-                    log.info("another writer appends; standing by")
-                    standing_by = True
-                if await self.lifecycle.sleep(1.0):
-                    return
-            log.info("appending (this writer holds the append lock)")
-            await conn.execute("DELETE FROM writer_attempts WHERE last_at < now() - interval '8 days'")
-            lost = asyncio.Event()
-            watch = asyncio.create_task(self._watch_lock(conn, lost))
-            try:
-                await self.pull_loop().run(self._received, until=lost)
-            finally:
-                watch.cancel()
-                await asyncio.gather(watch, return_exceptions=True)
-            if lost.is_set():
-                raise ConnectionError("the append lock's session ended")
-
-    async def _watch_lock(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
-        """The lock lives as long as its session: check the session every second."""
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                await conn.execute("SELECT 1")
-            except Exception:
-                lost.set()
+        async with LeaderLease(self.dsn, locks.APPEND_LEADER, self.lifecycle) as lease:
+            if not await lease.acquire(on_wait=lambda: log.info("another writer appends; standing by")):
                 return
+            log.info("appending (this writer holds the append lock)")
+            await self.store.pool.execute(
+                "DELETE FROM writer_attempts WHERE last_at < now() - interval '8 days'"
+            )
+            await self.pull_loop().run(self._received, until=lease.lost)
+            if lease.lost.is_set():
+                raise ConnectionError("the append lock's session ended")
 
     async def _received(self, msgs: list[Msg]) -> None:
         RECEIVED.inc(len(msgs))

@@ -1,10 +1,8 @@
-"""Wire the writer: the PFLEA_TX consumer ("append"), the command handler ("commands"), the
-relay and the snapshotter, sharing one pool and one NATS connection.
+"""Wire the writer: the PFLEA_TX consumer ("append") and the command handler ("commands"),
+sharing one pool and one NATS connection; ``PFLEA_WRITER_PARTS`` picks the parts a process runs.
 
-``PFLEA_WRITER_PARTS`` picks the parts a process runs; by default one process runs them all.
-The relay and the snapshotter only tail the events table (woken by NOTIFY), so they can run in
-a process of their own (``PFLEA_WRITER_PARTS=relay,snapshots``), which `pflea up` and compose
-do: then they don't take CPU from the appends, and the relay's publishing is not slowed by them.
+The relay and the snapshotter run in their own process, ``python -m services.relay``. For one
+release the writer still runs them when ``PFLEA_WRITER_PARTS`` names them, with a warning.
 """
 
 from __future__ import annotations
@@ -14,17 +12,17 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from services.relay.service import PARTS as RELAY_PARTS
+from services.relay.service import tailers
 from services.writer.commands import CommandHandler
 from services.writer.consumer import TxConsumer
 from services.writer.purpleflea import PurpleFleaCommands
-from services.writer.relay import Relay
-from services.writer.snapshots import Snapshotter
 from shared.db import WRITER_ROLE, create_pool, role_dsn
 from shared.jetstream import Topology, ensure_streams
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
-from shared.service import require
+from shared.service import require, run_together
 from shared.settings import DEFAULT_FAUCET_URL, Settings
 from shared.store import EventStore
 
@@ -47,37 +45,24 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
         jobs: list[Coroutine[Any, Any, None]] = []
         if "append" in parts:
             quarantine = Quarantine(pool, "writer")
-            consumer = TxConsumer(js, store, quarantine, topology, settings, lifecycle, on_commit=committed)
-            jobs.append(consumer.run())
-        if "relay" in parts:
-            relay = Relay(
-                store,
-                js,
-                topology,
-                lifecycle,
-                dsn,
-                poll_s=settings.relay_poll_s,
-                wakeup=committed,
-                reconnects=lambda: int(nc.stats["reconnects"]),
-                duplicate_window_s=settings.duplicate_window_s,
+            consumer = TxConsumer(
+                js, store, quarantine, topology, settings, lifecycle, dsn, on_commit=committed
             )
-            jobs.append(relay.run())
+            jobs.append(consumer.run())
         if "commands" in parts:
             jobs.append(CommandHandler(nc, store, topology, settings, lifecycle, purpleflea).run())
-        if "snapshots" in parts:
-            every = settings.snapshot_every
-            jobs.append(Snapshotter(store, lifecycle, every=every, poll_s=settings.relay_poll_s).run())
+        if moved := [p for p in parts if p in RELAY_PARTS]:
+            log.warning(
+                "PFLEA_WRITER_PARTS names %s, which moved to `python -m services.relay`: run that "
+                "and drop them from PFLEA_WRITER_PARTS; this release still runs them here, the "
+                "next one will not",
+                ", ".join(moved),
+            )
+            jobs += tailers(moved, store, nc, topology, settings, lifecycle, dsn, wakeup=committed)
         log.info("running %s", ", ".join(parts))
         lifecycle.checks.append(lambda: nc.is_connected)
         lifecycle.ready = True
-        tasks = [asyncio.create_task(job) for job in jobs]
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                lifecycle.stop()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise task.exception()  # type: ignore[misc]
-        await asyncio.gather(*tasks)
+        await run_together(jobs, lifecycle)
     finally:
         await nc.drain()
         if purpleflea is not None:

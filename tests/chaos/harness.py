@@ -37,7 +37,7 @@ from tests.chaos.servers import ChaosServers
 from tests.conftest import SERVICE_PASSWORD
 from tests.support import ServiceProcess, service_env, simulator_feeds
 
-PIPELINE = ("ingester", "writer", *(f"projector-{name}" for name in PROJECTIONS))
+PIPELINE = ("ingester", "writer", "relay", *(f"projector-{name}" for name in PROJECTIONS))
 # Small, quick pipeline knobs; a scenario overrides what it is about.
 BASE_ENV = {
     "PFLEA_INGEST_PAGE_LIMIT": "25",
@@ -57,7 +57,7 @@ def service_command(name: str) -> tuple[str, tuple[str, ...]]:
     kind, _, rest = name.partition("-")
     if kind == "projector":
         return "services.projectors", (rest.split("-")[0],)
-    if kind in ("ingester", "writer"):
+    if kind in ("ingester", "writer", "relay"):
         return f"services.{kind}", ()
     raise ValueError(f"unknown service {name!r}")
 

@@ -15,28 +15,32 @@ def _schedule(scenario: str, seed: int, test: str) -> tuple[Schedule, random.Ran
 
 
 def writer_sigkills(seed: int, test: str) -> Schedule:
-    """3-4 SIGKILLs of the writer at random instants, each restarted after 0.1-1 s."""
+    """3-4 SIGKILLs of the writer and the relay at random instants, each restarted after 0.1-1 s."""
     s, rng = _schedule("writer-sigkill", seed, test)
     t = rng.uniform(0.3, 1.0)
     for _ in range(rng.randint(3, 4)):
         s.add(t, "kill", "writer")
+        s.add(t, "kill", "relay")
         t += rng.uniform(0.1, 1.0)
         s.add(t, "start", "writer")
+        s.add(t, "start", "relay")
         t += rng.uniform(0.4, 1.2)
     return s
 
 
 def writer_crash_points(seed: int, test: str) -> Schedule:
-    """The writer dies after a commit before its ack, and the relay before and after publishing."""
+    """The writer dies after a commit before its ack, and the relay before and after publishing
+    (while the writer runs, so that the relay has batches to publish)."""
     s, rng = _schedule("writer-crash-points", seed, test)
     points = ["writer.after_commit", "relay.before_publish", "relay.after_publish"]
     rng.shuffle(points)
     t = 0.0
-    s.add(t, "kill", "writer")
     for point in points:
-        s.add(t, "start", "writer", f"PFLEA_CRASH_AT={point}:{rng.randint(1, 4)}")
-        s.add(t, "await-exit", "writer", "137")
-    s.add(t, "start", "writer")
+        service = point.partition(".")[0]
+        s.add(t, "kill", service)
+        s.add(t, "start", service, f"PFLEA_CRASH_AT={point}:{rng.randint(1, 4)}")
+        s.add(t, "await-exit", service, "137")
+        s.add(t, "start", service)
     return s
 
 

@@ -3,7 +3,7 @@
 It tails the log by position (ids and versions only, so catching up is cheap), and when a stream
 passes a multiple of ``every`` it folds forward from that stream's newest snapshot and saves one
 at each multiple. Snapshots are an optimisation: time travel and command decisions are exact
-without them, only slower. Every writer replica may run one: a snapshot at a version never
+without them, only slower. Every replica may run one: a snapshot at a version never
 changes, so two savers write the same row and the second is a no-op.
 """
 

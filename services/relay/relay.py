@@ -3,8 +3,8 @@
 The events table is the outbox. The relay reads ``position > checkpoint`` (gap-free, see the
 store), publishes with ``Nats-Msg-Id`` = event id, waits for every ack, and only then moves its
 checkpoint in Postgres. A crash anywhere repeats a suffix, which JetStream's duplicate window
-and the projectors' per-stream checkpoints absorb. One relay runs at a time: it holds a session
-advisory lock, so writer replicas can all run one and only the holder publishes.
+and the projectors' per-stream checkpoints absorb. One relay runs at a time: it holds a leader
+lease (a session advisory lock), so replicas can all run one and only the holder publishes.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import asyncpg
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
-from shared.db import TRANSIENT_DB_ERRORS, connect
+from shared import locks
+from shared.db import TRANSIENT_DB_ERRORS
 from shared.faults import crash_point
 from shared.jetstream import NATS_ERRORS, Topology, ensure_streams, publish_in_order
+from shared.lease import LeaderLease
 from shared.ops import Lifecycle
 from shared.store import EventStore, RecordedEvent
 from shared.wire import HDR_POSITION, event_message
@@ -29,7 +31,6 @@ log = logging.getLogger(__name__)
 PUBLISHED = Counter("pflea_relay_events_published_total", "Events published to PFLEA_EVENTS")
 RELAY_POSITION = Gauge("pflea_relay_position", "Last global position relayed")
 
-_RELAY_LOCK = 7061746563
 RELAY_NAME = "events"
 
 
@@ -85,26 +86,27 @@ class Relay:
                     return
 
     async def _lead(self) -> None:
-        conn = await connect(self.dsn)
-        try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _RELAY_LOCK):
-                if await self.lifecycle.sleep(self.poll_s):
-                    return
-            await conn.add_listener("pflea_events", self._notified)
-            self.position = await self._checkpoint(conn)
+        async with LeaderLease(self.dsn, locks.RELAY_LEADER, self.lifecycle, poll_s=self.poll_s) as lease:
+            if not await lease.acquire():
+                return
+            async with lease.connection() as conn:
+                await conn.add_listener("pflea_events", self._notified)
+                self.position = await self._checkpoint(conn)
             log.info("relaying", extra={"position": self.position})
-            while not self.lifecycle.stopping.is_set():
+            while not self.lifecycle.stopping.is_set() and not lease.lost.is_set():
                 if self.reconnects() != self.seen_reconnects:
                     self.seen_reconnects = self.reconnects()
                     await self.reconcile_with_stream()
                 try:
-                    relayed = await self.relay_once(conn)
+                    # On the lock's session, so that a relay that lost it cannot move the checkpoint.
+                    async with lease.connection() as conn:
+                        relayed = await self.relay_once(conn)
                 except _Reconnected:
                     continue
                 if relayed < self.batch_size:
                     await self._wait_for_work()
-        finally:
-            await conn.close()  # also releases the advisory lock
+            if lease.lost.is_set():
+                raise ConnectionError("the relay lock's session ended")
 
     async def reconcile_with_stream(self) -> None:
         """Rewind to what PFLEA_EVENTS really holds, if NATS lost what we had published.
