@@ -19,10 +19,10 @@ import asyncpg
 import nats
 import pytest
 
+from devstack.databases import DatabaseTemplate
+from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError
 from shared.db import WRITER_ROLE, create_pool, role_dsn
-from shared.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError
 from shared.jetstream import Topology, ensure_streams
-from shared.migrate import migrate
 from shared.settings import Settings, load_settings
 from shared.store import EventStore
 
@@ -93,38 +93,25 @@ def nats_url(servers_dir: Path) -> Iterator[str]:
         server.stop()
 
 
-def _with_database(url: str, database: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
-
-
 @pytest.fixture(scope="session")
-async def template_database(postgres_url: str) -> AsyncIterator[str]:
+async def template_database(postgres_url: str) -> AsyncIterator[DatabaseTemplate]:
     """A migrated database that every test's database is cloned from (fast: file copy)."""
-    name = f"pflea_tmpl_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres_url)
+    template = DatabaseTemplate(postgres_url, "pflea_t", SERVICE_PASSWORD)
+    await template.create()
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await migrate(_with_database(postgres_url, name), service_password=SERVICE_PASSWORD)
-        yield name
+        yield template
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await template.remove()
 
 
 @pytest.fixture
-async def database_url(postgres_url: str, template_database: str) -> AsyncIterator[str]:
+async def database_url(template_database: DatabaseTemplate) -> AsyncIterator[str]:
     """The owner's URL of a fresh, migrated database for this test alone."""
-    name = f"pflea_t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_url)
+    url = await template_database.clone()
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        yield _with_database(postgres_url, name)
+        yield url
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await template_database.drop(url)
 
 
 @pytest.fixture

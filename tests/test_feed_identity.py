@@ -13,13 +13,14 @@ import msgspec
 import nats
 import pytest
 
+from devstack.processes import ServiceProcess, wait_until
 from shared.envelope import TxEnvelope, legacy_event_id, new_event, tx_messages
 from shared.jetstream import HDR_MSG_ID, Topology
 from shared.migrate import alias_legacy_event_ids
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent, StreamEvent
 from shared.transactions import parse_transaction
-from tests.support import ServiceProcess, service_env, wait_until
+from tests.support import service_env
 
 
 def raw_tx(tx_id: str, amount: str = "1.00", tx_type: str = "deposit") -> bytes:

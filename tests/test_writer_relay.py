@@ -14,6 +14,7 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
+from devstack.processes import ServiceProcess, wait_until
 from shared.envelope import TxEnvelope, ingested_event_id, tx_encoder, tx_messages
 from shared.events import FundsDeposited, encode_data
 from shared.jetstream import (
@@ -26,7 +27,7 @@ from shared.jetstream import (
 )
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent
-from tests.support import ServiceProcess, service_env, stream_messages, wait_until
+from tests.support import service_env, stream_messages
 
 
 def envelope(agent: str, n: int) -> TxEnvelope:
