@@ -175,6 +175,8 @@ class ChaosRun:
                 code = await self.proc(step.target).wait_exit(30)
                 if code != int(step.arg):
                     self.problems.append(f"{step.target} exited {code}, expected {step.arg}")
+            case "await-ready":
+                await self.proc(step.target).wait_ready(30)
             case "stop-postgres":
                 self.servers.stop_postgres(step.arg)
             case "start-postgres":

@@ -66,11 +66,14 @@ def projector_crash_points(seed: int, test: str) -> Schedule:
 
 def ingester_outlives_dedup_window(seed: int, test: str, window_s: float) -> Schedule:
     """The ingester publishes K pages and dies before any commit (no writer runs); it comes back
-    after JetStream's duplicate window, so its re-published pages reach the writer twice."""
+    after JetStream's duplicate window, so its re-published pages reach the writer twice. The
+    writer starts only once the ingester is polling again: a writer that commits first would
+    move the ingester's cursors past the pages to repeat (seen on a loaded machine)."""
     s, rng = _schedule("ingester-after-publish", seed, test)
     s.add(0.0, "start", "ingester", f"PFLEA_CRASH_AT=ingester.after_publish:{rng.randint(1, 3)}")
     s.add(0.0, "await-exit", "ingester", "137")
     s.add(window_s + 0.5, "start", "ingester")
+    s.add(window_s + 0.5, "await-ready", "ingester")
     s.add(window_s + 0.5 + rng.uniform(0.0, 1.0), "start", "writer")
     return s
 
