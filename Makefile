@@ -21,8 +21,8 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 lint: setup
-	$(BIN)/ruff check shared services tests bench
-	$(BIN)/ruff format --check shared services tests bench
+	$(BIN)/ruff check shared services devstack tests bench
+	$(BIN)/ruff format --check shared services devstack tests bench
 	$(BIN)/mypy
 
 bench: setup

@@ -2,7 +2,7 @@
 
 The backlog is the writer scenario's (its database and PFLEA_EVENTS). Each projector process
 is started in turn, its durable consumer new, so it reads the stream from the start. Its clock
-runs from its ``ready`` log line until ``projection_positions.position`` reaches the log's last
+runs from its ``/readyz`` answering until ``projection_positions.position`` reaches the log's last
 position; then every stream's checkpoint is checked against the log (``caught up`` means both).
 
 The limit each is compared to is measured on the same backlog first: a bare durable consumer
@@ -18,8 +18,9 @@ import asyncpg
 from bench import writer
 from bench.harness import Harness
 from bench.limits import consume_seconds
-from bench.processes import BenchError, wait_until
+from bench.processes import BenchError
 from bench.report import Figure, Target
+from devstack.processes import wait_until
 from shared.projections.registry import PROJECTIONS
 
 _BEHIND = """
@@ -45,7 +46,9 @@ async def _catch_up(h: Harness, log: writer.RelayedLog, name: str) -> tuple[floa
             )
             return time.monotonic() if position >= head else None
 
-        finished = await wait_until(done, max(120.0, log.events / 500), f"projector {name} caught up")
+        finished = await wait_until(
+            done, max(120.0, log.events / 500), f"projector {name} caught up", interval=0.1
+        )
         behind = await conn.fetchval(_BEHIND, name)
         if behind:
             raise BenchError(f"projector {name}: {behind} streams' checkpoints behind the log")

@@ -2,7 +2,7 @@
 
 **Throughput.** The simulator (its own process, ``rate`` 0) starts with ``e2e_per_agent``
 transactions for each of ``e2e_agents`` agents; the writer and projectors are up and idle.
-The clock runs from the ingester's ``ready`` log line until ``count(*) FROM events`` equals the
+The clock runs from the ingester's ``/readyz`` answering until ``count(*) FROM events`` equals the
 simulator's total and every projection's ``projection_positions.position`` equals the log's last
 position. The note records when each stage finished (PFLEA_TX full, events written, PFLEA_EVENTS
 full, each projection caught up) so the slowest stage can be read off.

@@ -11,10 +11,12 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 
-from bench.processes import ServiceProcess, service_env
+from bench.processes import ProfiledProcess
 from bench.report import Figure
-from bench.servers import Servers
+from bench.servers import SERVICE_PASSWORD
 from bench.workload import Workload, build_workload
+from devstack.processes import service_env
+from devstack.servers import LocalServers
 from shared.jetstream import Topology, ensure_streams
 
 
@@ -52,7 +54,7 @@ class Sizes:
 
 @dataclass
 class Harness:
-    servers: Servers
+    servers: LocalServers
     sizes: Sizes
     log_dir: Path
     profile_dir: Path | None = None
@@ -82,15 +84,15 @@ class Harness:
         return f"b{tag}{uuid.uuid4().hex[:6]}"
 
     def env(self, database_url: str, namespace: str, **extra: str) -> dict[str, str]:
-        return service_env(database_url, self.servers.nats_url, namespace, **extra)
+        return service_env(database_url, self.servers.nats_url, namespace, SERVICE_PASSWORD, **extra)
 
     def service(
         self, scenario: str, name: str, module: str, env: dict[str, str], *args: str, **kw: Any
-    ) -> ServiceProcess:
+    ) -> ProfiledProcess:
         log_dir = self.log_dir / scenario
         log_dir.mkdir(parents=True, exist_ok=True)
         profile_dir = self.profile_dir / scenario if self.profile_dir else None
-        return ServiceProcess(name, module, env, log_dir, *args, profile_dir=profile_dir, **kw)
+        return ProfiledProcess(module, env, log_dir, *args, name=name, profile_dir=profile_dir, **kw)
 
     async def nats(self, topology: Topology | None = None) -> Client:
         nc = await nats.connect(self.servers.nats_url)

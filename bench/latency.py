@@ -36,8 +36,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench.harness import Harness
 from bench.pipeline import Pipeline, pipeline_state
-from bench.processes import RssSampler, wait_until
+from bench.processes import RssSampler
 from bench.report import Figure, Target
+from devstack.processes import wait_until
 from shared.projections.registry import PROJECTIONS
 from shared.wire import HDR_POSITION
 

@@ -12,12 +12,10 @@ import asyncpg
 import httpx
 
 from bench.harness import Harness, delete_streams
-from bench.processes import RssSampler, ServiceProcess, stop_all
-from shared.embedded import free_port
+from bench.processes import ProfiledProcess, RssSampler, stop_all
+from devstack.ports import free_port
 from shared.jetstream import Topology
 from shared.projections.registry import PROJECTIONS
-
-SIMULATOR_READY = b"simulator listening"
 
 
 class Pipeline:
@@ -28,7 +26,7 @@ class Pipeline:
         self.topology = Topology(h.namespace(scenario[:3]))
         self.database_url = ""
         self.sim_port = free_port()
-        self.processes: list[ServiceProcess] = []
+        self.processes: list[ProfiledProcess] = []
 
     async def prepare(self, setup_sql: str = "") -> None:
         self.database_url = await self.h.servers.new_database(self.scenario.replace("-", "_"))
@@ -42,11 +40,10 @@ class Pipeline:
                 await conn.close()
 
     def _start(
-        self, name: str, module: str, *args: str, ready: bytes | None = None, **env: str
-    ) -> ServiceProcess:
-        kw = {"ready_marker": ready} if ready else {}
+        self, name: str, module: str, *args: str, ready_url: str | None = None, **env: str
+    ) -> ProfiledProcess:
         environment = self.h.env(self.database_url, self.topology.namespace, **env)
-        proc = self.h.service(self.scenario, name, module, environment, *args, **kw).start()
+        proc = self.h.service(self.scenario, name, module, environment, *args, ready_url=ready_url).start()
         self.processes.append(proc)
         self.rss.watch(name, proc.pid)
         return proc
@@ -65,7 +62,8 @@ class Pipeline:
         sim = self._start(
             "simulator",
             "services.simulator",
-            ready=SIMULATOR_READY,
+            # Not a ledger service (no /readyz): ready when its admin API answers, as compose checks it.
+            ready_url=f"http://127.0.0.1:{self.sim_port}/admin/stats",
             PFLEA_SIM_PORT=str(self.sim_port),
             PFLEA_SIM_AGENTS=str(agents),
             PFLEA_SIM_BACKLOG=str(backlog),
@@ -93,7 +91,7 @@ class Pipeline:
         except (httpx.HTTPError, ValueError):
             return {}
 
-    def process(self, name: str) -> ServiceProcess:
+    def process(self, name: str) -> ProfiledProcess:
         return next(p for p in self.processes if p.name == name)
 
     def stop(self) -> None:

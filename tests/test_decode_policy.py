@@ -17,6 +17,7 @@ import asyncpg
 import nats
 import pytest
 
+from devstack.processes import ServiceProcess, wait_until
 from services.projectors.apply import apply_batch
 from services.projectors.rebuild import rebuild
 from shared.db import PROJECTOR_ROLE, create_pool, role_dsn
@@ -29,7 +30,7 @@ from shared.store import EventStore
 from shared.upcasting import UnreadableEvent
 from shared.wire import DeliveredEvent, delivered_event
 from tests.conftest import SERVICE_PASSWORD
-from tests.support import ServiceProcess, service_env, stream_messages, wait_until
+from tests.support import service_env, stream_messages
 
 AGENT = "reader-test"
 ROWS = [  # (event_type, schema_version, data)

@@ -12,9 +12,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-import shared.pg_identity as identity
-from shared.embedded import EmbeddedPostgres
-from shared.pg_identity import PostgresIdentityError, check_root_owned, root_copy, wheel_version
+import devstack.pg_identity as identity
+from devstack.embedded import EmbeddedPostgres
+from devstack.pg_identity import PostgresIdentityError, check_root_owned, root_copy, wheel_version
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="only root runs Postgres in another identity")
 

@@ -13,6 +13,7 @@ import msgspec
 import nats
 import pytest
 
+from devstack.processes import ServiceProcess, wait_until
 from shared.envelope import TxEnvelope, legacy_event_id, new_event
 from shared.jetstream import Topology
 from shared.migrate import alias_legacy_event_ids
@@ -20,7 +21,7 @@ from shared.settings import Settings
 from shared.store import EventStore, NewEvent, StreamEvent
 from shared.transactions import parse_transaction
 from shared.wire import HDR_MSG_ID, tx_messages
-from tests.support import ServiceProcess, service_env, wait_until
+from tests.support import service_env
 
 
 def raw_tx(tx_id: str, amount: str = "1.00", tx_type: str = "deposit") -> bytes:

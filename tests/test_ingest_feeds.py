@@ -19,11 +19,12 @@ import nats
 import pytest
 from prometheus_client import REGISTRY
 
+from devstack.ports import free_port
+from devstack.processes import ServiceProcess, wait_until
 from services.ingester.client import FeedClient, Transient
 from services.ingester.poller import AgentPoller
 from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
 from shared.db import INGESTER_ROLE, create_pool, role_dsn
-from shared.embedded import free_port
 from shared.events import UnknownTransaction
 from shared.jetstream import Topology
 from shared.ops import Lifecycle
@@ -32,7 +33,7 @@ from shared.settings import AgentCredential, Settings
 from shared.store import EventStore, NewEvent
 from tests.conftest import SERVICE_PASSWORD
 from tests.feed_server import FeedServer, body, drip, gzip_bomb
-from tests.support import ServiceProcess, service_env, simulator_feeds, wait_until
+from tests.support import service_env, simulator_feeds
 from tests.test_ingest_pipeline import accounted
 
 AGENT = AgentCredential("agent-x", "key-x")

@@ -14,10 +14,11 @@ import asyncpg
 import nats
 import pytest
 
+from devstack.processes import ServiceProcess, wait_until
 from services.ingester.poller import AgentPoller
 from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
 from shared.settings import Settings
-from tests.support import ServiceProcess, service_env, simulator_feeds, wait_until
+from tests.support import service_env, simulator_feeds
 
 
 async def accounted(url: str, sim: Simulator) -> tuple[int, int]:

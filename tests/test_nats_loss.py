@@ -11,10 +11,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from devstack.embedded import EmbeddedNats
+from devstack.processes import ServiceProcess, wait_until
 from services.simulator import Simulator, load_simulator_config, running_simulator
-from shared.embedded import EmbeddedNats
 from shared.settings import Settings
-from tests.support import ServiceProcess, service_env, simulator_feeds, wait_until
+from tests.support import service_env, simulator_feeds
 from tests.test_ingest_pipeline import accounted, assert_exactly_once
 from tests.test_projector_services import caught_up
 

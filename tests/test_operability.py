@@ -10,11 +10,12 @@ import httpx
 import nats
 import pytest
 
-from shared.embedded import free_port
+from devstack.ports import free_port
+from devstack.processes import ServiceProcess, wait_until
 from shared.jetstream import Topology
 from shared.ops import Lifecycle, OpsServer
 from shared.settings import Settings
-from tests.support import ServiceProcess, service_env, wait_until
+from tests.support import service_env
 from tests.test_writer_relay import publish_transactions
 
 

@@ -10,12 +10,13 @@ import nats
 import pytest
 from nats.js.errors import NotFoundError
 
+from devstack.processes import ServiceProcess, wait_until
 from shared.jetstream import Topology
 from shared.settings import Settings
 from shared.store import EventStore
 from shared.wire import HDR_MSG_ID
 from tests.reference import assert_read_models_match_fold, generate
-from tests.support import ServiceProcess, service_env, wait_until
+from tests.support import service_env
 from tests.test_writer_relay import relayed
 
 

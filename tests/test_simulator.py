@@ -18,6 +18,7 @@ import httpx
 import msgspec
 import pytest
 
+from devstack.processes import wait_until
 from services.simulator import (
     MALFORMED_KINDS,
     FaultKnobs,
@@ -29,7 +30,7 @@ from services.simulator.epoch import EPOCH_FILE, feed_epoch, kept_epoch
 from services.simulator.feed import FEEDS
 from shared.money import parse_amount
 from shared.settings import SettingsError
-from tests.support import REPO, wait_until
+from tests.support import REPO
 
 Tx = dict[str, Any]
 

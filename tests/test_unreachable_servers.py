@@ -7,15 +7,15 @@ import asyncio
 import logging
 from pathlib import Path
 
-import httpx
 import pytest
 
-from shared.embedded import free_port
+from devstack.ports import free_port
+from devstack.processes import ServiceProcess, wait_until
 from shared.ops import Lifecycle
 from shared.service import start_when_reachable
 from shared.settings import Settings
 from shared.unreachable import RepeatedWarnings, ServerUnreachable, redacted_url
-from tests.support import ServiceProcess, service_env, wait_until
+from tests.support import service_env
 
 SERVICES = ["services.ingester", "services.writer", "services.relay"]
 
@@ -27,34 +27,21 @@ def closed_url(server: str, port: int) -> dict[str, str]:
     return {"DATABASE_URL": f"postgresql://owner:s3cret-pw@127.0.0.1:{port}/pflea"}
 
 
-async def failed_attempts(metrics_port: int, server: str) -> float:
-    try:
-        async with httpx.AsyncClient() as http:
-            text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
-    except httpx.TransportError:
-        return 0.0  # not serving yet
-    sample = f'pflea_connect_failures_total{{server="{server}"}} '
-    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(sample)), 0.0)
-
-
 @pytest.mark.parametrize("server", ["nats", "postgres"])
 @pytest.mark.parametrize("module", SERVICES)
 async def test_a_server_unreachable_at_start_is_one_short_line_not_a_traceback_per_attempt(
     settings: Settings, tmp_path: Path, module: str, server: str
 ) -> None:
-    port, metrics_port = free_port(), free_port()
+    port = free_port()
     env = service_env(
         settings,
         PURPLEFLEA_API_URL="http://127.0.0.1:9",
         PURPLEFLEA_AGENTS="agent-1:key-1",
-        PFLEA_METRICS_PORT=str(metrics_port),
         **closed_url(server, port),
     )
     proc = ServiceProcess(module, env, tmp_path).start()
     try:
-        await wait_until(
-            lambda: _at_least(metrics_port, server, 6, proc), 30, "six failed attempts to connect"
-        )
+        await wait_until(lambda: _at_least(proc, server, 6), 30, "six failed attempts to connect")
         log = proc.log_path.read_text()
         assert proc.terminate(10) == 0, "SIGTERM must stop a service still waiting for a server"
     finally:
@@ -65,9 +52,10 @@ async def test_a_server_unreachable_at_start_is_one_short_line_not_a_traceback_p
     assert len(log.encode()) < 2048, f"{len(log.encode())} bytes for six attempts:\n{log}"
 
 
-async def _at_least(metrics_port: int, server: str, n: int, proc: ServiceProcess) -> bool:
+async def _at_least(proc: ServiceProcess, server: str, n: int) -> bool:
     assert proc.alive, f"{proc.module} exited:\n{proc.log_tail()}"
-    return await failed_attempts(metrics_port, server) >= n
+    metrics = await proc.metrics()  # {} while not serving yet
+    return metrics.get(f"pflea_connect_failures_total{{server={server}}}", 0.0) >= n
 
 
 def test_passwords_and_tokens_are_cut_out_of_urls() -> None:

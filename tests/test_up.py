@@ -16,10 +16,11 @@ import asyncpg
 import nats
 import pytest
 
-from shared.embedded import free_port
+from devstack.ports import free_port
+from devstack.processes import wait_until
 from shared.nats_auth import user_url
 from shared.stack import read_stack
-from tests.support import REPO, wait_until
+from tests.support import REPO
 
 PFLEA = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "pflea"
 
@@ -98,7 +99,7 @@ async def _forbidden_publish_is_refused(data_dir: Path, cli_url: str) -> None:
     try:
         await nc.publish("pflea.events.agent-0001.FundsDeposited", b'{"amount": "1000000"}')
         await nc.flush()
-        await wait_until(lambda: asyncio.sleep(0, errors), 10, "a permissions violation")
+        await wait_until(lambda: errors, 10, "a permissions violation")
         assert "permissions violation" in str(errors[0]).lower()
     finally:
         await nc.close()
@@ -127,9 +128,9 @@ async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path
     out = tmp_path / "up.out"
     proc = _start(data_dir, out)
     try:
-        stack = await wait_until(lambda: asyncio.sleep(0, read_stack(data_dir)), 90, "stack.json")
+        stack = await wait_until(lambda: read_stack(data_dir), 90, "stack.json")
         first = await wait_until(lambda: _populated(stack.database_url), 90, "populated read models", 0.5)
-        await wait_until(lambda: asyncio.sleep(0, "stored" in out.read_text()), 30, "a status line")
+        await wait_until(lambda: "stored" in out.read_text(), 30, "a status line")
         text = out.read_text()
         assert "SELECT * FROM leaderboard" in text and "pflea_reader" in text, "no psql line for the user"
         await _forbidden_publish_is_refused(data_dir, stack.nats_url)
@@ -138,7 +139,7 @@ async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path
         # The simulator's epoch: the restarted one serves what the first served, cursors included.
         epoch = (data_dir / "simulator.json").read_bytes()
         proc = _start(data_dir, out)
-        stack = await wait_until(lambda: asyncio.sleep(0, read_stack(data_dir)), 90, "stack.json again")
+        stack = await wait_until(lambda: read_stack(data_dir), 90, "stack.json again")
 
         async def grew() -> bool:
             counts = await _populated(stack.database_url)

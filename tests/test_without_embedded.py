@@ -70,8 +70,8 @@ def without_embedded(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def test_every_module_imports(without_embedded: Run) -> None:
     done = without_embedded(
         """
-        import importlib, pkgutil, services, shared
-        for package in (shared, services):
+        import importlib, pkgutil, devstack, services, shared
+        for package in (shared, services, devstack):
             for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
                 importlib.import_module(module.name)
         """
@@ -115,7 +115,7 @@ def test_an_embedded_server_asks_for_the_extra_or_a_url(
 ) -> None:
     done = without_embedded(
         f"""
-        from shared.embedded import EmbeddedServerError, {locate}
+        from devstack.embedded import EmbeddedServerError, {locate}
         try:
             {locate}()
         except EmbeddedServerError as exc:

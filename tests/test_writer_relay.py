@@ -14,13 +14,14 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
+from devstack.processes import ServiceProcess, wait_until
 from shared.envelope import TxEnvelope, ingested_event_id
 from shared.events import FundsDeposited, encode_data
 from shared.jetstream import Topology, delivery, pull_consumer_config
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent
 from shared.wire import HDR_MSG_ID, HDR_POSITION, HDR_VERSION, tx_messages
-from tests.support import ServiceProcess, service_env, stream_messages, wait_until
+from tests.support import service_env, stream_messages
 
 
 def envelope(agent: str, n: int) -> TxEnvelope:

@@ -15,10 +15,12 @@ import signal
 import sys
 from contextlib import AsyncExitStack
 
+from devstack.databases import ensure_database
+from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, postgres_binaries
+from devstack.processes import ServiceProcess
 from services.cli.status_line import StatusLine
-from services.cli.supervisor import Child, GaveUp, Supervisor
+from services.cli.supervisor import GaveUp, Supervisor
 from shared.db import READER_ROLE, role_dsn
-from shared.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, postgres_binaries
 from shared.migrate import migrate
 from shared.nats_auth import load_or_create_passwords, render_accounts, user_url
 from shared.projections.registry import PROJECTIONS
@@ -97,7 +99,7 @@ class Stack:
             print(f"starting embedded Postgres on 127.0.0.1:{pg.port} (data in {pg.pgdata})", flush=True)
             pg.start()  # in the main thread: see die_with_parent
             stack.callback(pg.stop)
-            database_url = await _ensure_database(pg, "pflea")
+            database_url = await ensure_database(pg.url(), "pflea")
         self.nats_users: dict[str, str] = {}
         if not nats_url:
             # Each service logs in as its own NATS user with least-privilege permissions.
@@ -129,31 +131,30 @@ class Stack:
         logs = self.data_dir / "logs"
         base = int(os.environ.get("PFLEA_METRICS_BASE_PORT", "19100"))
         port = base
-        specs: list[tuple[str, list[str], dict[str, str]]] = []
+        specs: list[tuple[str, tuple[str, ...], dict[str, str]]] = []
         ingester_env: dict[str, str] = {}
         if not os.environ.get("PURPLEFLEA_API_URL") and not os.environ.get("PURPLEFLEA_FEEDS"):
             sim_env = {k: os.environ.get(k, v) for k, v in SIM_DEFAULTS.items()}
             # The simulator keeps its epoch here, so after a restart it still knows the ingester's cursor.
             sim_env["PFLEA_SIM_STATE_DIR"] = os.environ.get("PFLEA_SIM_STATE_DIR", str(self.data_dir))
-            specs.append(("simulator", ["services.simulator"], sim_env))
+            specs.append(("simulator", ("services.simulator",), sim_env))
             ingester_env = {
                 "PURPLEFLEA_API_URL": f"http://127.0.0.1:{sim_env['PFLEA_SIM_PORT']}",
                 "PFLEA_AGENTS_FROM_SIMULATOR": "1",
             }
-        specs.append(("writer", ["services.writer"], {"PFLEA_WRITER_PARTS": "append,commands"}))
-        specs.append(("relay", ["services.relay"], {}))
-        specs.append(("ingester", ["services.ingester"], ingester_env))
-        specs += [(f"projector-{n}", ["services.projectors", n], {}) for n in PROJECTIONS]
+        specs.append(("writer", ("services.writer",), {"PFLEA_WRITER_PARTS": "append,commands"}))
+        specs.append(("relay", ("services.relay",), {}))
+        specs.append(("ingester", ("services.ingester",), ingester_env))
+        specs += [(f"projector-{n}", ("services.projectors", n), {}) for n in PROJECTIONS]
         users = {"writer": "writer", "relay": "writer", "ingester": "ingester"}
-        for name, args, extra in specs:
+        for name, (module, *args), extra in specs:
             port = port + 1 if base else 0
             user = "projector" if name.startswith("projector-") else users.get(name, "cli")
             env = self._env(
                 database_url, self._nats_for(user, nats_url), PFLEA_METRICS_PORT=str(port), **extra
             )
-            child = Child(name, args, env, logs / f"{name}.log")
-            self.supervisor.add(child)
-            await self.supervisor.start(child)
+            # Started from the main thread, which the children's die_with_parent signal follows.
+            self.supervisor.start(ServiceProcess(module, env, logs, *args, name=name, detach=True, cwd=None))
         self.metrics_ports = {name: base + 1 + i for i, (name, _, _) in enumerate(specs)} if base else {}
 
     def _print_howto(self, database_url: str, nats_url: str) -> None:
@@ -203,15 +204,3 @@ def _psql() -> str:
         return str(postgres_binaries() / "psql")
     except EmbeddedServerError:
         return "psql"
-
-
-async def _ensure_database(pg: EmbeddedPostgres, name: str) -> str:
-    import asyncpg
-
-    conn = await asyncpg.connect(pg.url("postgres"))
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return pg.url(name)

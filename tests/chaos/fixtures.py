@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from devstack.servers import new_root, running
 from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
 from tests.chaos.harness import ChaosRun
 from tests.chaos.schedule import Schedule
@@ -22,14 +21,9 @@ async def chaos_servers_fixture(request: pytest.FixtureRequest) -> AsyncIterator
 
     A module that never kills nats-server may set ``CHAOS_DURABLE_NATS = False`` for speed.
     """
-    root = Path(tempfile.mkdtemp(prefix="pflea-chaos-"))  # not under pytest's 0700 basetemp
-    servers = ChaosServers(root, durable_nats=getattr(request.module, "CHAOS_DURABLE_NATS", True))
-    await servers.start()
-    try:
+    durable_nats = getattr(request.module, "CHAOS_DURABLE_NATS", True)
+    async with running(ChaosServers(new_root("chaos"), durable_nats=durable_nats)) as servers:
         yield servers
-    finally:
-        servers.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def simulator(

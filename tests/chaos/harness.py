@@ -23,6 +23,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from devstack.processes import ServiceProcess
 from services.simulator import FaultKnobs, Simulator
 from services.simulator.feed import StoredTx
 from shared.jetstream import Topology
@@ -35,7 +36,7 @@ from tests.chaos.report import Progress, Verdict
 from tests.chaos.schedule import Schedule, Step
 from tests.chaos.servers import ChaosServers
 from tests.conftest import SERVICE_PASSWORD
-from tests.support import ServiceProcess, service_env, simulator_feeds
+from tests.support import service_env, simulator_feeds
 
 PIPELINE = ("ingester", "writer", "relay", *(f"projector-{name}" for name in PROJECTIONS))
 # Small, quick pipeline knobs; a scenario overrides what it is about.
@@ -144,10 +145,10 @@ class ChaosRun:
         """Note any service that exits without the schedule having stopped it."""
         while True:
             for name, proc in self.procs.items():
-                if name not in self.expected_down and proc.proc is not None and not proc.alive:
+                if name not in self.expected_down and proc.returncode is not None:
                     self.expected_down.add(name)  # noted once; end_faults restarts it
                     self.problems.append(
-                        f"{name} exited by itself with {proc.proc.returncode}:\n{proc.log_tail(15)}"
+                        f"{name} exited by itself with {proc.returncode}:\n{proc.log_tail(15)}"
                     )
             await asyncio.sleep(0.2)
 
@@ -174,6 +175,8 @@ class ChaosRun:
                 code = await self.proc(step.target).wait_exit(30)
                 if code != int(step.arg):
                     self.problems.append(f"{step.target} exited {code}, expected {step.arg}")
+            case "await-ready":
+                await self.proc(step.target).wait_ready(30)
             case "stop-postgres":
                 self.servers.stop_postgres(step.arg)
             case "start-postgres":
@@ -293,8 +296,7 @@ class ChaosRun:
             self._watcher.cancel()
         alive = [(n, p) for n, p in self.procs.items() if p.alive]
         for _, proc in alive:
-            assert proc.proc is not None
-            proc.proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
         for name, proc in alive:
             code = await proc.wait_exit(STOP_TIMEOUT_S)
             if code != 0:

@@ -1,13 +1,24 @@
-"""Each scenario's fault schedule as a pure function of its seed (see schedule.py for actions)."""
+"""Each scenario's fault schedule as a pure function of its seed (see schedule.py for actions),
+and the table of pipeline scenarios that tests/test_chaos.py runs, one body for all."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
+from services.simulator import MALFORMED_KINDS, Simulator
+from shared.wire import decode_tx_message
 from tests.chaos.checker import PROJECTIONS
+from tests.chaos.fixtures import simulator
+from tests.chaos.harness import BASE_ENV, PIPELINE, ChaosRun
 from tests.chaos.poison import KINDS as POISON_KINDS
+from tests.chaos.report import Verdict
 from tests.chaos.schedule import Schedule, rng_for
+from tests.support import stream_messages
 
 
 def _schedule(scenario: str, seed: int, test: str) -> tuple[Schedule, random.Random]:
@@ -59,11 +70,14 @@ def projector_crash_points(seed: int, test: str) -> Schedule:
 
 def ingester_outlives_dedup_window(seed: int, test: str, window_s: float) -> Schedule:
     """The ingester publishes K pages and dies before any commit (no writer runs); it comes back
-    after JetStream's duplicate window, so its re-published pages reach the writer twice."""
+    after JetStream's duplicate window, so its re-published pages reach the writer twice. The
+    writer starts only once the ingester is polling again: a writer that commits first would
+    move the ingester's cursors past the pages to repeat (seen on a loaded machine)."""
     s, rng = _schedule("ingester-after-publish", seed, test)
     s.add(0.0, "start", "ingester", f"PFLEA_CRASH_AT=ingester.after_publish:{rng.randint(1, 3)}")
     s.add(0.0, "await-exit", "ingester", "137")
     s.add(window_s + 0.5, "start", "ingester")
+    s.add(window_s + 0.5, "await-ready", "ingester")
     s.add(window_s + 0.5 + rng.uniform(0.0, 1.0), "start", "writer")
     return s
 
@@ -173,3 +187,153 @@ def slow_projector(seed: int, test: str, ack_wait_s: float) -> tuple[Schedule, s
     for replica in (f"projector-{slow}", f"projector-{slow}-2"):
         s.add(0.0, "start", replica, f"PFLEA_DELAY_AT=projector.apply:{delay}")
     return s, slow
+
+
+# The table: every scenario run on the pipeline the same way (start, play the schedule, finish,
+# check), with what it needs beyond that and what it must show beyond the checker's invariants.
+
+ScheduleFor = Callable[[int, str, Simulator], Schedule]
+Expectation = Callable[[ChaosRun, Verdict], Awaitable[None]]
+
+
+async def _nothing_more(run: ChaosRun, verdict: Verdict) -> None:
+    """The checker's invariants are the whole claim."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    claim: str  # what a passing run shows, as a test name would say it
+    schedule: ScheduleFor
+    expect: Expectation = _nothing_more
+    simulator: Callable[[int], Simulator] = simulator
+    env: dict[str, str] = field(default_factory=dict)
+    services: tuple[str, ...] = PIPELINE
+    prepare: Callable[[ChaosRun], None] = lambda run: None  # before the services start
+
+    def __str__(self) -> str:
+        return self.name
+
+
+DEDUP_WINDOW_S = 2.0  # JetStream's minimum is 100 ms; 2 s passes quickly and is never flaky
+
+
+async def _repeats_got_past_jetstream(run: ChaosRun, verdict: Verdict) -> None:
+    # The scenario proves what it claims only if JetStream really let the repeats through.
+    msgs = await stream_messages(await run.js(), run.topology.tx_stream, run.topology.tx_filter)
+    published = sum(len(decode_tx_message(m.data)) for m in msgs)  # a message holds a batch
+    good = sum(tx.malformed is None for tx in run.truth())
+    assert published > good, (
+        f"PFLEA_TX holds {published} transactions for {good} in the feed: no repeat got past"
+    )
+
+
+async def _a_commit_reply_was_lost(run: ChaosRun, verdict: Verdict) -> None:
+    lost_reply = "writer.commit_reply_lost" in run.proc("writer").log_path.read_text()
+    assert lost_reply, "the writer never lost a commit's reply: the unknown-outcome retry went untested"
+
+
+async def _every_storm_was_served(run: ChaosRun, verdict: Verdict) -> None:
+    stats = run.sim.stats if run.sim else None
+    assert stats is not None and stats.too_many_requests and stats.server_errors and stats.hangs
+    assert stats.repeated_pages, "the schedule must have served repeated pages"
+
+
+async def _every_poison_kind_was_served(run: ChaosRun, verdict: Verdict) -> None:
+    seen = {tx.malformed for tx in run.truth() if tx.malformed}
+    assert seen >= {*MALFORMED_KINDS, *POISON_KINDS}, f"kinds never served: {set(MALFORMED_KINDS) - seen}"
+
+
+def _skewed(seed: int) -> list[str]:
+    victim = rng_for("clock-skew-victim", seed).choice(["balance", "pnl"])
+    return ["ingester", "writer", f"projector-{victim}", "relay"]
+
+
+def _skew_clocks(run: ChaosRun) -> None:
+    clocks = [run.skew_clock(name) for name in _skewed(run.schedule.seed)]
+    run.notes["clock"] = clocks[0].mechanism.split(" ")[0]
+
+
+async def _order_kept_and_clocks_really_skewed(run: ChaosRun, verdict: Verdict) -> None:
+    assert verdict.findings.reordered == 0, f"events out of source order: {verdict.findings.reorder_samples}"
+    # The skew really happened: each skewed service's own log stamps its start and stop an hour apart.
+    spans = {name: _log_time_span_h(run.proc(name).log_path) for name in _skewed(run.schedule.seed)}
+    assert all(span >= 0.9 for span in spans.values()), f"log time spans (hours): {spans}"
+
+
+def _log_time_span_h(log: Path) -> float:
+    stamps = [
+        datetime.fromisoformat(json.loads(line)["ts"].replace("Z", "+00:00"))
+        for line in log.read_text().splitlines()
+        if line.startswith('{"ts"')
+    ]
+    return (max(stamps) - min(stamps)).total_seconds() / 3600 if stamps else 0.0
+
+
+ACK_WAIT_S = float(BASE_ENV["PFLEA_ACK_WAIT_S"])
+
+SCENARIOS = [
+    Scenario(
+        "writer-sigkill",
+        "the writer SIGKILLed at random points under load loses and doubles nothing",
+        lambda seed, test, sim: writer_sigkills(seed, test),
+    ),
+    Scenario(
+        "writer-crash-points",
+        "the writer killed after commit before ack, or before/after relaying, loses and doubles nothing",
+        lambda seed, test, sim: writer_crash_points(seed, test),
+    ),
+    Scenario(
+        "projector-crash-points",
+        "a projector killed before or after its commit applies everything once",
+        lambda seed, test, sim: projector_crash_points(seed, test),
+    ),
+    Scenario(
+        "ingester-after-publish",
+        "the ingester republishing after the dedup window is stopped by the database",
+        lambda seed, test, sim: ingester_outlives_dedup_window(seed, test, DEDUP_WINDOW_S),
+        _repeats_got_past_jetstream,
+        # The backlog only: every page is published before any commit.
+        simulator=lambda seed: simulator(seed, rate=0),
+        env={"PFLEA_DUPLICATE_WINDOW_S": str(DEDUP_WINDOW_S)},
+        services=tuple(n for n in PIPELINE if n.startswith("projector-") or n == "relay"),
+    ),
+    Scenario(
+        "nats-restart",
+        "nats-server restarted with SIGTERM and SIGKILL under load recovers without help",
+        lambda seed, test, sim: nats_restarts(seed, test),
+    ),
+    Scenario(
+        "postgres-immediate",
+        "Postgres stopped -m immediate under load: unknown commits are retried safely",
+        lambda seed, test, sim: postgres_immediate_stops(seed, test),  # it starts the writer
+        _a_commit_reply_was_lost,
+        services=tuple(name for name in PIPELINE if name != "writer"),
+    ),
+    Scenario(
+        "servers-paused",
+        "NATS and Postgres paused past the ack wait resume without loss",
+        lambda seed, test, sim: servers_paused(seed, test, ACK_WAIT_S),
+    ),
+    Scenario(
+        "source-storms",
+        "repeated pages, 429 storms, 5xx and hangs lose and double nothing",
+        lambda seed, test, sim: source_storms(seed, test),
+        _every_storm_was_served,
+        env={"PFLEA_INGEST_TIMEOUT_S": "0.5"},  # a hang is a timeout, well before hang_s
+    ),
+    Scenario(
+        "poison",
+        "every poison kind is quarantined and none stalls the pipeline",
+        lambda seed, test, sim: poison_feed(seed, test, list(sim.feeds)),
+        _every_poison_kind_was_served,
+        simulator=lambda seed: simulator(seed, backlog=50, malformed_rate=0.4),  # >= 17 malformed per agent
+    ),
+    Scenario(
+        "clock-skew",
+        "wall clocks jumping an hour neither reorder nor drop anything",
+        lambda seed, test, sim: clock_jumps(seed, test, _skewed(seed)),
+        _order_kept_and_clocks_really_skewed,
+        prepare=_skew_clocks,
+    ),
+]

@@ -2,7 +2,8 @@
 
 A schedule is plain data, printed on failure with the command that replays it. The steps are
 performed in order by :meth:`tests.chaos.harness.ChaosRun.perform`; ``at_s`` counts from the
-moment the faults begin, and a step that waits (``await-exit``) delays the ones after it.
+moment the faults begin, and a step that waits (``await-exit``, ``await-ready``) delays the ones
+after it.
 """
 
 from __future__ import annotations

