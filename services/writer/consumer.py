@@ -1,90 +1,48 @@
 """Consume PFLEA_TX in batches: one Postgres transaction per batch, ack only after commit.
 
-Each agent's events are stored in PFLEA_TX sequence order, which is the order the ingester read
-them from the source: a batch is sorted by sequence, and older messages still held by a dead
-writer are committed ahead of it (see :mod:`services.writer.order`).
+The stages, in order, each in its own module:
+
+1. lead (:class:`shared.lease.LeaderLease`): one writer consumes PFLEA_TX, replicas stand by;
+2. order (:mod:`.order`): each agent's events are stored in PFLEA_TX sequence order, which is
+   the order the ingester read them; older messages still held by a dead writer come first;
+3. attempts (:mod:`.attempts`): a message that keeps killing the writer is isolated, then
+   quarantined;
+4. decode (:mod:`.decode`): messages become events; what is no batch is quarantined;
+5. append (:mod:`.append`): commit, retrying, isolating and quarantining what Postgres refuses;
+6. ack what is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from collections.abc import Awaitable, Sequence
 
 import asyncpg
-import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import RawStreamMsg
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter
 
+from services.writer.append import Appender
+from services.writer.attempts import AttemptLedger, isolate_after, needs_isolation
+from services.writer.decode import decode_items, stored_ids
+from services.writer.messages import Item, fetched, read_back
 from services.writer.order import SourceOrder
-from shared import faults, locks
+from shared import locks
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
-from shared.envelope import TxEnvelope, new_event
-from shared.faults import crash_point, delay_s, fail_point
-from shared.jetstream import NATS_ERRORS, Topology, ack_all, delivery, pull_consumer_config
+from shared.faults import crash_point
+from shared.jetstream import NATS_ERRORS, Topology, ack_all, pull_consumer_config
 from shared.lease import LeaderLease
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
-from shared.store import EventStore, StreamEvent, StreamHeads
-from shared.wire import HDR_MSG_ID, decode_tx_message, tx_encoder
+from shared.store import EventStore
 
 log = logging.getLogger(__name__)
 
 RECEIVED = Counter("pflea_writer_messages_received_total", "Messages fetched from PFLEA_TX")
-APPENDED = Counter("pflea_writer_events_appended_total", "Events committed to Postgres")
-DUPLICATES = Counter("pflea_writer_duplicates_total", "Messages whose event was already stored")
-BATCH_SECONDS = Histogram(
-    "pflea_writer_batch_seconds",
-    "Append + commit time per batch",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
-PENDING = Gauge("pflea_writer_consumer_pending", "Messages waiting in the writer's consumer")
 
-
-class Item(msgspec.Struct):
-    """One PFLEA_TX message on its way to the log: fetched (``msg``) or read from the stream."""
-
-    seq: int
-    subject: str
-    data: bytes
-    msg: Msg | None
-    delivered: int  # times delivered to a writer (0 when read from the stream), or tried
-    key: str  # the message's identity for counting attempts: its Nats-Msg-Id
-
-
-class Tx(msgspec.Struct):
-    """One transaction of a message, as the event it becomes."""
-
-    envelope: TxEnvelope
-    event: StreamEvent
-
-
-def _key(seq: int, headers: dict[str, str] | None) -> str:
-    return (headers or {}).get(HDR_MSG_ID) or f"seq:{seq}"
-
-
-def _fetched(msg: Msg) -> Item:
-    seq, delivered = delivery(msg)
-    return Item(seq, msg.subject, msg.data, msg, delivered, _key(seq, msg.headers))
-
-
-def _read(raw: RawStreamMsg) -> Item:
-    seq = raw.seq or 0
-    return Item(seq, raw.subject or "", raw.data or b"", None, 0, _key(seq, raw.headers))
-
-
-_COUNT_ATTEMPTS = """
-    INSERT INTO writer_attempts (msg_key, attempts) SELECT k, 1 FROM unnest($1::text[]) AS k
-    ON CONFLICT (msg_key) DO UPDATE
-    SET attempts = writer_attempts.attempts + 1, last_at = clock_timestamp()
-    RETURNING msg_key, attempts"""
-_READ_ATTEMPTS = "SELECT msg_key, attempts FROM writer_attempts WHERE msg_key = ANY($1::text[])"
-# A message delivered this often without a commit may be killing the writer: isolate it.
-ISOLATE_AFTER = 3
 # A PFLEA_TX message holds up to shared.wire.BATCH_MAX_ITEMS transactions: pull by bytes too.
 PULL_MAX_BYTES = 1024 * 1024
 
@@ -109,8 +67,9 @@ class TxConsumer:
         self.lifecycle = lifecycle
         self.dsn = dsn  # the append lock's own session connects with it
         self.on_commit = on_commit or asyncio.Event()
-        self.heads = StreamHeads()
         self.order = SourceOrder(js, topology.tx_stream, topology.writer_durable, hold_s=0.5)
+        self.attempts = AttemptLedger(store.pool)
+        self.appender = Appender(store, quarantine, lifecycle, on_commit=self.on_commit.set)
 
     def pull_loop(self) -> PullLoop:
         config = pull_consumer_config(
@@ -148,9 +107,7 @@ class TxConsumer:
             if not await lease.acquire(on_wait=lambda: log.info("another writer appends; standing by")):
                 return
             log.info("appending (this writer holds the append lock)")
-            await self.store.pool.execute(
-                "DELETE FROM writer_attempts WHERE last_at < now() - interval '8 days'"
-            )
+            await self.attempts.forget_old()
             await self.pull_loop().run(self._received, until=lease.lost)
             if lease.lost.is_set():
                 raise ConnectionError("the append lock's session ended")
@@ -160,154 +117,79 @@ class TxConsumer:
         await self.process(msgs)
 
     async def process(self, msgs: list[Msg]) -> None:
-        fetched = [_fetched(m) for m in msgs]
-        first = [i.seq for i in fetched if i.delivered == 1]
+        """One pulled batch through every stage."""
+        items = await self._in_source_order([fetched(m) for m in msgs])
+        if items is None:
+            return
+        back = [i for i in items if i.delivered != 1]  # redelivered, or read from the stream
+        tried = await self._attempted(self.attempts.read(back))
+        if tried is None:
+            return  # Postgres is away: unacked, they come back
+        threshold = isolate_after(self.settings.writer_max_deliver)
+        if needs_isolation(items, tried, threshold):
+            await self._one_at_a_time(items, threshold)
+        elif await self._attempted(self.attempts.count(back)) is not None:
+            await self._commit(items)
+
+    async def _in_source_order(self, fetched_items: list[Item]) -> list[Item] | None:
+        """The batch, preceded by older messages a dead writer still holds, sorted by sequence;
+        None when that cannot be known (the batch is then left for redelivery)."""
+        first = [i.seq for i in fetched_items if i.delivered == 1]
         try:
-            older = await self.order.older_than([i.seq for i in fetched], first)
+            older = await self.order.older_than([i.seq for i in fetched_items], first)
         except NATS_ERRORS as exc:
             # Cannot tell whether older messages are pending: leave the batch unacked (it comes
             # back after the ack wait, and is then itself "older" for whatever follows it).
             log.warning("cannot check PFLEA_TX order (%r); batch left for redelivery", exc)
-            return
-        items = sorted([*map(_read, older), *fetched], key=lambda i: i.seq)
-        back = [i for i in items if i.delivered != 1]  # redelivered, or read from the stream
-        tried = await self._attempts(back, count=False)
-        if tried is None:
-            return  # Postgres is away: unacked, they come back
-        isolate_after = max(1, min(ISOLATE_AFTER, self.settings.writer_max_deliver - 1))
-        if any(max(i.delivered, tried.get(i.key, 0) + 1) >= isolate_after for i in items):
-            await self._one_at_a_time(items, isolate_after)
-            return
-        if await self._attempts(back, count=True) is not None:
-            await self._commit(items, give_up=False)
+            return None
+        return sorted([*map(read_back, older), *fetched_items], key=lambda i: i.seq)
 
-    async def _one_at_a_time(self, items: list[Item], isolate_after: int) -> None:
+    async def _attempted(self, counting: Awaitable[dict[str, int] | None]) -> dict[str, int] | None:
+        tried = await counting
+        if tried is None:
+            await self.lifecycle.sleep(1.0)
+        return tried
+
+    async def _one_at_a_time(self, items: list[Item], threshold: int) -> None:
         """Something in hand has been killing this process. Commit one message at a time,
         oldest first, counting each attempt just before it: innocent messages get out, and only
         the one that dies with the writer reaches the limit (the writer's own count; JetStream's
         delivery count also grows for messages that were merely in hand)."""
-        log.warning("messages tried %d+ times: committing one at a time", isolate_after)
+        log.warning("messages tried %d+ times: committing one at a time", threshold)
         for item in items:
-            tried = await self._attempts([item], count=True)
+            tried = await self._attempted(self.attempts.count([item]))
             if tried is None:
                 return
-            over = tried[item.key] >= self.settings.writer_max_deliver and not await self._stored(item)
-            if not await self._commit([item], give_up=over, attempts=tried[item.key]):
+            attempts = tried[item.key]
+            if attempts >= self.settings.writer_max_deliver and not await self._stored(item):
+                await self._poison(item, f"tried {attempts} times without commit (it kills the writer?)")
+                self.order.done((item.seq,))
+            elif not await self._commit([item]):
                 return
-
-    async def _attempts(self, items: list[Item], *, count: bool) -> dict[str, int] | None:
-        """The writer's attempts so far at each of ``items`` (by Nats-Msg-Id); with ``count``,
-        one more first, committed before the attempt, so a message that kills the writer is
-        counted although the writer dies with it. None when Postgres cannot be reached."""
-        if not items:
-            return {}
-        keys = list(dict.fromkeys(i.key for i in items))
-        try:
-            rows = await self.store.pool.fetch(_COUNT_ATTEMPTS if count else _READ_ATTEMPTS, keys)
-        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
-            log.warning("cannot count attempts (%r); batch left for redelivery", exc)
-            await self.lifecycle.sleep(1.0)
-            return None
-        return {r["msg_key"]: r["attempts"] for r in rows}
 
     async def _stored(self, item: Item) -> bool:
         """Whether every transaction of ``item`` is already in the log."""
-        try:
-            ids = [e.event_id for e in decode_tx_message(item.data)]
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return False
-        return len(await self.store.stored(ids)) == len(set(ids))
+        ids = stored_ids(item)
+        return bool(ids) and len(await self.store.stored(ids)) == len(set(ids))
 
-    async def _commit(self, items: list[Item], *, give_up: bool, attempts: int = 0) -> bool:
-        """Append the transactions of ``items`` in order, then ack them; False if stopped first.
-
-        ``give_up``: the (single) message has been tried the maximum number of times without a
-        commit: quarantine it instead."""
-        txs: list[Tx] = []
-        kept: list[Msg] = []  # decoded messages, acked once their transactions are committed
-        for item in items:
-            if give_up:
-                await self._poison(item, f"tried {attempts} times without commit (it kills the writer?)")
-                continue
-            try:
-                envelopes = decode_tx_message(item.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self._poison(item, f"envelope: {exc}")
-                continue
-            for e in envelopes:
-                if faults.ARMED:
-                    crash_point(f"writer.tx.{e.tx_id}")  # a transaction that kills the writer
-                txs.append(Tx(e, StreamEvent(e.agent_id, "agent", new_event(e, item.seq))))
-            if item.msg is not None:
-                kept.append(item.msg)
+    async def _commit(self, items: Sequence[Item]) -> bool:
+        """Append the transactions of ``items`` in order, then ack them; False if stopped first."""
+        decoded = decode_items(items)
+        for item, reason in decoded.poison:
+            await self._poison(item, reason)
+        txs = decoded.txs
         step = self.settings.writer_batch_size  # transactions per Postgres transaction
         for start in range(0, len(txs), step):
-            if not await self._append_until_committed(txs[start : start + step], kept):
+            if not await self.appender.commit(txs[start : start + step], decoded.kept):
                 return False  # stopping with Postgres away: unacked, they will be redelivered
         crash_point("writer.after_commit")  # committed, not acked, maybe not relayed
-        await ack_all(kept)
+        await ack_all(decoded.kept)
         self.order.done(i.seq for i in items)
         return True
 
-    async def _append_until_committed(self, txs: list[Tx], kept: list[Msg]) -> bool:
-        """Commit ``txs`` (quarantining any Postgres rejects); False if stopped first. ``kept``,
-        their messages, are marked in progress while Postgres is retried."""
-        attempt = 0
-        while True:
-            started = time.perf_counter()
-            if slow := delay_s("writer.append"):  # a slow database, for the tests
-                await asyncio.sleep(slow)
-            try:
-                result = await self.store.append_batch([t.event for t in txs], heads=self.heads)
-                fail_point("writer.commit_reply_lost")  # committed, but the caller cannot know
-            except TRANSIENT_DB_ERRORS as exc:
-                # Outcome unknown (the commit may have landed): retrying is safe because event
-                # ids are unique. The messages stay ours meanwhile (in progress), not redelivered.
-                attempt += 1
-                log.warning("append failed (%r); retry %d", exc, attempt)
-                await asyncio.gather(*(m.in_progress() for m in kept), return_exceptions=True)
-                if await self.lifecycle.sleep(min(0.1 * 2**attempt, 5.0)):
-                    return False
-                continue
-            except asyncpg.PostgresError as exc:
-                if len(txs) == 1:
-                    await self._reject(txs[0], f"postgres: {exc}")
-                    return True
-                # Something in the batch is rejected by the database: find it by halving.
-                mid = len(txs) // 2
-                first = await self._append_until_committed(txs[:mid], kept)
-                return first and await self._append_until_committed(txs[mid:], kept)
-            BATCH_SECONDS.observe(time.perf_counter() - started)
-            APPENDED.inc(len(result.appended))
-            DUPLICATES.inc(len(result.duplicates))
-            by_id = {t.event.event.event_id: t for t in txs}
-            for collision in result.collisions:
-                event_id = collision.item.event.event_id
-                reason = (
-                    f"event_id: {event_id} is stored already in stream {collision.stored_in!r}, "
-                    f"not {collision.item.stream_id!r}: not a duplicate, and not stored twice"
-                )
-                await self._reject(by_id[event_id], reason)
-            self.on_commit.set()
-            return True
-
-    async def _reject(self, tx: Tx, reason: str) -> None:
-        """One transaction Postgres refuses: quarantined alone, its message's others go on."""
-        envelope = tx.envelope
-        await self.quarantine.put(
-            tx_encoder.encode(envelope),
-            reason,
-            agent_id=envelope.agent_id,
-            key=f"tx:{envelope.origin}",
-        )
-
     async def _poison(self, item: Item, reason: str) -> None:
         await self.quarantine.put(
-            item.data,
-            reason,
-            agent_id=item.subject.rsplit(".", 1)[-1],
-            subject=item.subject,
-            key=f"tx_seq:{item.seq}",
+            item.data, reason, agent_id=item.agent_id, subject=item.subject, key=f"tx_seq:{item.seq}"
         )
         if item.msg is not None:
             await item.msg.term()
