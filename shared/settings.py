@@ -63,7 +63,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_service_password: str = "pflea"
     duplicate_window_s: float = 120.0
     writer_batch_size: int = 1000
-    writer_batch_wait_s: float = 0.05
     writer_max_deliver: int = 10
     writer_parts: tuple[str, ...] = ("append", "commands", "relay", "snapshots")
     ack_wait_s: float = 30.0
@@ -102,7 +101,6 @@ ENV_NAMES: dict[str, str] = {
     "db_service_password": "PFLEA_DB_SERVICE_PASSWORD",
     "duplicate_window_s": "PFLEA_DUPLICATE_WINDOW_S",
     "writer_batch_size": "PFLEA_WRITER_BATCH_SIZE",
-    "writer_batch_wait_s": "PFLEA_WRITER_BATCH_WAIT_S",
     "writer_max_deliver": "PFLEA_WRITER_MAX_DELIVER",
     "writer_parts": "PFLEA_WRITER_PARTS",
     "ack_wait_s": "PFLEA_ACK_WAIT_S",

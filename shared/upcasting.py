@@ -47,10 +47,6 @@ def missing_upcasters() -> list[tuple[str, int]]:
     ]
 
 
-def needs_upcast(event_type: str, schema_version: int) -> bool:
-    return schema_version < CURRENT_SCHEMA_VERSION.get(event_type, 1)
-
-
 def upcast(event_type: str, schema_version: int, data: str | bytes) -> tuple[str, int]:
     """Return ``(data, schema_version)`` in the current shape; unchanged if already current."""
     current = CURRENT_SCHEMA_VERSION.get(event_type, 1)

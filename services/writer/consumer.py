@@ -16,7 +16,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
 from services.writer.order import SourceOrder
 from shared import faults
@@ -40,7 +40,6 @@ BATCH_SECONDS = Histogram(
     "Append + commit time per batch",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-PENDING = Gauge("pflea_writer_consumer_pending", "Messages waiting in the writer's consumer")
 
 
 class Item(msgspec.Struct):
