@@ -49,9 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _up(args: argparse.Namespace) -> int:
-    settings = load_settings(
-        database_url=os.environ.get("DATABASE_URL", ""), nats_url=os.environ.get("NATS_URL", "")
-    )
+    # Not the CLI's settings(): `up` starts the servers, and a stack.json left by a killed `up`
+    # names servers that are gone.
+    settings = load_settings()
     try:
         stack = Stack(settings, status=not args.no_status, status_every=args.status_every)
         return asyncio.run(stack.run())
