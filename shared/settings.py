@@ -65,7 +65,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str = "pflea"
     db_service_password: str = "pflea"
     duplicate_window_s: float = 120.0
-    writer_batch_size: int = 1000
+    writer_batch_size: int = 1000  # transactions per Postgres transaction
+    writer_pull_batch: int | None = None  # see messages_per_writer_pull()
     writer_max_deliver: int = 10
     writer_parts: tuple[str, ...] = ("append", "commands", "relay", "snapshots")
     ack_wait_s: float = 30.0
@@ -91,6 +92,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """The feeds to poll: PURPLEFLEA_FEEDS, else the casino's at PURPLEFLEA_API_URL."""
         return self.purpleflea_feeds or (Feed(CASINO_FEED, self.purpleflea_api_url.rstrip("/")),)
 
+    def messages_per_writer_pull(self) -> int:
+        """PFLEA_TX messages the writer asks for per pull request: PFLEA_WRITER_PULL_BATCH,
+        else PFLEA_WRITER_BATCH_SIZE (one number for both, as before the two were told apart)."""
+        return self.writer_pull_batch or self.writer_batch_size
+
 
 ENV_NAMES: dict[str, str] = {
     "database_url": "DATABASE_URL",
@@ -104,6 +110,7 @@ ENV_NAMES: dict[str, str] = {
     "db_service_password": "PFLEA_DB_SERVICE_PASSWORD",
     "duplicate_window_s": "PFLEA_DUPLICATE_WINDOW_S",
     "writer_batch_size": "PFLEA_WRITER_BATCH_SIZE",
+    "writer_pull_batch": "PFLEA_WRITER_PULL_BATCH",
     "writer_max_deliver": "PFLEA_WRITER_MAX_DELIVER",
     "writer_parts": "PFLEA_WRITER_PARTS",
     "ack_wait_s": "PFLEA_ACK_WAIT_S",
@@ -129,6 +136,7 @@ ENV_NAMES: dict[str, str] = {
 _POSITIVE = {
     "duplicate_window_s",
     "writer_batch_size",
+    "writer_pull_batch",
     "writer_max_deliver",
     "ack_wait_s",
     "projector_batch_size",

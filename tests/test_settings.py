@@ -37,6 +37,7 @@ def test_a_bad_value_names_its_variable(env: dict[str, str], variable: str) -> N
     [
         ({"PFLEA_ACK_WAIT_S": "nan"}, "PFLEA_ACK_WAIT_S"),
         ({"PFLEA_INGEST_TIMEOUT_S": "inf"}, "PFLEA_INGEST_TIMEOUT_S"),
+        ({"PFLEA_WRITER_PULL_BATCH": "0"}, "PFLEA_WRITER_PULL_BATCH"),
         ({"PFLEA_AGENTS_FROM_SIMULATOR": "maybe"}, "PFLEA_AGENTS_FROM_SIMULATOR"),
     ],
 )
@@ -53,3 +54,9 @@ def test_the_simulator_and_the_services_report_a_bad_value_alike() -> None:
         load_simulator_config({"PFLEA_SIM_RATE": "soon"})
     assert str(service.value) == "PFLEA_ACK_WAIT_S: expected float, got 'soon'"
     assert str(simulator.value) == "PFLEA_SIM_RATE: expected float, got 'soon'"
+
+
+def test_the_writer_pulls_as_many_messages_as_it_commits_transactions_unless_told_otherwise() -> None:
+    assert load_settings({"PFLEA_WRITER_BATCH_SIZE": "250"}).messages_per_writer_pull() == 250
+    split = load_settings({"PFLEA_WRITER_BATCH_SIZE": "250", "PFLEA_WRITER_PULL_BATCH": "40"})
+    assert (split.writer_batch_size, split.messages_per_writer_pull()) == (250, 40)
