@@ -28,6 +28,7 @@ from bench.workload import publish_tx
 from shared.consumer import PullStream
 from shared.db import connect
 from shared.jetstream import Topology, ack_all, ensure_streams, pull_consumer_config
+from shared.js_adapter import api_prefix
 from shared.settings import Settings
 from shared.store import EVENT_COLUMNS
 
@@ -87,7 +88,7 @@ async def consume_seconds(nc: Client, stream: str, subject: str, total: int) -> 
     config = pull_consumer_config(durable, subject, ack_wait_s=30, max_deliver=10)
     sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
     await sub.unsubscribe()  # only the consumer is wanted
-    pulls = PullStream(nc, js._prefix, stream, durable, batch=PULL_BATCH)
+    pulls = PullStream(nc, api_prefix(js), stream, durable, batch=PULL_BATCH)
     started = time.perf_counter()
     await pulls.start()
     consumed = 0

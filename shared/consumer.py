@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
+from shared.js_adapter import api_prefix, connection
 from shared.ops import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -188,9 +189,13 @@ class PullLoop:
             self.config.filter_subject, durable=self.durable, stream=self.stream, config=self.config
         )
         await sub.unsubscribe()  # only its consumer is wanted; PullStream reads it
-        nc, prefix = self.js._nc, self.js._prefix  # nats-py exposes neither publicly
         self.pulls = PullStream(
-            nc, prefix, self.stream, self.durable, batch=self.batch, max_bytes=self.max_bytes
+            connection(self.js),
+            api_prefix(self.js),
+            self.stream,
+            self.durable,
+            batch=self.batch,
+            max_bytes=self.max_bytes,
         )
         self.pulls.buffer.extend(carried)
         await self.pulls.start()
