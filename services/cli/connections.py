@@ -39,6 +39,7 @@ def settings() -> Settings:
 
 
 def with_running_stack(s: Settings) -> Settings:
+    """``s`` with the URLs it lacks taken from ``<data_dir>/stack.json``, if there is one."""
     if s.database_url and s.nats_url:
         return s
     info = read_stack(s.data_dir)
