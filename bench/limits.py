@@ -9,9 +9,9 @@
   ``publish_async`` (pipelined, up to 4,000 in flight), every ack awaited.
 - **JetStream consume**: a durable pull consumer configured as the writer's, read the way the
   services read it (``shared.consumer.PullStream``: one pull request always open, batches of
-  1,000 taken from its buffer) and an ack per message, until every message is acked; nothing
-  is done with the messages. (nats-py's own ``fetch(1000)`` loop is slower: it spends a task,
-  a uuid4 and a ``wait_for`` per message.)
+  ``Settings.messages_per_writer_pull()`` taken from its buffer) and an ack per message, until
+  every message is acked; nothing is done with the messages. (nats-py's own ``fetch(1000)``
+  loop is slower: it spends a task, a uuid4 and a ``wait_for`` per message.)
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from bench.workload import publish_tx
 from shared.consumer import PullStream
 from shared.db import connect
 from shared.jetstream import Topology, ack_all, ensure_streams, pull_consumer_config
+from shared.js_adapter import api_prefix
 from shared.settings import Settings
 from shared.store import EVENT_COLUMNS
 
-BATCH = Settings().writer_batch_size
+BATCH = Settings().writer_batch_size  # rows per transaction, as the writer commits
+PULL_BATCH = Settings().messages_per_writer_pull()  # as the writer pulls
 
 
 async def raw_copy(h: Harness) -> Figure:
@@ -86,7 +88,7 @@ async def consume_seconds(nc: Client, stream: str, subject: str, total: int) -> 
     config = pull_consumer_config(durable, subject, ack_wait_s=30, max_deliver=10)
     sub = await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
     await sub.unsubscribe()  # only the consumer is wanted
-    pulls = PullStream(nc, js._prefix, stream, durable, batch=BATCH)
+    pulls = PullStream(nc, api_prefix(js), stream, durable, batch=PULL_BATCH)
     started = time.perf_counter()
     await pulls.start()
     consumed = 0
@@ -115,7 +117,7 @@ async def jetstream(h: Harness) -> list[Figure]:
             "JetStream consume",
             consumed,
             "msgs/s",
-            note=f"{n:,} messages, pulled as the services pull (batches of 1,000), ack each",
+            note=f"{n:,} messages, pulled as the services pull (batches of {PULL_BATCH:,}), ack each",
         ),
         Figure(
             "limits",

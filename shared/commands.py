@@ -70,10 +70,6 @@ class ReleaseEscrow(Command, frozen=True, kw_only=True):
 
 
 AnyCommand = RegisterAgent | PlaceBet | WithdrawFunds | ClaimFaucet | LockEscrow | ReleaseEscrow
-COMMANDS: dict[str, type[Command]] = {
-    cls.__name__: cls
-    for cls in (RegisterAgent, PlaceBet, WithdrawFunds, ClaimFaucet, LockEscrow, ReleaseEscrow)
-}
 
 Status = Literal["accepted", "rejected", "failed"]
 

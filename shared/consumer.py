@@ -6,9 +6,10 @@ arrived, up to a batch, while the next batch is already on its way. nats-py's ``
 a task, a uuid4 and a ``wait_for`` on every message and leaves the server idle while a batch is
 handled; this costs one callback per message.
 
-An idle loop checks every ``watchdog_s`` that its consumer still exists on the server (a server
-restarted without its JetStream store forgets it) and re-creates it: the watchdog asked for
-after a NATS restart.
+A consumer deleted on the server is re-created as soon as the open pull request says so (409
+Consumer Deleted), or when nobody answers pull requests any more (503). An idle loop also checks
+every ``watchdog_s`` that its consumer still exists (a server restarted without its JetStream
+store forgets it without a word) and re-creates it: the watchdog asked for after a NATS restart.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, Header, StatusCode
 from nats.js.errors import NotFoundError
 
+from shared.js_adapter import api_prefix, connection
 from shared.ops import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,14 @@ log = logging.getLogger(__name__)
 Handler = Callable[[list[Msg]], Awaitable[None]]
 
 _request_encoder = msgspec.json.Encoder()
+
+
+class ConsumerDeleted(Exception):
+    """The server ended the pull request because its consumer was deleted (409)."""
+
+
+class NoResponders(Exception):
+    """Nobody serves the consumer's pull requests (503): the consumer, or JetStream, is gone."""
 
 
 class PullStream:
@@ -45,8 +55,10 @@ class PullStream:
     (408 expired, 409 consumer deleted, ...) when the request ends early. A new request goes
     out when the open one is complete and the buffer has room, so at most two batches are in the
     client. A request silent for three heartbeats (lost with a reconnect or a server restart)
-    is given up and replaced. :meth:`finish` stops asking and lets the open request end, so
-    what it delivered can be handled before a clean stop.
+    is given up and replaced. After a 409 Consumer Deleted or a 503 no request goes out (each
+    would only be refused at once, in a busy loop) and :meth:`take` raises until the owner opens
+    a new stream. :meth:`finish` stops asking and lets the open request end, so what it
+    delivered can be handled before a clean stop.
     """
 
     def __init__(
@@ -74,6 +86,7 @@ class PullStream:
         self.open = 0  # messages the open request may still deliver; 0 = no request open
         self.heard = 0.0  # when the open request last showed signs of life
         self.closing = False
+        self.refused: ConsumerDeleted | NoResponders | None = None  # the server will serve no more
 
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
@@ -99,7 +112,7 @@ class PullStream:
             self.sub = None
 
     async def _request(self) -> None:
-        if self.open or self.closing or len(self.buffer) >= self.batch:
+        if self.open or self.closing or self.refused or len(self.buffer) >= self.batch:
             return
         request = {
             "batch": self.batch,
@@ -115,25 +128,42 @@ class PullStream:
     async def _delivered(self, msg: Msg) -> None:
         self.heard = time.monotonic()
         headers = msg.headers or {}
-        status = headers.get("Status")
+        status = headers.get(Header.STATUS)
         if status is None:
             self.buffer.append(msg)
             self.arrived.set()
             self.open = max(self.open - 1, 0)
-        elif status == "100":
+        elif status == StatusCode.CONTROL_MESSAGE:
             return  # idle heartbeat (or flow control): the request is alive
         else:
-            if status not in ("404", "408") and "MaxBytes" not in headers.get("Description", ""):
-                log.info("pull request ended: %s %s", status, headers.get("Description", ""))
             self.open = 0  # the request is over (expired, or the server ended it)
+            self._ended(status, headers.get(Header.DESCRIPTION, ""))
         if not self.open:
             try:
                 await self._request()
             except Exception as exc:  # disconnected: the next take() asks again
                 log.debug("pull request not sent (%r)", exc)
 
+    def _ended(self, status: str, description: str) -> None:
+        if status == StatusCode.CONFLICT and description.lower() == "consumer deleted":
+            self.refused = ConsumerDeleted(f"{self.next_subject}: 409 {description}")
+        elif status == StatusCode.SERVICE_UNAVAILABLE:
+            self.refused = NoResponders(f"{self.next_subject}: 503 no responders")
+        elif (
+            status not in (StatusCode.NO_MESSAGES, StatusCode.REQUEST_TIMEOUT)
+            and "MaxBytes" not in description
+        ):
+            log.info("pull request ended: %s %s", status, description)
+        if self.refused is not None:
+            self.arrived.set()  # take() raises it now, not after its timeout
+
     async def take(self, timeout: float) -> list[Msg]:
-        """Up to ``batch`` buffered messages, waiting at most ``timeout`` for the first."""
+        """Up to ``batch`` buffered messages, waiting at most ``timeout`` for the first.
+
+        Raises :class:`ConsumerDeleted` or :class:`NoResponders` once the server has said it
+        will serve no more requests; what is buffered stays in :attr:`buffer`."""
+        if self.refused is not None:
+            raise self.refused
         if self.open and time.monotonic() - self.heard > 3 * self.heartbeat_s:
             log.info("pull request went silent; asking again", extra={"subject": self.next_subject})
             self.open = 0
@@ -144,6 +174,8 @@ class PullStream:
                 await asyncio.wait_for(self.arrived.wait(), timeout)
             except TimeoutError:
                 return []
+            if self.refused is not None:
+                raise self.refused
         n = min(len(self.buffer), self.batch)
         msgs = [self.buffer.popleft() for _ in range(n)]
         await self._request()
@@ -188,9 +220,13 @@ class PullLoop:
             self.config.filter_subject, durable=self.durable, stream=self.stream, config=self.config
         )
         await sub.unsubscribe()  # only its consumer is wanted; PullStream reads it
-        nc, prefix = self.js._nc, self.js._prefix  # nats-py exposes neither publicly
         self.pulls = PullStream(
-            nc, prefix, self.stream, self.durable, batch=self.batch, max_bytes=self.max_bytes
+            connection(self.js),
+            api_prefix(self.js),
+            self.stream,
+            self.durable,
+            batch=self.batch,
+            max_bytes=self.max_bytes,
         )
         self.pulls.buffer.extend(carried)
         await self.pulls.start()
@@ -204,6 +240,11 @@ class PullLoop:
             assert self.pulls is not None
             try:
                 msgs = await self.pulls.take(timeout=1.0)
+            except ConsumerDeleted as exc:
+                # Nothing to wait for: the server said so. Re-created as the watchdog would.
+                log.warning("%s; re-creating the consumer", exc, extra={"consumer": self.durable})
+                await self._subscribe_until_ok()
+                continue
             except Exception as exc:
                 log.warning("pull failed (%r); re-subscribing", exc, extra={"consumer": self.durable})
                 if await self.lifecycle.sleep(0.5):

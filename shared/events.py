@@ -21,9 +21,9 @@ time-travel query and command handler uses.
 | WalletTransferIn   | transfer_in       | +amount asset                          | on-chain deposit      |
 | WalletTransferOut  | transfer_out      | -amount asset                          | on-chain withdrawal   |
 | AssetSwapped       | swap              | -amount asset, +to_amount to_asset     |                       |
-| DomainPurchased    | domain_purchase   | -amount asset                          | +1 domain held        |
+| DomainPurchased    | domain_purchase   | -amount asset                          |                       |
 | DomainRenewed      | domain_renewal    | -amount asset                          |                       |
-| DomainSold         | domain_sale       | +amount asset                          | -1 domain held        |
+| DomainSold         | domain_sale       | +amount asset                          |                       |
 | UnknownTransaction | anything else     | none (kept verbatim, never dropped)    |                       |
 """
 

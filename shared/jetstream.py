@@ -27,6 +27,8 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from shared.js_adapter import connection
+
 log = logging.getLogger(__name__)
 
 MAX_TX_BYTES = 256 * 1024
@@ -115,7 +117,7 @@ async def publish_in_order(
     reconnected: an ack for a message that died with the old connection never comes, so waiting
     out the timeout would only stall the caller. Retrying at once is safe (``Nats-Msg-Id``).
     """
-    nc = js._nc  # the context's own connection; nats-py exposes no public handle to it
+    nc = connection(js)
     reconnects = nc.stats["reconnects"]
     futures = [await js.publish_async(subject, data, headers=headers) for subject, data, headers in messages]
     loop = asyncio.get_running_loop()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import msgspec
 
@@ -20,6 +22,7 @@ _AGENT_ID = AGENT_ID_PATTERN
 
 
 DEFAULT_DATA_DIR = Path(".pflea")
+_UNIONS = (Union, types.UnionType)
 
 
 class SettingsError(ValueError):
@@ -62,8 +65,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str = "pflea"
     db_service_password: str = "pflea"
     duplicate_window_s: float = 120.0
-    writer_batch_size: int = 1000
-    writer_batch_wait_s: float = 0.05
+    writer_batch_size: int = 1000  # transactions per Postgres transaction
+    writer_pull_batch: int | None = None  # see messages_per_writer_pull()
     writer_max_deliver: int = 10
     writer_parts: tuple[str, ...] = ("append", "commands")
     ack_wait_s: float = 30.0
@@ -89,6 +92,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """The feeds to poll: PURPLEFLEA_FEEDS, else the casino's at PURPLEFLEA_API_URL."""
         return self.purpleflea_feeds or (Feed(CASINO_FEED, self.purpleflea_api_url.rstrip("/")),)
 
+    def messages_per_writer_pull(self) -> int:
+        """PFLEA_TX messages the writer asks for per pull request: PFLEA_WRITER_PULL_BATCH,
+        else PFLEA_WRITER_BATCH_SIZE (one number for both, as before the two were told apart)."""
+        return self.writer_pull_batch or self.writer_batch_size
+
 
 ENV_NAMES: dict[str, str] = {
     "database_url": "DATABASE_URL",
@@ -102,7 +110,7 @@ ENV_NAMES: dict[str, str] = {
     "db_service_password": "PFLEA_DB_SERVICE_PASSWORD",
     "duplicate_window_s": "PFLEA_DUPLICATE_WINDOW_S",
     "writer_batch_size": "PFLEA_WRITER_BATCH_SIZE",
-    "writer_batch_wait_s": "PFLEA_WRITER_BATCH_WAIT_S",
+    "writer_pull_batch": "PFLEA_WRITER_PULL_BATCH",
     "writer_max_deliver": "PFLEA_WRITER_MAX_DELIVER",
     "writer_parts": "PFLEA_WRITER_PARTS",
     "ack_wait_s": "PFLEA_ACK_WAIT_S",
@@ -128,6 +136,7 @@ ENV_NAMES: dict[str, str] = {
 _POSITIVE = {
     "duplicate_window_s",
     "writer_batch_size",
+    "writer_pull_batch",
     "writer_max_deliver",
     "ack_wait_s",
     "projector_batch_size",
@@ -191,16 +200,19 @@ def parse_writer_parts(text: str) -> tuple[str, ...]:
     return parts
 
 
-def _convert(field: str, raw: str) -> Any:
-    variable = ENV_NAMES[field]
-    if field == "purpleflea_agents":
-        return parse_agents(raw)
-    if field == "writer_parts":
-        return parse_writer_parts(raw)
-    if field == "purpleflea_feeds":
-        return parse_feeds(raw)
-    ftype = Settings.__annotations__[field]
-    target = {"str": str, "int": int, "float": float, "Path": Path, "bool": bool}[ftype]
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "purpleflea_agents": parse_agents,
+    "purpleflea_feeds": parse_feeds,
+    "writer_parts": parse_writer_parts,
+}
+
+
+def convert(variable: str, raw: str, target: Any) -> Any:
+    """``raw``, the value of ``variable``, as a ``target``: str (verbatim), Path, bool, int or a
+    finite float, or one of those ``| None``. Raises :class:`SettingsError` naming ``variable``."""
+    options = [t for t in get_args(target) if t is not type(None)] if get_origin(target) in _UNIONS else []
+    if len(options) == 1:
+        target = options[0]
     if target is str:
         return raw
     if target is Path:
@@ -210,39 +222,56 @@ def _convert(field: str, raw: str) -> Any:
         if flag not in ("1", "0", "true", "false", "yes", "no"):
             raise SettingsError(variable, f"expected 1/0/true/false, got {raw!r}")
         return flag in ("1", "true", "yes")
+    if target not in (int, float):
+        raise TypeError(f"{variable}: no conversion to {target!r}; give the field a parser")
     try:
-        # int or float: str, Path and bool returned above.
         value: int | float = msgspec.convert(raw.strip(), target, strict=False)
     except msgspec.ValidationError:
-        raise SettingsError(variable, f"expected {ftype}, got {raw!r}") from None
-    if field in _POSITIVE and value <= 0:
-        raise SettingsError(variable, f"must be positive, got {raw!r}")
+        raise SettingsError(variable, f"expected {target.__name__}, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise SettingsError(variable, f"expected a finite number, got {raw!r}")
     return value
 
 
-def _fill_from_running_stack(values: dict[str, Any]) -> None:
-    """Unset DATABASE_URL / NATS_URL mean: the stack ``pflea up`` runs from this data folder."""
-    from shared.stack import read_stack
+def read_environ(
+    environ: Mapping[str, str],
+    env_names: Mapping[str, str],
+    struct: type[msgspec.Struct],
+    *,
+    parsers: Mapping[str, Callable[[str], Any]] | None = None,
+    positive: Collection[str] = (),
+) -> dict[str, Any]:
+    """The fields of ``struct`` whose variable (``env_names``: field -> variable) is set and not
+    empty, each converted to its field's type by :func:`convert`, or by ``parsers[field]``.
 
-    info = read_stack(values.get("data_dir", DEFAULT_DATA_DIR))
-    if info is not None:
-        values.setdefault("database_url", info.database_url)
-        values.setdefault("nats_url", info.nats_url)
-        values["database_url"] = values["database_url"] or info.database_url
-        values["nats_url"] = values["nats_url"] or info.nats_url
+    Every process reads its configuration through this (services, the CLI, the simulator), so a
+    bad value is reported the same way everywhere: a :class:`SettingsError` naming the variable.
+    """
+    field_types = {f.name: f.type for f in msgspec.structs.fields(struct)}
+    parsers = parsers or {}
+    values: dict[str, Any] = {}
+    for field, variable in env_names.items():
+        raw = environ.get(variable)
+        if raw is None or raw == "":
+            continue
+        parse = parsers.get(field)
+        value = parse(raw) if parse is not None else convert(variable, raw, field_types[field])
+        if field in positive and value <= 0:
+            raise SettingsError(variable, f"must be positive, got {raw!r}")
+        values[field] = value
+    return values
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Read settings from ``environ`` (default ``os.environ``); ``overrides`` win."""
+    """Read settings from ``environ`` (default ``os.environ``); ``overrides`` win.
+
+    Only the environment: unset DATABASE_URL / NATS_URL stay empty (a service then refuses to
+    start, naming the variable). Finding a running ``pflea up`` through its ``stack.json`` is the
+    CLI's convenience (:func:`services.cli.connections.settings`), never a service's.
+    """
     env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for field, variable in ENV_NAMES.items():
-        raw = env.get(variable)
-        if raw is not None and raw != "":
-            values[field] = _convert(field, raw)
+    values = read_environ(env, ENV_NAMES, Settings, parsers=_PARSERS, positive=_POSITIVE)
     values.update(overrides)
-    if not values.get("database_url") or not values.get("nats_url"):
-        _fill_from_running_stack(values)
     settings = Settings(**values)
     try:
         faucet = parse_amount(settings.faucet_amount, "PFLEA_FAUCET_AMOUNT")

@@ -1,7 +1,8 @@
 """Where a running ``pflea up`` can be reached, so local commands find it without variables.
 
 ``pflea up`` writes ``<PFLEA_DATA_DIR>/stack.json`` with the embedded servers' URLs and removes
-it on a clean stop; ``load_settings`` falls back to it when DATABASE_URL / NATS_URL are unset.
+it on a clean stop; the CLI falls back to it when DATABASE_URL / NATS_URL are unset
+(:func:`services.cli.connections.settings`); services never do.
 """
 
 from __future__ import annotations

@@ -364,9 +364,6 @@ class EventStore:
         )
         return int(version)
 
-    async def last_position(self) -> int:
-        return int(await self.pool.fetchval("SELECT coalesce(max(position), 0) FROM events"))
-
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store a state as of ``snapshot.version``; saving the same one twice is a no-op."""
         await self.pool.execute(

@@ -47,7 +47,15 @@ from shared.money import MoneyError, parse_amount
 MAX_ITEM_BYTES = 64 * 1024
 MAX_DEPTH = 32
 DEFAULT_ASSET = "PFLEA"
-_ASSET = re.compile(r"[A-Za-z0-9._-]{1,32}")
+ASSET_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+def asset_code(value: object) -> str | None:
+    """``value`` as an asset code is stored (upper case), or None when it is not one; ingested
+    transactions and commands alike, so both name an asset the same way."""
+    if isinstance(value, str) and ASSET_PATTERN.fullmatch(value):
+        return value.upper()
+    return None
 
 
 class Rejected(ValueError):
@@ -153,11 +161,12 @@ def _asset(tx: dict[str, Any], field: str = "asset", default: str | None = DEFAU
         value = default
     if value is None:
         raise Rejected(f"{field}: missing", _tx_id_or_none(tx))
-    if not isinstance(value, str) or not _ASSET.fullmatch(value):
+    code = asset_code(value)
+    if code is None:
         raise Rejected(
             f"{field}: expected an asset code like PFLEA or USDC, got {value!r}", _tx_id_or_none(tx)
         )
-    return value.upper()
+    return code
 
 
 def _occurred_at(tx: dict[str, Any]) -> datetime:

@@ -53,10 +53,6 @@ def missing_upcasters() -> list[tuple[str, int]]:
     ]
 
 
-def needs_upcast(event_type: str, schema_version: int) -> bool:
-    return schema_version < CURRENT_SCHEMA_VERSION.get(event_type, 1)
-
-
 class UnreadableEvent(ValueError):
     """A stored event no fold can read; see the decode policy above."""
 

@@ -7,15 +7,16 @@ import asyncio
 import sys
 
 from services.cli import agent, events, projections, queries, status, up
+from services.cli.connections import settings as cli_settings
 from shared.logs import configure_logging
-from shared.settings import SettingsError, load_settings
+from shared.settings import SettingsError
 
 
 def _migrate(args: argparse.Namespace) -> int:
     from shared.migrate import migrate
     from shared.service import require
 
-    settings = load_settings()
+    settings = cli_settings()
     url = require(settings.database_url, "DATABASE_URL")
     applied = asyncio.run(migrate(url, service_password=settings.db_service_password))
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
+import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client
@@ -21,6 +22,7 @@ from shared.history import HistoryError, UnknownAgent
 from shared.jetstream import Topology
 from shared.service import require
 from shared.settings import Settings, load_settings
+from shared.stack import read_stack
 
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
 
@@ -30,7 +32,22 @@ class Unreachable(Exception):
 
 
 def settings() -> Settings:
-    return load_settings()
+    """The environment's settings; unset DATABASE_URL / NATS_URL mean the stack ``pflea up``
+    runs from the data folder (its ``stack.json``). Only commands run by hand look there: a
+    service without DATABASE_URL refuses to start rather than use whatever a folder holds."""
+    return with_running_stack(load_settings())
+
+
+def with_running_stack(s: Settings) -> Settings:
+    """``s`` with the URLs it lacks taken from ``<data_dir>/stack.json``, if there is one."""
+    if s.database_url and s.nats_url:
+        return s
+    info = read_stack(s.data_dir)
+    if info is None:
+        return s
+    return msgspec.structs.replace(
+        s, database_url=s.database_url or info.database_url, nats_url=s.nats_url or info.nats_url
+    )
 
 
 def topology(s: Settings) -> Topology:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from services.cli.connections import settings as cli_settings
 from services.projectors.rebuild import rebuild
 from shared.projections.registry import PROJECTIONS, projection
 from shared.service import require
-from shared.settings import load_settings
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _rebuild(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = cli_settings()
     url = require(settings.database_url, "DATABASE_URL")
     names = list(PROJECTIONS) if args.name == "all" else [args.name]
     for name in names:

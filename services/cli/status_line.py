@@ -1,4 +1,5 @@
-"""The live status line of ``pflea up``: throughput and lag, read from Postgres and JetStream."""
+"""The live status line of ``pflea up``: throughput and lag, read from Postgres and the ingester's
+/metrics."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import time
 
 import asyncpg
 import httpx
-import nats
-from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.db import READER_ROLE, role_dsn
-from shared.jetstream import Topology
 from shared.settings import Settings
 
 
@@ -22,7 +20,6 @@ class StatusLine:
     def __init__(
         self,
         database_url: str,
-        nats_url: str,
         settings: Settings,
         *,
         live: bool,
@@ -30,12 +27,9 @@ class StatusLine:
     ) -> None:
         self.dsn = role_dsn(database_url, READER_ROLE, settings.db_service_password)
         self.ingester_metrics = ingester_metrics  # its /metrics: transactions published
-        self.nats_url = nats_url
-        self.topology = Topology(settings.namespace)
         self.live = live and sys.stdout.isatty()
         self.quiet = not live
         self.conn: asyncpg.Connection | None = None
-        self.nc: Client | None = None
         self.previous: tuple[float, dict[str, int]] | None = None
 
     async def run(self, every: float = 2.0, plain_every: float = 10.0) -> None:
@@ -57,7 +51,7 @@ class StatusLine:
     async def sample(self) -> str:
         try:
             counts = await self._counts()
-        except (OSError, asyncpg.PostgresError, nats.errors.Error, TimeoutError) as exc:
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             self.conn = None
             return f"status unavailable: {exc!r}"
         now = time.monotonic()
@@ -80,8 +74,6 @@ class StatusLine:
     async def _counts(self) -> dict[str, int]:
         if self.conn is None or self.conn.is_closed():
             self.conn = await asyncpg.connect(self.dsn, timeout=3)
-        if self.nc is None:
-            self.nc = await nats.connect(self.nats_url, connect_timeout=3, max_reconnect_attempts=-1)
         counts = {
             "stored": int(await self.conn.fetchval("SELECT coalesce(max(position), 0) FROM events")),
             "quarantine": int(await self.conn.fetchval("SELECT count(*) FROM quarantine")),
@@ -111,6 +103,3 @@ class StatusLine:
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 await self.conn.close()
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.close()

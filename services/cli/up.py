@@ -51,9 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _up(args: argparse.Namespace) -> int:
-    settings = load_settings(
-        database_url=os.environ.get("DATABASE_URL", ""), nats_url=os.environ.get("NATS_URL", "")
-    )
+    # Not the CLI's settings(): `up` starts the servers, and a stack.json left by a killed `up`
+    # names servers that are gone.
+    settings = load_settings()
     try:
         stack = Stack(settings, status=not args.no_status, status_every=args.status_every)
         return asyncio.run(stack.run())
@@ -85,7 +85,7 @@ class Stack:
             servers.callback(clear_stack, self.data_dir)
             await self._start_services(database_url, nats_url)
             self._print_howto(database_url, nats_url)
-            code = await self._supervise(database_url, nats_url)
+            code = await self._supervise(database_url)
             codes = await self.supervisor.stop()
             unclean = {name: c for name, c in codes.items() if c not in (0, None)}
             print(f"\nservices stopped{'' if not unclean else f' (non-zero exits: {unclean})'}", flush=True)
@@ -179,10 +179,10 @@ Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
             flush=True,
         )
 
-    async def _supervise(self, database_url: str, nats_url: str) -> int:
+    async def _supervise(self, database_url: str) -> int:
         port = self.metrics_ports.get("ingester")
         metrics = f"http://127.0.0.1:{port}/metrics" if port else None
-        status = StatusLine(database_url, nats_url, self.settings, live=self.status, ingester_metrics=metrics)
+        status = StatusLine(database_url, self.settings, live=self.status, ingester_metrics=metrics)
         watcher = asyncio.create_task(self.supervisor.watch())
         reporter = asyncio.create_task(status.run(plain_every=self.status_every))
         stop = asyncio.create_task(self.stop_requested.wait())

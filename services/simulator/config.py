@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from shared.settings import SettingsError
+from shared.settings import SettingsError, read_environ
 
 FAULT_ENV_NAMES: dict[str, str] = {
     "repeat_page_rate": "PFLEA_SIM_REPEAT_PAGE_RATE",
@@ -117,32 +117,14 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
         _probability(ENV_NAMES["numeric_amount_rate"], self.numeric_amount_rate)
 
 
-def _field_types(cls: type[msgspec.Struct]) -> dict[str, Any]:
-    return {f.name: f.type for f in msgspec.structs.fields(cls)}
-
-
-def _read(env: Mapping[str, str], names: dict[str, str], types: dict[str, Any]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for field, variable in names.items():
-        raw = env.get(variable)
-        if raw is None or raw == "":
-            continue
-        target = types[field]
-        try:
-            values[field] = msgspec.convert(raw.strip(), target, strict=False)
-        except msgspec.ValidationError:
-            raise SettingsError(variable, f"expected {target.__name__}, got {raw!r}") from None
-    return values
-
-
 def load_simulator_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> SimulatorConfig:
     """Read the config from ``environ`` (default ``os.environ``); ``overrides`` win.
 
     Raises :class:`shared.settings.SettingsError` naming the variable of a bad value.
     """
     env = os.environ if environ is None else environ
-    faults = FaultKnobs(**_read(env, FAULT_ENV_NAMES, _field_types(FaultKnobs)))
-    values = _read(env, ENV_NAMES, _field_types(SimulatorConfig))
+    faults = FaultKnobs(**read_environ(env, FAULT_ENV_NAMES, FaultKnobs))
+    values = read_environ(env, ENV_NAMES, SimulatorConfig)
     values["faults"] = faults
     values.update(overrides)
     return SimulatorConfig(**values)

@@ -85,7 +85,7 @@ class TxConsumer:
             self.topology.tx_stream,
             config,
             self.lifecycle,
-            batch=self.settings.writer_batch_size,
+            batch=self.settings.messages_per_writer_pull(),
             max_bytes=PULL_MAX_BYTES,
         )
 

@@ -6,7 +6,6 @@ returns with the version it loaded; if the stream moved meanwhile it reloads and
 
 from __future__ import annotations
 
-import re
 from decimal import Decimal
 
 import msgspec
@@ -32,9 +31,8 @@ from shared.events import (
 )
 from shared.money import MoneyError, parse_amount, to_text
 from shared.projections.agent import AgentFold
+from shared.transactions import asset_code
 
-# As the ingester reads assets from Purple Flea, so commands and ingested events agree.
-_ASSET = re.compile(r"[A-Za-z0-9._-]{1,32}")
 MAX_TEXT = 200
 FAUCET_ASSET = "PFLEA"
 
@@ -150,9 +148,10 @@ def _amount(text: str) -> Decimal:
 
 
 def _asset(text: str) -> str:
-    if not _ASSET.fullmatch(text):
+    code = asset_code(text)
+    if code is None:
         raise _Reject(Code.BAD_COMMAND, f"asset: expected an asset code like PFLEA or USDC, got {text!r}")
-    return text.upper()
+    return code
 
 
 def _text(field: str, value: str) -> str:

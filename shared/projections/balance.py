@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
 
 from shared.events import Event, money_effect
 from shared.projections.model import ZERO, AgentState, ReadModel
@@ -18,12 +17,7 @@ MODEL: ReadModel[Decimal] = ReadModel(
     name="balance",
     table="balances",
     columns=(("balance", "numeric"),),
-    new=lambda: ZERO,
     apply=apply,
     to_row=lambda value: (value,),
     from_row=lambda row: row["balance"],
 )
-
-
-def as_dict(state: AgentState[Decimal]) -> dict[str, Any]:
-    return {asset: {"balance": value} for asset, value in sorted(state.items())}

@@ -67,7 +67,6 @@ MODEL: ReadModel[Entry] = ReadModel(
         ("bet_count", "bigint"),
         ("win_count", "bigint"),
     ),
-    new=Entry,
     apply=apply,
     to_row=to_row,
     from_row=from_row,

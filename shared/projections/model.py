@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Context, Decimal
 from typing import Any, Generic, TypeVar
 
@@ -32,7 +32,6 @@ class ReadModel(Generic[V]):
         name: str,
         table: str,
         columns: tuple[tuple[str, str], ...],
-        new: Callable[[], V],
         apply: Callable[[AgentState[V], Event], None],
         to_row: Callable[[V], tuple[Any, ...]],
         from_row: Callable[[Any], V],
@@ -40,7 +39,6 @@ class ReadModel(Generic[V]):
         self.name = name
         self.table = table
         self.columns = columns  # (name, postgres type) after agent_id and asset
-        self.new = new
         self.apply = apply
         self.to_row = to_row
         self.from_row = from_row
@@ -48,10 +46,3 @@ class ReadModel(Generic[V]):
     @property
     def column_names(self) -> list[str]:
         return [name for name, _ in self.columns]
-
-    def fold(self, events: Iterable[Event], state: AgentState[V] | None = None) -> AgentState[V]:
-        """Apply ``events`` in order to ``state`` (or a fresh one) and return it."""
-        state = {} if state is None else state
-        for event in events:
-            self.apply(state, event)
-        return state

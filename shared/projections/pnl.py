@@ -79,7 +79,6 @@ MODEL: ReadModel[Pnl] = ReadModel(
         ("win_rate", "numeric"),
         ("roi", "numeric"),
     ),
-    new=Pnl,
     apply=apply,
     to_row=to_row,
     from_row=from_row,

@@ -32,7 +32,6 @@ MODEL: ReadModel[Holding] = ReadModel(
     name="portfolio",
     table="portfolio",
     columns=(("available", "numeric"), ("in_escrow", "numeric"), ("total", "numeric")),
-    new=Holding,
     apply=apply,
     to_row=lambda h: (h.available, h.in_escrow, h.total),
     from_row=lambda row: Holding(row["available"], row["in_escrow"]),

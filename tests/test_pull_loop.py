@@ -1,0 +1,81 @@
+"""The pull-consumer loop against a real nats-server when its consumer disappears."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from shared.consumer import NoResponders, PullLoop, PullStream
+from shared.jetstream import Topology, pull_consumer_config
+from shared.js_adapter import api_prefix
+from shared.ops import Lifecycle
+from tests.support import wait_until
+
+NEVER_S = 3600.0  # a watchdog that cannot be what recovers within a test
+
+
+async def _consumer_exists(js: nats.js.JetStreamContext, stream: str, durable: str) -> bool:
+    try:
+        await js.consumer_info(stream, durable)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+async def test_a_consumer_deleted_under_the_loop_is_recreated_at_once_not_by_the_watchdog(
+    js_streams: nats.NATS, topology: Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="shared.consumer")
+    js = js_streams.jetstream()
+    durable = "deleted-under-me"
+    config = pull_consumer_config(durable, topology.tx_filter, ack_wait_s=30, max_deliver=5)
+    lifecycle = Lifecycle()
+    handled: list[bytes] = []
+
+    async def handle(msgs: list[Msg]) -> None:
+        handled.extend(m.data for m in msgs)
+        for m in msgs:
+            await m.ack()
+
+    loop = PullLoop(js, topology.tx_stream, config, lifecycle, batch=10, watchdog_s=NEVER_S)
+    running = asyncio.create_task(loop.run(handle))
+    try:
+        await js.publish(topology.tx_subject("agent-1"), b"before")
+        await wait_until(lambda: asyncio.sleep(0, b"before" in handled), 20, "the first message handled")
+        first = loop.pulls
+
+        await js.delete_consumer(topology.tx_stream, durable)
+        await wait_until(
+            lambda: _consumer_exists(js, topology.tx_stream, durable), 20, "the consumer re-created"
+        )
+        assert loop.pulls is not first, "re-created by someone else, not the loop"
+        await js.publish(topology.tx_subject("agent-1"), b"after")
+        await wait_until(lambda: asyncio.sleep(0, b"after" in handled), 20, "a message after the deletion")
+    finally:
+        lifecycle.stop()
+        await asyncio.wait_for(running, 20)
+    said = [r.getMessage() for r in caplog.records if r.name == "shared.consumer"]
+    assert any("409 Consumer Deleted; re-creating the consumer" in line for line in said), said
+    # The deleted consumer's subject has no responder: asking again would be refused in a busy loop.
+    assert not any("503" in line for line in said), said[:5]
+
+
+async def test_a_pull_stream_on_a_missing_consumer_says_so_instead_of_waiting(
+    js_streams: nats.NATS, topology: Topology
+) -> None:
+    js = js_streams.jetstream()
+    pulls = PullStream(js_streams, api_prefix(js), topology.tx_stream, "never-created", batch=10)
+    await pulls.start()
+    try:
+        with pytest.raises(NoResponders):
+            # Far longer than the refusal takes; without it take() would wait all of it, then return [].
+            await pulls.take(timeout=30)
+        with pytest.raises(NoResponders):
+            await pulls.take(timeout=30)  # and it stays refused: no new requests go out
+        assert pulls.open == 0
+    finally:
+        await pulls.stop()
