@@ -16,8 +16,9 @@ setup: $(BIN)/.installed
 up: setup
 	$(BIN)/pflea up
 
-# pytest exits 5 when it collects no test; that is not a failure of the code under test.
-test: setup
+# Lint first (CI runs `make test`, so lint is part of it); pytest exits 5 when it collects no
+# test, which is not a failure of the code under test.
+test: setup lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 lint: setup
