@@ -9,11 +9,11 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
+from devstack.processes import wait_until
 from shared.consumer import NoResponders, PullLoop, PullStream
 from shared.jetstream import Topology, pull_consumer_config
 from shared.js_adapter import api_prefix
 from shared.ops import Lifecycle
-from tests.support import wait_until
 
 NEVER_S = 3600.0  # a watchdog that cannot be what recovers within a test
 
