@@ -94,7 +94,13 @@ class AgentPoller:
         self.seen_reconnects = reconnects()
 
     async def run(self) -> None:
-        self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
+        while True:  # a Postgres restart at start must not end this agent's polling
+            try:
+                self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
+                break
+            except (asyncpg.PostgresError, OSError) as exc:
+                if await self.lifecycle.sleep(self._next_backoff(f"reading the cursor: {exc!r}")):
+                    return
         log.info("polling", extra={"agent": self.agent.agent_id, "feed": self.feed.name, "since": self.since})
         while not self.lifecycle.stopping.is_set():
             try:
