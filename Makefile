@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup up test lint bench clean
+.PHONY: setup up test lint bench secrets clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# docker compose's passwords, generated once into .env (mode 600); kept on later runs.
+secrets:
+	sh deploy/secrets.sh .env
 
 clean:
 	rm -rf $(VENV) .pflea .pytest_cache

@@ -7,17 +7,13 @@ migrated database of its own in milliseconds instead of a migration run.
 from __future__ import annotations
 
 import uuid
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
+from shared.bootstrap import ROLES, bootstrap, database_access_sql
+from shared.db import OWNER_ROLE, role_dsn, with_database
 from shared.migrate import migrate
-
-
-def with_database(url: str, database: str) -> str:
-    """``url`` naming ``database`` instead of its own."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
 async def _execute(admin_url: str, sql: str) -> None:
@@ -42,8 +38,9 @@ async def ensure_database(admin_url: str, name: str) -> str:
 class DatabaseTemplate:
     """A migrated database on ``admin_url``'s server that fresh databases are cloned from.
 
-    ``admin_url`` is a superuser's (or a role that may create databases); the service roles are
-    given ``service_password`` by the migration, for every database on the server.
+    ``admin_url`` is a superuser's. :func:`shared.bootstrap.bootstrap` gives every role of the
+    ledger ``service_password`` (one for all: a throw-away test cluster), then the template is
+    migrated as its owner, as a deployment is.
     """
 
     def __init__(self, admin_url: str, prefix: str, service_password: str) -> None:
@@ -53,13 +50,16 @@ class DatabaseTemplate:
         self.name = f"{prefix}_tmpl_{uuid.uuid4().hex[:8]}"
 
     async def create(self) -> None:
-        await _execute(self.admin_url, f'CREATE DATABASE "{self.name}"')
-        await migrate(with_database(self.admin_url, self.name), service_password=self.service_password)
+        url = with_database(self.admin_url, self.name)
+        await bootstrap(url, dict.fromkeys(ROLES, self.service_password), allow_shared=True)
+        await migrate(role_dsn(url, OWNER_ROLE, self.service_password))
 
     async def clone(self, tag: str = "") -> str:
-        """The owner's URL of a new database, a copy of the template (``tag`` goes in its name)."""
+        """The administrator's URL of a new database, a copy of the template (``tag`` goes in its
+        name), owned and guarded as the template is."""
         name = "_".join(part for part in (self.prefix, tag, uuid.uuid4().hex[:12]) if part)
-        await _execute(self.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{self.name}"')
+        await _execute(self.admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{self.name}" OWNER {OWNER_ROLE}')
+        await _execute(self.admin_url, database_access_sql(name))
         return with_database(self.admin_url, name)
 
     async def drop(self, url: str) -> None:

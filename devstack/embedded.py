@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +21,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from devstack.pg_identity import (
     INSTALL_EMBEDDED,
@@ -107,6 +110,9 @@ class EmbeddedNats:
     def start(self, timeout: float = 20.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         conf = self.data_dir / "nats.conf"
+        # It may hold users' passwords: readable by its owner only, from its first byte.
+        conf.unlink(missing_ok=True)
+        os.close(os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         conf.write_text(
             f"""listen: "127.0.0.1:{self.port}"
 jetstream {{
@@ -153,7 +159,10 @@ def postgres_binaries() -> Path:
 
 
 class EmbeddedPostgres:
-    """A Postgres cluster under ``data_dir``, trust auth on 127.0.0.1 only."""
+    """A Postgres cluster under ``data_dir`` on 127.0.0.1 only, every login by password
+    (``scram-sha-256``). The superuser ``postgres`` gets a random password at ``initdb``, kept in
+    ``<data_dir>/superuser.password`` (0600, ours); :meth:`url` carries it. A cluster made by an
+    older version with ``trust`` is switched to passwords at its next start."""
 
     def __init__(
         self,
@@ -174,8 +183,35 @@ class EmbeddedPostgres:
     def pgdata(self) -> Path:
         return self.data_dir / "pgdata"
 
-    def url(self, database: str = "postgres", user: str = "postgres") -> str:
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / "superuser.password"
+
+    def superuser_password(self) -> str:
+        """The superuser's password, made (0600) the first time it is asked for."""
+        try:
+            return self.password_file.read_text().strip()
+        except FileNotFoundError:
+            pass
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        password = "p" + secrets.token_urlsafe(24)
+        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(password + "\n")
+        return password
+
+    def url(self, database: str = "postgres") -> str:
+        """The superuser's URL (with its password) for ``database``."""
+        password = quote(self.superuser_password(), safe="")
+        return f"postgresql://postgres:{password}@127.0.0.1:{self.port}/{database}"
+
+    def runs_as_another_user(self) -> bool:
+        """Whether the server runs as another OS user, who must then pass through the folders
+        above ``data_dir`` (as root where the kernel refuses user namespaces)."""
+        try:
+            return postgres_identity(self.pgdata).uid is not None
+        except PostgresIdentityError:
+            return False
 
     def _identity(self) -> PostgresIdentity:
         try:
@@ -195,23 +231,35 @@ class EmbeddedPostgres:
 
     def start(self, timeout: float = 60.0) -> str:
         identity = self._identity()
+        password = self.superuser_password()
         if not (self.pgdata / "PG_VERSION").exists():
-            done = subprocess.run(
-                [
-                    str(identity.bindir / "initdb"),
-                    "-D",
-                    str(self.pgdata),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ],
-                check=False,
-                capture_output=True,
-                **identity.popen_args(),
-            )
+            # initdb reads the password from a file its own OS user can read, gone right after.
+            pwfile = self.data_dir / ".initdb-password"
+            pwfile.unlink(missing_ok=True)
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(password + "\n")
+            identity.own(pwfile)
+            try:
+                done = subprocess.run(
+                    [
+                        str(identity.bindir / "initdb"),
+                        "-D",
+                        str(self.pgdata),
+                        "-U",
+                        "postgres",
+                        f"--pwfile={pwfile}",
+                        "--auth=scram-sha-256",
+                        "--encoding=UTF8",
+                        "--locale=C",
+                        "--no-sync",
+                    ],
+                    check=False,
+                    capture_output=True,
+                    **identity.popen_args(),
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
             if done.returncode != 0:
                 output = (done.stdout + done.stderr).decode(errors="replace").strip()
                 raise EmbeddedServerError(
@@ -249,7 +297,27 @@ class EmbeddedPostgres:
                 **identity.popen_args(),
             )
         self._wait_ready(log, time.monotonic() + timeout)
+        self._require_passwords(password, identity)
         return self.url()
+
+    def _require_passwords(self, password: str, identity: PostgresIdentity) -> None:
+        """A cluster initialised with ``trust`` (before passwords): give the superuser its
+        password, then make every connection prove one, and reload."""
+        hba = self.pgdata / "pg_hba.conf"
+        try:
+            text = hba.read_text()
+        except PermissionError:  # another OS user's cluster: made by this version, with passwords
+            return
+        if not re.search(r"^\s*(local|host)\S*\s.*\btrust\s*$", text, re.M):
+            return
+        psql = [str(identity.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"]
+        psql += ["-p", str(self.port), "-U", "postgres", "-d", "postgres"]
+        # On stdin, not in argv: another local user can read a process's arguments.
+        run = {"check": True, "capture_output": True, "env": {**os.environ, "PGPASSWORD": password}}
+        subprocess.run(psql, input=f"ALTER ROLE postgres PASSWORD '{password}';".encode(), **run)  # type: ignore[call-overload]
+        hba.write_text(re.sub(r"\btrust(\s*)$", r"scram-sha-256\1", text, flags=re.M))
+        identity.own(hba)
+        subprocess.run(psql, input=b"SELECT pg_reload_conf();", **run)  # type: ignore[call-overload]
 
     def _clear_stale_pid(self, pidfile: Path) -> None:
         try:

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devstack.pg_identity import die_with_parent
 from devstack.ports import free_port
+from shared.db import INGESTER_ROLE, PROJECTOR_ROLE, WRITER_ROLE, role_dsn
 
 # Where `python -m services.…` finds this checkout's code first (tests and bench run from it).
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
@@ -51,21 +52,48 @@ async def wait_until(check: Callable[[], Any], timeout: float, what: str, interv
     raise DeadlineExceeded(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+# The role each service logs in as (shared/bootstrap.py); other modules (the CLI, the
+# simulator) get DATABASE_URL as given.
+SERVICE_ROLES = {
+    "services.writer": WRITER_ROLE,
+    "services.relay": WRITER_ROLE,
+    "services.ingester": INGESTER_ROLE,
+    "services.projectors": PROJECTOR_ROLE,
+}
+# Carries the service roles' password from service_env to ServiceProcess.start, never further.
+_ROLE_PASSWORD = "DEVSTACK_DB_ROLE_PASSWORD"
+
+
 def service_env(
     database_url: str, nats_url: str, namespace: str, service_password: str, **extra: str
 ) -> dict[str, str]:
     """A service's environment for a test or bench run: ours without any ``PFLEA_*`` or
-    ``PURPLEFLEA_*`` setting (they would leak into the run), pointed at the given servers."""
+    ``PURPLEFLEA_*`` setting (they would leak into the run), pointed at the given servers.
+
+    ``database_url`` is an administrator's; :meth:`ServiceProcess.start` gives each service its
+    own role's URL instead (with ``service_password``), as a deployment does. The servers of a
+    test run have no agent accounts, so commands are taken without NATS authentication.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PFLEA_", "PURPLEFLEA_"))}
     env.update(
         DATABASE_URL=database_url,
         NATS_URL=nats_url,
         PFLEA_NAMESPACE=namespace,
-        PFLEA_DB_SERVICE_PASSWORD=service_password,
         PFLEA_LOG_LEVEL="INFO",
         PYTHONUNBUFFERED="1",
     )
+    env[_ROLE_PASSWORD] = service_password
     env.update(extra)
+    return env
+
+
+def _as_service(module: str, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with DATABASE_URL switched to ``module``'s own role (see :func:`service_env`)."""
+    env = dict(env)
+    password = env.pop(_ROLE_PASSWORD, None)
+    role = SERVICE_ROLES.get(module)
+    if password is not None and role is not None and env.get("DATABASE_URL"):
+        env["DATABASE_URL"] = role_dsn(env["DATABASE_URL"], role, password)
     return env
 
 
@@ -100,7 +128,7 @@ class ServiceProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, **extra_env: str) -> ServiceProcess:
-        env = dict(self.env, **extra_env)
+        env = _as_service(self.module, dict(self.env, **extra_env))
         env.setdefault("PFLEA_METRICS_PORT", str(free_port()))
         self.metrics_port = int(env["PFLEA_METRICS_PORT"])
         with open(self.log_path, "ab") as log:

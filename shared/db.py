@@ -1,16 +1,25 @@
-"""asyncpg pools: JSON codecs, and the per-service roles that never own a table."""
+"""asyncpg pools: JSON codecs, and the per-service roles that never own a table.
+
+A service connects with ``DATABASE_URL`` naming its own role (``pflea_writer`` for the writer,
+…): :func:`service_pool` refuses any other role, a superuser, and the old shared default
+password, so a deployment that hands a service the owner's or the superuser's credentials stops
+at start instead of running with them.
+"""
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
 
-from shared.unreachable import ServerUnreachable
+from shared.settings import SettingsError
+from shared.unreachable import ServerUnreachable, redacted_url
 
-# The roles created by the migrations; a service connects as one of them.
+# The schema's owner: `pflea migrate` and `pflea projections rebuild` connect as it (shared/bootstrap.py).
+OWNER_ROLE = "pflea_owner"
+# The roles created by `pflea bootstrap`; a service connects as one of them.
 INGESTER_ROLE = "pflea_ingester"
 WRITER_ROLE = "pflea_writer"
 PROJECTOR_ROLE = "pflea_projector"
@@ -32,6 +41,28 @@ TRANSIENT_DB_ERRORS = (
     asyncpg.exceptions.DeadlockDetectedError,
     TimeoutError,
 )
+
+
+# The password every role had before secrets were generated, and compose's old NATS defaults.
+OLD_DEFAULT_PASSWORDS = frozenset({"pflea", "ingester-dev", "writer-dev", "projector-dev", "cli-dev"})
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` naming ``database`` instead of its own."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+def refuse_default_password(url: str, variable: str, *, allowed: bool) -> None:
+    """A :class:`SettingsError` naming ``variable`` when ``url`` carries an old default password
+    (every role and user had one once), unless ``allowed`` (PFLEA_ALLOW_DEFAULT_PASSWORDS)."""
+    password = urlsplit(url.split(",")[0].strip()).password
+    if password is not None and unquote(password) in OLD_DEFAULT_PASSWORDS and not allowed:
+        raise SettingsError(
+            variable,
+            "uses an old shared default password; generate secrets (`make secrets` for compose; "
+            "`pflea up` makes its own), or set PFLEA_ALLOW_DEFAULT_PASSWORDS=1 for a throw-away setup",
+        )
 
 
 def role_dsn(database_url: str, role: str, password: str) -> str:
@@ -72,6 +103,12 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 # What connecting fails with when the server is down, starting, or the address is wrong.
 _UNREACHABLE = (OSError, TimeoutError, asyncpg.exceptions.CannotConnectNowError)
+# ... and when it answers but refuses who we say we are: a configuration error, not a retry.
+_REFUSED = (
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidPasswordError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+)
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kw: Any) -> asyncpg.Pool:
@@ -82,7 +119,30 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kw: 
         )
     except _UNREACHABLE as exc:
         raise ServerUnreachable("Postgres", dsn, exc) from exc
+    except _REFUSED as exc:
+        raise SettingsError("DATABASE_URL", f"Postgres at {redacted_url(dsn)} refused: {exc}") from None
     assert pool is not None
+    return pool
+
+
+async def service_pool(dsn: str, role: str, **kw: Any) -> asyncpg.Pool:
+    """A service's pool on ``dsn``, which must log in as ``role`` itself: not the owner, not a
+    superuser (a :class:`SettingsError` on DATABASE_URL)."""
+    pool = await create_pool(dsn, **kw)
+    try:
+        user, superuser = await pool.fetchrow(
+            "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+        )
+    except BaseException:
+        await pool.close()
+        raise
+    if user != role or superuser:
+        await pool.close()
+        who = f"{user} (a superuser)" if superuser else user
+        raise SettingsError(
+            "DATABASE_URL",
+            f"logs in as {who}; this service runs only as its own role {role} (README, Security)",
+        )
     return pool
 
 

@@ -10,7 +10,7 @@ from importlib import resources
 import asyncpg
 
 from shared import locks
-from shared.db import SERVICE_ROLES
+from shared.db import OWNER_ROLE
 from shared.envelope import ingested_event_id
 from shared.settings import CASINO_FEED
 
@@ -59,10 +59,18 @@ def migration_files() -> list[tuple[int, str, str]]:
     return found
 
 
-async def migrate(dsn: str, *, service_password: str | None = None) -> list[str]:
-    """Bring the database at ``dsn`` (connected as the owner) up to date; return what ran."""
+async def migrate(dsn: str) -> list[str]:
+    """Bring the database at ``dsn`` up to date as its owner (``pflea_owner``, made by
+    :mod:`shared.bootstrap`; never a superuser, so that what it creates is owned by the role the
+    grants are written for); return what ran."""
     conn = await asyncpg.connect(dsn)
     applied_now: list[str] = []
+    if await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        await conn.close()
+        raise MigrationError(
+            f"migrations run as {OWNER_ROLE}, not as a superuser: run `pflea bootstrap` once with "
+            f"the superuser's URL, then `pflea migrate` with {OWNER_ROLE}'s (README, Security)"
+        )
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", locks.MIGRATIONS)
         await conn.execute(
@@ -91,17 +99,9 @@ async def migrate(dsn: str, *, service_password: str | None = None) -> list[str]
                 )
             applied_now.append(name)
             log.info("applied migration %s", name)
-        if service_password is not None:
-            for role in SERVICE_ROLES:
-                # Role passwords are settings, not schema, so they are applied on every run.
-                await conn.execute(f"ALTER ROLE {role} PASSWORD {_literal(service_password)}")
     finally:
         try:
             await conn.execute("SELECT pg_advisory_unlock($1)", locks.MIGRATIONS)
         finally:
             await conn.close()
     return applied_now
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"

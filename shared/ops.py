@@ -59,7 +59,7 @@ class Lifecycle:
 class OpsServer:
     """A small HTTP server for Prometheus and orchestrators; port 0 disables it."""
 
-    def __init__(self, lifecycle: Lifecycle, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, lifecycle: Lifecycle, port: int, host: str = "127.0.0.1") -> None:
         self.lifecycle = lifecycle
         self.port = port
         self.host = host

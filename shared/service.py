@@ -11,6 +11,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
+from shared.db import refuse_default_password
 from shared.logs import configure_logging
 from shared.ops import Lifecycle, OpsServer
 from shared.settings import Settings, SettingsError, load_settings
@@ -64,6 +65,8 @@ def run_service(name: str, main: Main) -> None:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         settings = load_settings()
+        for url, variable in ((settings.database_url, "DATABASE_URL"), (settings.nats_url, "NATS_URL")):
+            refuse_default_password(url, variable, allowed=settings.allow_default_passwords)
     except SettingsError as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -86,7 +89,7 @@ def run_service(name: str, main: Main) -> None:
 async def _serve(name: str, main: Main, settings: Settings) -> None:
     lifecycle = Lifecycle()
     lifecycle.install_signal_handlers()
-    ops = OpsServer(lifecycle, settings.metrics_port)
+    ops = OpsServer(lifecycle, settings.metrics_port, settings.metrics_host)
     await ops.start()
     log.info("starting %s", name, extra={"metrics_port": settings.metrics_port})
     running = asyncio.create_task(start_when_reachable(main, settings, lifecycle))

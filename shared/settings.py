@@ -63,7 +63,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     purpleflea_agents: tuple[AgentCredential, ...] = ()
     data_dir: Path = DEFAULT_DATA_DIR
     namespace: str = "pflea"
-    db_service_password: str = "pflea"
+    allow_default_passwords: bool = False
     duplicate_window_s: float = 120.0
     writer_batch_size: int = 1000  # transactions per Postgres transaction
     writer_pull_batch: int | None = None  # see messages_per_writer_pull()
@@ -80,6 +80,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     relay_poll_s: float = 1.0
     snapshot_every: int = 100
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"  # compose: 0.0.0.0, inside its network, for Prometheus
     embedded_pg_port: int = 15432
     embedded_nats_port: int = 14222
     log_level: str = "INFO"
@@ -107,7 +108,7 @@ ENV_NAMES: dict[str, str] = {
     "purpleflea_agents": "PURPLEFLEA_AGENTS",
     "data_dir": "PFLEA_DATA_DIR",
     "namespace": "PFLEA_NAMESPACE",
-    "db_service_password": "PFLEA_DB_SERVICE_PASSWORD",
+    "allow_default_passwords": "PFLEA_ALLOW_DEFAULT_PASSWORDS",
     "duplicate_window_s": "PFLEA_DUPLICATE_WINDOW_S",
     "writer_batch_size": "PFLEA_WRITER_BATCH_SIZE",
     "writer_pull_batch": "PFLEA_WRITER_PULL_BATCH",
@@ -124,6 +125,7 @@ ENV_NAMES: dict[str, str] = {
     "relay_poll_s": "PFLEA_RELAY_POLL_S",
     "snapshot_every": "PFLEA_SNAPSHOT_EVERY",
     "metrics_port": "PFLEA_METRICS_PORT",
+    "metrics_host": "PFLEA_METRICS_HOST",
     "embedded_pg_port": "PFLEA_EMBEDDED_PG_PORT",
     "embedded_nats_port": "PFLEA_EMBEDDED_NATS_PORT",
     "log_level": "PFLEA_LOG_LEVEL",

@@ -2,21 +2,24 @@
 
 ``pflea up`` writes ``<PFLEA_DATA_DIR>/stack.json`` with the embedded servers' URLs and removes
 it on a clean stop; the CLI falls back to it when DATABASE_URL / NATS_URL are unset
-(:func:`services.cli.connections.settings`); services never do.
+(:func:`services.cli.connections.settings`); services never do. The URLs carry passwords: the
+file is 0600 from its first byte, in a folder only its owner may enter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import msgspec
 
 
 class StackInfo(msgspec.Struct, frozen=True):
-    database_url: str
+    database_url: str  # the read-only role's: what the CLI reads with
     nats_url: str
     pid: int
+    owner_database_url: str = ""  # the schema owner's: `pflea migrate`, `pflea projections rebuild`
 
 
 def stack_file(data_dir: Path) -> Path:
@@ -25,7 +28,12 @@ def stack_file(data_dir: Path) -> Path:
 
 def write_stack(data_dir: Path, info: StackInfo) -> None:
     path = stack_file(data_dir)
-    path.write_bytes(msgspec.json.encode(info))
+    tmp = path.with_name(".stack.json.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(msgspec.json.encode(info))
+    os.replace(tmp, path)
 
 
 def read_stack(data_dir: Path) -> StackInfo | None:

@@ -133,7 +133,6 @@ def settings(database_url: str, nats_url: str, namespace: str, tmp_path: Path) -
         database_url=database_url,
         nats_url=nats_url,
         namespace=namespace,
-        db_service_password=SERVICE_PASSWORD,
         data_dir=tmp_path,
     )
 

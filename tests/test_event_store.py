@@ -9,8 +9,9 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
+from shared.db import OWNER_ROLE, role_dsn
 from shared.events import BetPlaced, FundsDeposited
-from shared.migrate import migrate
+from shared.migrate import MigrationError, migrate
 from shared.store import (
     DuplicateEventError,
     EventStore,
@@ -20,6 +21,7 @@ from shared.store import (
     StreamEvent,
     StreamHeads,
 )
+from tests.conftest import SERVICE_PASSWORD
 
 
 def deposit(amount: str, asset: str = "PFLEA") -> NewEvent:
@@ -168,8 +170,15 @@ async def test_event_stored_in_old_shape_is_read_in_current_shape(
 
 
 async def test_migrations_are_idempotent(database_url: str) -> None:
-    assert await migrate(database_url) == []
-    assert await migrate(database_url) == []
+    owner = role_dsn(database_url, OWNER_ROLE, SERVICE_PASSWORD)
+    assert await migrate(owner) == []
+    assert await migrate(owner) == []
+
+
+async def test_migrations_refuse_a_superuser(database_url: str) -> None:
+    """What a superuser creates, it owns: the grants are written for pflea_owner's tables."""
+    with pytest.raises(MigrationError, match="pflea bootstrap"):
+        await migrate(database_url)
 
 
 def test_every_schema_step_has_an_upcaster() -> None:

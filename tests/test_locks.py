@@ -44,6 +44,14 @@ def test_the_append_trigger_takes_the_registry_appends_lock() -> None:
     assert re.findall(r"pg_advisory_xact_lock\((\d+)\)", trigger.group(1)) == [str(locks.APPENDS)]
 
 
+def test_the_projectors_lock_function_allows_exactly_the_projection_locks() -> None:
+    """Migration 006 lists the ids a projector may lock; a new projection needs its id there."""
+    sql = resources.files("shared.migrations").joinpath("006_least_privilege.sql").read_text()
+    allowed = re.search(r"lock_id = ANY \(ARRAY\[([\d, ]+)\]", sql)
+    assert allowed is not None, "006_least_privilege.sql no longer lists the projection locks"
+    assert {int(i) for i in allowed.group(1).split(",")} == set(locks.PROJECTIONS.values())
+
+
 def test_no_migration_takes_a_lock_the_registry_does_not_name() -> None:
     known = {str(i) for i in [*locks.NAMED.values(), *locks.PROJECTIONS.values()]}
     for _, name, sql in migration_files():

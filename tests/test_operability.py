@@ -15,6 +15,7 @@ from devstack.processes import ServiceProcess, wait_until
 from shared.jetstream import Topology
 from shared.ops import Lifecycle, OpsServer
 from shared.settings import Settings
+from tests.conftest import SERVICE_PASSWORD
 from tests.support import service_env
 from tests.test_writer_relay import publish_transactions
 
@@ -34,6 +35,22 @@ async def test_readyz_turns_503_while_draining_and_healthz_stays_up() -> None:
             assert (await http.get("/healthz")).status_code == 200
     finally:
         await ops.stop()
+
+
+def _listening_on(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on ``port`` (from /proc/net/tcp*)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                if width == 8:
+                    found.add(".".join(str(b) for b in reversed(raw)))
+                else:
+                    found.add(raw.hex())
+    return found
 
 
 @pytest.mark.parametrize(
@@ -67,10 +84,11 @@ async def test_services_serve_metrics_and_health(
             assert (await http.get("/readyz")).status_code == 200
             body = (await http.get("/metrics")).text
         assert all(metric in body for metric in metrics), body
+        assert _listening_on(port) == {"127.0.0.1"}, "/metrics listens beyond this machine"
         assert proc.terminate() == 0
         lines = [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.startswith("{")]
         assert lines and all({"ts", "level", "service", "msg"} <= set(line) for line in lines)
-        assert settings.db_service_password not in proc.log_path.read_text(), "a password was logged"
+        assert SERVICE_PASSWORD not in proc.log_path.read_text(), "a password was logged"
     finally:
         proc.kill()
 

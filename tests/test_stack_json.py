@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from services.cli.connections import settings as cli_settings
 from services.cli.connections import with_running_stack
+from shared.db import READER_ROLE, role_dsn
 from shared.settings import Settings, load_settings
 from shared.stack import StackInfo, write_stack
 from tests.conftest import SERVICE_PASSWORD
@@ -38,7 +40,6 @@ def _env_without_urls(settings: Settings) -> dict[str, str]:
     env.pop("NATS_URL", None)
     env.update(
         PFLEA_NAMESPACE=settings.namespace,
-        PFLEA_DB_SERVICE_PASSWORD=SERVICE_PASSWORD,
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -70,7 +71,8 @@ async def test_a_service_without_database_url_beside_a_stack_json_refuses_to_sta
     settings: Settings, tmp_path: Path
 ) -> None:
     # The stack.json names live servers: a service that read it would start against them.
-    folder = _folder_with_stack(tmp_path, settings.database_url, settings.nats_url)
+    reader = role_dsn(settings.database_url, READER_ROLE, SERVICE_PASSWORD)
+    folder = _folder_with_stack(tmp_path, reader, settings.nats_url)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -93,7 +95,8 @@ async def test_a_service_without_database_url_beside_a_stack_json_refuses_to_sta
 async def test_the_cli_reaches_the_servers_a_stack_json_names(
     settings: Settings, js_streams: nats.NATS, tmp_path: Path
 ) -> None:
-    folder = _folder_with_stack(tmp_path, settings.database_url, settings.nats_url)
+    reader = role_dsn(settings.database_url, READER_ROLE, SERVICE_PASSWORD)
+    folder = _folder_with_stack(tmp_path, reader, settings.nats_url)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -114,3 +117,10 @@ async def test_the_cli_reaches_the_servers_a_stack_json_names(
         f"{settings.namespace.upper()}_EVENTS": 0,
     }
     assert {p["projection"] for p in report["projections"]} == {"balance", "pnl", "portfolio", "leaderboard"}
+
+
+def test_stack_json_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """It holds URLs with passwords: 0600 from its first byte, also when it is rewritten."""
+    for _ in range(2):
+        write_stack(tmp_path, StackInfo("postgresql://r:secret@h/db", "nats://u:secret@h:4222", 1))
+        assert stat.S_IMODE((tmp_path / "stack.json").stat().st_mode) == 0o600

@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import nats
@@ -109,6 +111,79 @@ async def _forbidden_publish_is_refused(data_dir: Path, cli_url: str) -> None:
         )
 
 
+def _secrets(data_dir: Path) -> dict[str, str]:
+    """Every password `pflea up` made, by where it is kept."""
+    found = {
+        f"postgres {role}": pw
+        for role, pw in json.loads((data_dir / "secrets" / "postgres.json").read_text()).items()
+    }
+    found["postgres superuser"] = (data_dir / "postgres" / "superuser.password").read_text().strip()
+    users = json.loads((data_dir / "nats" / "users.json").read_text())
+    found.update({f"nats {user}": pw for user, pw in users.items()})
+    assert len(set(found.values())) == len(found), "two roles or users share a password"
+    return found
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes ``pid`` started, with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+async def _secrets_stay_private(data_dir: Path, out: Path, pid: int, pg_port: int) -> None:
+    """No password on screen, in a log, in a file others may read, or in another service's
+    environment; Postgres asks everyone for one."""
+    secrets = _secrets(data_dir)
+    for name, secret in secrets.items():
+        assert secret not in out.read_text(), f"pflea up printed the {name} password"
+        for log in (data_dir / "logs").iterdir():
+            assert secret not in log.read_text(errors="replace"), f"{log.name} holds the {name} password"
+    assert stat.S_IMODE((data_dir / "secrets").stat().st_mode) == 0o700
+    assert stat.S_IMODE(data_dir.stat().st_mode) & 0o066 == 0
+    for path in data_dir.rglob("*"):
+        try:
+            text = path.read_text(errors="replace") if path.is_file() else ""
+        except OSError:
+            continue  # the Postgres cluster's own files, when it runs as another OS user
+        holds = [name for name, secret in secrets.items() if secret in text]
+        if holds:
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (
+                f"{path} holds {holds} and others may read it"
+            )
+    roles = {
+        "services.writer": "pflea_writer",
+        "services.relay": "pflea_writer",
+        "services.ingester": "pflea_ingester",
+    }
+    services = {p: cmd for p, cmd in _children(pid).items() if "-m services." in cmd}
+    assert len(services) == 8, services
+    for child, cmd in services.items():
+        environ = dict(
+            item.split("=", 1)
+            for item in (Path(f"/proc/{child}/environ").read_bytes().decode().split("\0"))
+            if "=" in item
+        )
+        module = cmd.split("-m ", 1)[1].split()[0]
+        role = roles.get(module, "pflea_projector" if module == "services.projectors" else None)
+        url = urlsplit(environ.get("DATABASE_URL", ""))
+        assert url.username == role, f"{cmd} logs in to Postgres as {url.username}"
+        mine = {url.password, urlsplit(environ.get("NATS_URL", "")).password}
+        others = {
+            name
+            for name, secret in secrets.items()
+            if secret not in mine and secret in "\0".join(environ.values())
+        }
+        assert not others, f"{cmd} holds the {others} passwords"
+    with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
+        await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{pg_port}/postgres", password="")
+
+
 async def _stop(proc: subprocess.Popen[bytes], out: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     for _ in range(600):
@@ -133,6 +208,7 @@ async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path
         await wait_until(lambda: "stored" in out.read_text(), 30, "a status line")
         text = out.read_text()
         assert "SELECT * FROM leaderboard" in text and "pflea_reader" in text, "no psql line for the user"
+        await _secrets_stay_private(data_dir, out, proc.pid, urlsplit(stack.database_url).port or 0)
         await _forbidden_publish_is_refused(data_dir, stack.nats_url)
         await _stop(proc, out)
         assert read_stack(data_dir) is None

@@ -20,6 +20,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from shared.bootstrap import PASSWORD_VARIABLES
+from shared.db import OWNER_ROLE, role_dsn
 from tests.conftest import SERVICE_PASSWORD
 from tests.support import REPO
 
@@ -91,11 +93,21 @@ async def empty_database(postgres_url: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-async def test_pflea_migrate_creates_the_schema(without_embedded: Run, empty_database: str) -> None:
+async def test_pflea_bootstrap_then_migrate_create_the_schema(
+    without_embedded: Run, empty_database: str
+) -> None:
+    # Roles are shared by every test database: they keep the test suite's one password.
+    passwords = {variable: SERVICE_PASSWORD for variable in PASSWORD_VARIABLES.values()}
+    done = without_embedded(
+        "import sys; from services.cli.__main__ import main; "
+        "sys.exit(main(['bootstrap', '--allow-shared-passwords']))",
+        PFLEA_SUPERUSER_URL=empty_database,
+        **passwords,
+    )
+    assert done.returncode == 0, done.stderr
     done = without_embedded(
         "import sys; from services.cli.__main__ import main; sys.exit(main(['migrate']))",
-        DATABASE_URL=empty_database,
-        PFLEA_DB_SERVICE_PASSWORD=SERVICE_PASSWORD,  # roles are shared by every test database
+        DATABASE_URL=role_dsn(empty_database, OWNER_ROLE, SERVICE_PASSWORD),
     )
     assert done.returncode == 0, done.stderr
     assert "migrations applied: 001_event_store.sql" in done.stdout

@@ -7,26 +7,57 @@ import asyncio
 import sys
 
 from services.cli import agent, events, projections, queries, status, up
-from services.cli.connections import settings as cli_settings
+from services.cli.connections import owner_settings
 from shared.logs import configure_logging
 from shared.settings import SettingsError
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from shared.migrate import migrate
+    from shared.migrate import MigrationError, migrate
     from shared.service import require
 
-    settings = cli_settings()
+    settings = owner_settings()
     url = require(settings.database_url, "DATABASE_URL")
-    applied = asyncio.run(migrate(url, service_password=settings.db_service_password))
+    try:
+        applied = asyncio.run(migrate(url))
+    except MigrationError as exc:
+        print(f"pflea migrate: {exc}", file=sys.stderr)
+        return 2
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    import os
+
+    from shared.bootstrap import BootstrapError, bootstrap, passwords_from_environ
+    from shared.service import require
+
+    try:
+        url = require(os.environ.get("PFLEA_SUPERUSER_URL", ""), "PFLEA_SUPERUSER_URL")
+        asyncio.run(bootstrap(url, passwords_from_environ(), allow_shared=args.allow_shared_passwords))
+    except BootstrapError as exc:
+        print(f"pflea bootstrap: {exc}", file=sys.stderr)
+        return 2
+    print("bootstrapped: roles, passwords, ownership and advisory-lock privileges are in place")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pflea", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("migrate", help="apply database migrations (as the owner in DATABASE_URL)")
+    p = sub.add_parser(
+        "bootstrap",
+        help="as the superuser (PFLEA_SUPERUSER_URL): create the ledger's roles with the passwords in "
+        "PFLEA_<ROLE>_DB_PASSWORD, hand the database to pflea_owner (run again to rotate)",
+    )
+    p.add_argument(
+        "--allow-shared-passwords",
+        action="store_true",
+        help="let roles share a password (a throw-away test cluster; never in production)",
+    )
+    p.set_defaults(func=_bootstrap)
+    p = sub.add_parser("migrate", help="apply database migrations (as pflea_owner, DATABASE_URL)")
     p.set_defaults(func=_migrate)
     projections.add_parser(sub)
     queries.add_parsers(sub)

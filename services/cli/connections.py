@@ -17,12 +17,13 @@ import nats.errors
 from nats.aio.client import Client
 
 from services.cli.render import fail
-from shared.db import READER_ROLE, create_pool, role_dsn
+from shared.db import create_pool
 from shared.history import HistoryError, UnknownAgent
 from shared.jetstream import Topology
 from shared.service import require
 from shared.settings import Settings, load_settings
 from shared.stack import read_stack
+from shared.unreachable import ServerUnreachable, redacted_url
 
 OK, REFUSED, USAGE, UNREACHABLE = 0, 1, 2, 3
 
@@ -50,19 +51,27 @@ def with_running_stack(s: Settings) -> Settings:
     )
 
 
+def owner_settings() -> Settings:
+    """:func:`settings` for commands that change the schema or rebuild read models: DATABASE_URL
+    then names the schema owner (``pflea_owner``); under ``pflea up``, its URL from stack.json."""
+    s = load_settings()
+    if not s.database_url and (info := read_stack(s.data_dir)) is not None and info.owner_database_url:
+        s = msgspec.structs.replace(s, database_url=info.owner_database_url)
+    return with_running_stack(s)
+
+
 def topology(s: Settings) -> Topology:
     return Topology(s.namespace)
 
 
 async def reader_pool(s: Settings) -> asyncpg.Pool:
-    """A small pool as ``pflea_reader``: the CLI can read everything and change nothing."""
+    """A small pool as whoever DATABASE_URL names: ``pflea_reader`` under ``pflea up`` (its
+    ``stack.json``), which can read everything and change nothing."""
     url = require(s.database_url, "DATABASE_URL")
     try:
-        return await create_pool(
-            role_dsn(url, READER_ROLE, s.db_service_password), min_size=1, max_size=2, timeout=10
-        )
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise Unreachable(f"cannot reach Postgres as {READER_ROLE} ({exc})") from None
+        return await create_pool(url, min_size=1, max_size=2, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError, ServerUnreachable) as exc:
+        raise Unreachable(f"cannot reach Postgres at {redacted_url(url)} ({exc})") from None
 
 
 async def connect_nats(s: Settings) -> Client:
@@ -70,7 +79,7 @@ async def connect_nats(s: Settings) -> Client:
     try:
         return await nats.connect(url, name="pflea-cli", connect_timeout=5, allow_reconnect=False)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
-        raise Unreachable(f"cannot reach NATS at {url} ({exc!r})") from None
+        raise Unreachable(f"cannot reach NATS at {redacted_url(url)} ({exc!r})") from None
 
 
 def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:

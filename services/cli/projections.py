@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from services.cli.connections import settings as cli_settings
+from services.cli.connections import owner_settings
 from services.projectors.rebuild import rebuild
 from shared.projections.registry import PROJECTIONS, projection
 from shared.service import require
@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _rebuild(args: argparse.Namespace) -> int:
-    settings = cli_settings()
+    settings = owner_settings()
     url = require(settings.database_url, "DATABASE_URL")
     names = list(PROJECTIONS) if args.name == "all" else [args.name]
     for name in names:

@@ -12,20 +12,16 @@ import asyncpg
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.db import READER_ROLE, role_dsn
-from shared.settings import Settings
-
 
 class StatusLine:
     def __init__(
         self,
-        database_url: str,
-        settings: Settings,
+        reader_url: str,
         *,
         live: bool,
         ingester_metrics: str | None = None,
     ) -> None:
-        self.dsn = role_dsn(database_url, READER_ROLE, settings.db_service_password)
+        self.dsn = reader_url
         self.ingester_metrics = ingester_metrics  # its /metrics: transactions published
         self.live = live and sys.stdout.isatty()
         self.quiet = not live

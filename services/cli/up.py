@@ -14,18 +14,29 @@ import os
 import signal
 import sys
 from contextlib import AsyncExitStack
+from urllib.parse import urlsplit
 
-from devstack.databases import ensure_database
 from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, postgres_binaries
 from devstack.processes import ServiceProcess
+from services.cli.credentials import database_passwords, private_folder, write_pgpass
 from services.cli.status_line import StatusLine
 from services.cli.supervisor import GaveUp, Supervisor
-from shared.db import READER_ROLE, role_dsn
+from shared.bootstrap import ROLES, bootstrap
+from shared.db import (
+    INGESTER_ROLE,
+    OWNER_ROLE,
+    PROJECTOR_ROLE,
+    READER_ROLE,
+    WRITER_ROLE,
+    role_dsn,
+    with_database,
+)
 from shared.migrate import migrate
 from shared.nats_auth import load_or_create_passwords, render_accounts, user_url
 from shared.projections.registry import PROJECTIONS
 from shared.settings import Settings, load_settings
 from shared.stack import StackInfo, clear_stack, write_stack
+from shared.unreachable import redacted_url
 
 SIM_DEFAULTS = {
     "PFLEA_SIM_PORT": "18088",
@@ -72,20 +83,24 @@ class Stack:
         self.stop_requested = asyncio.Event()
 
     async def run(self) -> int:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(self.data_dir)
         (self.data_dir / "logs").mkdir(exist_ok=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop_requested.set)
         async with AsyncExitStack() as servers:
-            database_url, nats_url = await self._servers(servers)
+            superuser_url, nats_url = await self._servers(servers)
             print("migrating…", flush=True)
-            await migrate(database_url, service_password=self.settings.db_service_password)
-            write_stack(self.data_dir, StackInfo(database_url, nats_url, os.getpid()))
+            dsns = await self._databases(superuser_url)
+            await migrate(dsns[OWNER_ROLE])
+            write_stack(
+                self.data_dir,
+                StackInfo(dsns[READER_ROLE], nats_url, os.getpid(), owner_database_url=dsns[OWNER_ROLE]),
+            )
             servers.callback(clear_stack, self.data_dir)
-            await self._start_services(database_url, nats_url)
-            self._print_howto(database_url, nats_url)
-            code = await self._supervise(database_url)
+            await self._start_services(dsns, nats_url)
+            self._print_howto(dsns[READER_ROLE], nats_url)
+            code = await self._supervise(dsns[READER_ROLE])
             codes = await self.supervisor.stop()
             unclean = {name: c for name, c in codes.items() if c not in (0, None)}
             print(f"\nservices stopped{'' if not unclean else f' (non-zero exits: {unclean})'}", flush=True)
@@ -93,13 +108,16 @@ class Stack:
         return code
 
     async def _servers(self, stack: AsyncExitStack) -> tuple[str, str]:
+        """A superuser's URL of the ledger's database, and the CLI's NATS URL."""
         database_url, nats_url = self.settings.database_url, self.settings.nats_url
         if not database_url:
             pg = EmbeddedPostgres(self.data_dir / "postgres", self.settings.embedded_pg_port)
+            if pg.runs_as_another_user():
+                self.data_dir.chmod(0o711)  # it may pass through, not list; secrets/ stays 0700
             print(f"starting embedded Postgres on 127.0.0.1:{pg.port} (data in {pg.pgdata})", flush=True)
             pg.start()  # in the main thread: see die_with_parent
             stack.callback(pg.stop)
-            database_url = await ensure_database(pg.url(), "pflea")
+            database_url = with_database(pg.url(), "pflea")
         self.nats_users: dict[str, str] = {}
         if not nats_url:
             # Each service logs in as its own NATS user with least-privilege permissions.
@@ -113,21 +131,33 @@ class Stack:
             nats_url = self.nats_users["cli"]
         return database_url, nats_url
 
+    async def _databases(self, superuser_url: str) -> dict[str, str]:
+        """Each role's URL, after ``pflea bootstrap``'s work with this folder's secrets."""
+        passwords = database_passwords(self.data_dir)
+        await bootstrap(superuser_url, passwords)
+        dsns = {role: role_dsn(superuser_url, role, passwords[role]) for role in ROLES}
+        where = urlsplit(superuser_url)
+        database = where.path.lstrip("/")
+        self.pgpass = write_pgpass(
+            self.data_dir,
+            [(where.hostname or "", where.port or 5432, database, READER_ROLE, passwords[READER_ROLE])],
+        )
+        return dsns
+
     def _nats_for(self, user: str, default: str) -> str:
         return self.nats_users.get(user, default)
 
-    def _env(self, database_url: str, nats_url: str, **extra: str) -> dict[str, str]:
-        env = dict(
-            os.environ,
-            DATABASE_URL=database_url,
-            NATS_URL=nats_url,
-            PFLEA_DATA_DIR=str(self.data_dir),
-            PYTHONUNBUFFERED="1",
-        )
+    def _env(self, database_url: str | None, nats_url: str, **extra: str) -> dict[str, str]:
+        """A service's environment: its own role's DATABASE_URL (none for the simulator), and
+        no other secret of this stack."""
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
+        env.update(NATS_URL=nats_url, PFLEA_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1")
+        if database_url is not None:
+            env["DATABASE_URL"] = database_url
         env.update(extra)
         return env
 
-    async def _start_services(self, database_url: str, nats_url: str) -> None:
+    async def _start_services(self, dsns: dict[str, str], nats_url: str) -> None:
         logs = self.data_dir / "logs"
         base = int(os.environ.get("PFLEA_METRICS_BASE_PORT", "19100"))
         port = base
@@ -147,19 +177,26 @@ class Stack:
         specs.append(("ingester", ("services.ingester",), ingester_env))
         specs += [(f"projector-{n}", ("services.projectors", n), {}) for n in PROJECTIONS]
         users = {"writer": "writer", "relay": "writer", "ingester": "ingester"}
+        roles = {"writer": WRITER_ROLE, "relay": WRITER_ROLE, "ingester": INGESTER_ROLE}
         for name, (module, *args), extra in specs:
             port = port + 1 if base else 0
             user = "projector" if name.startswith("projector-") else users.get(name, "cli")
+            role = PROJECTOR_ROLE if name.startswith("projector-") else roles.get(name)
             env = self._env(
-                database_url, self._nats_for(user, nats_url), PFLEA_METRICS_PORT=str(port), **extra
+                dsns[role] if role else None,
+                self._nats_for(user, nats_url),
+                PFLEA_METRICS_PORT=str(port),
+                **extra,
             )
             # Started from the main thread, which the children's die_with_parent signal follows.
             self.supervisor.start(ServiceProcess(module, env, logs, *args, name=name, detach=True, cwd=None))
         self.metrics_ports = {name: base + 1 + i for i, (name, _, _) in enumerate(specs)} if base else {}
 
-    def _print_howto(self, database_url: str, nats_url: str) -> None:
-        reader = role_dsn(database_url, READER_ROLE, self.settings.db_service_password)
-        psql = _psql()
+    def _print_howto(self, reader_url: str, nats_url: str) -> None:
+        # No password on screen: psql finds the reader's in the pgpass file, NATS users' are in
+        # the data folder's secrets.
+        reader = redacted_url(reader_url).replace(":***@", "@")
+        psql = f"PGPASSFILE={self.pgpass} {_psql()}"
         metrics = (
             f"http://127.0.0.1:{min(self.metrics_ports.values())}/metrics … (one port per service)"
             if self.metrics_ports
@@ -172,17 +209,18 @@ Purple Flea ledger is up. Data: {self.data_dir}   Logs: {self.data_dir / "logs"}
     {psql} "{reader}" -c 'SELECT * FROM leaderboard ORDER BY asset, rank LIMIT 10'
   the CLI (finds this stack through {self.data_dir / "stack.json"}):
     pflea leaderboard --top 10      pflea status      pflea events agent-0001
-  subscribe to events:   NATS_URL={nats_url} (user cli), subject '{self.settings.namespace}.events.>'
+  subscribe to events:   {redacted_url(nats_url)}, subject '{self.settings.namespace}.events.>'
+                         (the password is in {self.data_dir / "nats"})
   metrics:               {metrics}
 Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
 """,
             flush=True,
         )
 
-    async def _supervise(self, database_url: str) -> int:
+    async def _supervise(self, reader_url: str) -> int:
         port = self.metrics_ports.get("ingester")
         metrics = f"http://127.0.0.1:{port}/metrics" if port else None
-        status = StatusLine(database_url, self.settings, live=self.status, ingester_metrics=metrics)
+        status = StatusLine(reader_url, live=self.status, ingester_metrics=metrics)
         watcher = asyncio.create_task(self.supervisor.watch())
         reporter = asyncio.create_task(status.run(plain_every=self.status_every))
         stop = asyncio.create_task(self.stop_requested.wait())

@@ -7,7 +7,7 @@ import logging
 
 from services.ingester.client import FeedClient
 from services.ingester.poller import AgentPoller
-from shared.db import INGESTER_ROLE, create_pool, role_dsn
+from shared.db import INGESTER_ROLE, service_pool
 from shared.jetstream import Topology, ensure_streams
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
@@ -24,7 +24,7 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
     topology = Topology(settings.namespace)
     casino = FeedClient(settings.purpleflea_api_url, settings.ingest_timeout_s, settings.ingest_concurrency)
     feeds: list[FeedClient] = []
-    pool = await create_pool(role_dsn(database_url, INGESTER_ROLE, settings.db_service_password), max_size=4)
+    pool = await service_pool(database_url, INGESTER_ROLE, max_size=4)
     nc = await connect_nats(nats_url, "pflea-ingester")
     try:
         agents = list(settings.purpleflea_agents)

@@ -49,7 +49,7 @@ async def apply_batch(
     for event in delivered:
         by_stream.setdefault(event.stream_id, {})[event.version] = event
     streams = sorted(by_stream)
-    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", locks.projection(model.name))
+    await conn.execute("SELECT pflea_projection_lock_shared($1)", locks.projection(model.name))
     checkpoints = await lock_checkpoints(conn, model.name, streams)
     pending: dict[str, list[DeliveredEvent]] = {}
     for stream in streams:

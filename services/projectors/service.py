@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.projectors.runner import ProjectorRunner
-from shared.db import PROJECTOR_ROLE, create_pool, role_dsn
+from shared.db import PROJECTOR_ROLE, service_pool
 from shared.jetstream import Topology
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
@@ -16,10 +16,12 @@ def projector_main(name: str):  # noqa: ANN201 - returns the service's main coro
     model = projection(name)
 
     async def run_projector(settings: Settings, lifecycle: Lifecycle) -> None:
-        dsn = role_dsn(
-            require(settings.database_url, "DATABASE_URL"), PROJECTOR_ROLE, settings.db_service_password
+        pool = await service_pool(
+            require(settings.database_url, "DATABASE_URL"),
+            PROJECTOR_ROLE,
+            min_size=1,
+            max_size=4,
         )
-        pool = await create_pool(dsn, min_size=1, max_size=4)
         nc = await connect_nats(require(settings.nats_url, "NATS_URL"), f"pflea-projector-{name}")
         try:
             js = nc.jetstream()

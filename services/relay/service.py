@@ -17,7 +17,7 @@ from nats.aio.client import Client
 
 from services.relay.relay import Relay
 from services.relay.snapshots import Snapshotter
-from shared.db import WRITER_ROLE, create_pool, role_dsn
+from shared.db import WRITER_ROLE, service_pool
 from shared.jetstream import Topology, ensure_streams
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
@@ -31,10 +31,10 @@ PARTS = ("relay", "snapshots")
 
 
 async def run_relay(settings: Settings, lifecycle: Lifecycle) -> None:
-    dsn = role_dsn(require(settings.database_url, "DATABASE_URL"), WRITER_ROLE, settings.db_service_password)
+    dsn = require(settings.database_url, "DATABASE_URL")
     nats_url = require(settings.nats_url, "NATS_URL")
     topology = Topology(settings.namespace)
-    pool = await create_pool(dsn, min_size=2, max_size=16)
+    pool = await service_pool(dsn, WRITER_ROLE, min_size=2, max_size=16)
     nc = await connect_nats(nats_url, "pflea-relay")
     try:
         await ensure_streams(nc.jetstream(), topology, settings.duplicate_window_s)

@@ -17,7 +17,7 @@ from services.relay.service import tailers
 from services.writer.commands import CommandHandler
 from services.writer.consumer import TxConsumer
 from services.writer.purpleflea import PurpleFleaCommands
-from shared.db import WRITER_ROLE, create_pool, role_dsn
+from shared.db import WRITER_ROLE, service_pool
 from shared.jetstream import Topology, ensure_streams
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 
 
 async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
-    dsn = role_dsn(require(settings.database_url, "DATABASE_URL"), WRITER_ROLE, settings.db_service_password)
+    dsn = require(settings.database_url, "DATABASE_URL")
     nats_url = require(settings.nats_url, "NATS_URL")
     topology = Topology(settings.namespace)
-    pool = await create_pool(dsn, min_size=2, max_size=16)
+    pool = await service_pool(dsn, WRITER_ROLE, min_size=2, max_size=16)
     nc = await connect_nats(nats_url, "pflea-writer")
     purpleflea = _purpleflea(settings)
     try:

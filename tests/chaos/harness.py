@@ -35,7 +35,6 @@ from tests.chaos.clock import SkewedClock
 from tests.chaos.report import Progress, Verdict
 from tests.chaos.schedule import Schedule, Step
 from tests.chaos.servers import ChaosServers
-from tests.conftest import SERVICE_PASSWORD
 from tests.support import service_env, simulator_feeds
 
 PIPELINE = ("ingester", "writer", "relay", *(f"projector-{name}" for name in PROJECTIONS))
@@ -88,7 +87,6 @@ class ChaosRun:
             database_url=database_url,
             nats_url=servers.nats_url,
             namespace=self.topology.namespace,
-            db_service_password=SERVICE_PASSWORD,
             data_dir=log_dir,
         )
         extra = dict(BASE_ENV, **env)

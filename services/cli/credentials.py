@@ -1,0 +1,67 @@
+"""The secrets ``pflea up`` generates on first start and keeps in its data folder.
+
+Everything secret lives under ``<PFLEA_DATA_DIR>/secrets`` (0700, files 0600, created that way,
+never widened): one password per Postgres role (``postgres.json``) and a libpq password file
+(``pgpass``) so that ``psql`` and the CLI's readers log in without a password on the command
+line or in the terminal. Delete a role's entry and restart to rotate it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from shared.bootstrap import ROLES
+
+
+def new_password() -> str:
+    """URL-safe (it travels inside DATABASE_URL and NATS_URL), starting with a letter (NATS)."""
+    return "p" + secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
+
+
+def private_folder(path: Path) -> Path:
+    """``path`` as a folder only its owner may enter."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """``text`` into ``path``, which is 0600 from its first byte."""
+    private_folder(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def secrets_folder(data_dir: Path) -> Path:
+    return Path(data_dir) / "secrets"
+
+
+def database_passwords(data_dir: Path) -> dict[str, str]:
+    """A distinct password per role of shared.bootstrap.ROLES, made the first time."""
+    path = secrets_folder(data_dir) / "postgres.json"
+    try:
+        stored: dict[str, str] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    passwords = {role: stored.get(role) or new_password() for role in ROLES}
+    if passwords != stored:
+        write_private(path, json.dumps(passwords, indent=2))
+    return passwords
+
+
+def write_pgpass(data_dir: Path, entries: list[tuple[str, int, str, str, str]]) -> Path:
+    """A libpq password file (``PGPASSFILE``) of (host, port, database, role, password)."""
+    path = secrets_folder(data_dir) / "pgpass"
+
+    def field(value: object) -> str:
+        return str(value).replace("\\", "\\\\").replace(":", "\\:")
+
+    write_private(path, "".join(":".join(map(field, entry)) + "\n" for entry in entries))
+    return path
