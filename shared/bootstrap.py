@@ -15,6 +15,10 @@ Everything after it — the schema, its grants, every service — runs without s
   leases need them), the owner keeps them to run migrations and to lend projectors a guarded
   wrapper (migration 006); the reader has none.
 - The reader may run a statement for at most 30 s and hold 20 connections.
+- ``pflea_agents`` (no login) is the group of agents' own SQL logins (``pflea agents add``,
+  :mod:`shared.agent_logins`): row-level security (migration 007) shows each only its own
+  rows. The service roles bypass it (BYPASSRLS: they read and write every agent's rows, and
+  Postgres refuses COPY into a table whose row security applies); the owner grants the group.
 
 Idempotent: run it again to rotate passwords (then restart the services with the new ones).
 Passwords travel as bind parameters of ``set_config`` and are applied by ``format(%L)`` inside the
@@ -31,6 +35,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from shared.db import (
+    AGENTS_GROUP,
     OLD_DEFAULT_PASSWORDS,
     OWNER_ROLE,
     READER_ROLE,
@@ -122,17 +127,13 @@ async def _roles(conn: asyncpg.Connection, passwords: Mapping[str, str]) -> None
     modern = int(await conn.fetchval("SHOW server_version_num")) >= 160000
     for role in ROLES:
         createrole = "CREATEROLE" if role == OWNER_ROLE and modern else "NOCREATEROLE"
-        options = f"LOGIN NOSUPERUSER NOCREATEDB NOREPLICATION NOBYPASSRLS {createrole}"
-        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-            await conn.execute(f"CREATE ROLE {role} {options}")
-        else:
-            await conn.execute(f"ALTER ROLE {role} {options}")
-        await conn.execute("SELECT set_config('pflea.secret', $1, false)", passwords[role])
-        await conn.execute(
-            f"DO $$ BEGIN EXECUTE format('ALTER ROLE {role} PASSWORD %L', "
-            "current_setting('pflea.secret')); END $$"
-        )
-    await conn.execute("RESET pflea.secret")
+        bypassrls = "BYPASSRLS" if role in SERVICE_ROLES else "NOBYPASSRLS"
+        await ensure_role(conn, role, f"LOGIN NOSUPERUSER NOCREATEDB NOREPLICATION {bypassrls} {createrole}")
+        await set_password(conn, role, passwords[role])
+    await ensure_role(conn, AGENTS_GROUP, "NOLOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS")
+    # The owner adds agents' logins to the group; it does not act as one of them.
+    grant = f"GRANT {AGENTS_GROUP} TO {OWNER_ROLE} WITH ADMIN OPTION"
+    await conn.execute(grant + (", INHERIT FALSE, SET FALSE" if modern else ""))
     await conn.execute(
         f"ALTER ROLE {READER_ROLE} CONNECTION LIMIT {READER_CONNECTION_LIMIT};"
         f"ALTER ROLE {READER_ROLE} SET statement_timeout = '{READER_STATEMENT_TIMEOUT}';"
@@ -145,8 +146,27 @@ def database_access_sql(database: str) -> str:
     of a database (``CREATE DATABASE … TEMPLATE``) needs this again: it is not copied."""
     return (
         f'REVOKE ALL ON DATABASE "{database}" FROM PUBLIC; '
-        f'GRANT CONNECT ON DATABASE "{database}" TO {", ".join(ROLES)}'
+        f'GRANT CONNECT ON DATABASE "{database}" TO {", ".join((*ROLES, AGENTS_GROUP))}'
     )
+
+
+async def ensure_role(conn: asyncpg.Connection, role: str, options: str) -> None:
+    """``role`` exists with ``options`` (a CREATE/ALTER ROLE option list)."""
+    verb = "ALTER" if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role) else "CREATE"
+    await conn.execute(f'{verb} ROLE "{role}" {options}')
+
+
+async def set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
+    """``role``'s password, sent as a bind parameter: no statement text (which a server log may
+    keep) ever holds it."""
+    await conn.execute("SELECT set_config('pflea.secret', $1, false)", password)
+    try:
+        await conn.execute(
+            f"DO $$ BEGIN EXECUTE format('ALTER ROLE %I PASSWORD %L', '{role}', "
+            "current_setting('pflea.secret')); END $$"
+        )
+    finally:
+        await conn.execute("RESET pflea.secret")
 
 
 async def _database(conn: asyncpg.Connection, database: str) -> None:

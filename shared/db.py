@@ -25,6 +25,8 @@ WRITER_ROLE = "pflea_writer"
 PROJECTOR_ROLE = "pflea_projector"
 READER_ROLE = "pflea_reader"
 SERVICE_ROLES = (INGESTER_ROLE, WRITER_ROLE, PROJECTOR_ROLE, READER_ROLE)
+# The group of agents' own SQL logins (shared/agent_logins.py): each sees only its own rows.
+AGENTS_GROUP = "pflea_agents"
 
 
 # Errors that say nothing about the messages: the database or the connection is away.

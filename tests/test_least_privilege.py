@@ -4,13 +4,16 @@ that are not their own. Real servers; each guard is the only thing between the t
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from devstack.processes import ServiceProcess
+from services.projectors.rebuild import rebuild
 from shared import locks
+from shared.agent_logins import add_login, login_role, remove_login
 from shared.bootstrap import (
     READER_CONNECTION_LIMIT,
     READER_STATEMENT_TIMEOUT,
@@ -18,9 +21,22 @@ from shared.bootstrap import (
     check_passwords,
 )
 from shared.db import OWNER_ROLE, PROJECTOR_ROLE, READER_ROLE, WRITER_ROLE, role_dsn
+from shared.projections.registry import PROJECTIONS, projection
 from shared.settings import Settings
+from shared.store import EventStore
 from tests.conftest import SERVICE_PASSWORD
+from tests.reference import generate
 from tests.support import service_env
+
+# Every table that holds an agent's rows, with the column naming the agent.
+AGENT_TABLES = {
+    "events": "stream_id",
+    "balances": "agent_id",
+    "pnl": "agent_id",
+    "portfolio": "agent_id",
+    "command_results": "agent_id",
+    "quarantine": "agent_id",
+}
 
 
 async def _as(database_url: str, role: str) -> asyncpg.Connection:
@@ -144,3 +160,55 @@ async def test_a_service_refuses_credentials_not_its_own(
     env["DATABASE_URL"] = role_dsn(settings.database_url, READER_ROLE, SERVICE_PASSWORD)
     log = await _refused(tmp_path / "reader", env, module) if (tmp_path / "reader").mkdir() is None else ""
     assert f"logs in as {READER_ROLE}" in log
+
+
+async def test_an_agents_sql_login_reads_only_its_own_rows(database_url: str, store: EventStore) -> None:
+    """Row-level security: agent A's login sees A's rows in every per-agent table, all of the
+    public leaderboard, and nothing of B's; removed, it sees nothing and cannot log in."""
+    await store.append_batch(generate(7, agents=2, events=200))
+    owner = role_dsn(database_url, OWNER_ROLE, SERVICE_PASSWORD)
+    for name in PROJECTIONS:
+        await rebuild(owner, projection(name))
+    admin = await asyncpg.connect(database_url)
+    try:
+        a, b = [r["stream_id"] for r in await admin.fetch("SELECT DISTINCT stream_id FROM events ORDER BY 1")]
+        for agent in (a, b):
+            await admin.execute(
+                """INSERT INTO quarantine (source, reason, raw, agent_id, dedup_key)
+                   VALUES ('t', 'r', 'x', $1, $1)""",
+                agent,
+            )
+            await admin.execute(
+                """INSERT INTO command_results (command_id, agent_id, command_type, accepted, reply)
+                   VALUES ($1, $2, 'ClaimFaucet', false, '{}')""",
+                uuid.uuid4(),
+                agent,
+            )
+        mine = {
+            table: await admin.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = $1", a)
+            for table, column in AGENT_TABLES.items()
+        }
+    finally:
+        await admin.close()
+    assert all(mine.values()), mine
+    role = await add_login(owner, a, "agent-a-secret")
+    assert role == login_role(a)
+    conn = await asyncpg.connect(role_dsn(database_url, role, "agent-a-secret"))
+    try:
+        for table, column in AGENT_TABLES.items():
+            seen = {r["agent"] for r in await conn.fetch(f"SELECT DISTINCT {column} AS agent FROM {table}")}
+            assert seen == {a}, f"{table} shows {seen}"
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == mine[table], table
+        assert {r["agent_id"] for r in await conn.fetch("SELECT agent_id FROM leaderboard")} == {a, b}
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.fetch("SELECT * FROM snapshots")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("SELECT pg_advisory_lock($1)", locks.APPENDS)
+        assert await conn.fetchval("SHOW statement_timeout") == READER_STATEMENT_TIMEOUT
+        assert await remove_login(owner, a)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):  # even its open session
+            await conn.fetchval("SELECT count(*) FROM events")
+    finally:
+        await conn.close()
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await asyncpg.connect(role_dsn(database_url, role, "agent-a-secret"))
