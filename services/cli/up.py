@@ -15,12 +15,17 @@ import signal
 import sys
 from contextlib import AsyncExitStack
 
+import nats
+import nats.errors
+import nats.js.errors
+
 from devstack.databases import ensure_database
 from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, postgres_binaries
 from devstack.processes import ServiceProcess
 from services.cli.status_line import StatusLine
 from services.cli.supervisor import GaveUp, Supervisor
 from shared.db import READER_ROLE, role_dsn
+from shared.jetstream import Topology, declare_streams
 from shared.migrate import migrate
 from shared.nats_auth import load_or_create_passwords, render_accounts, user_url
 from shared.projections.registry import PROJECTIONS
@@ -57,9 +62,13 @@ def _up(args: argparse.Namespace) -> int:
     try:
         stack = Stack(settings, status=not args.no_status, status_every=args.status_every)
         return asyncio.run(stack.run())
-    except EmbeddedServerError as exc:
+    except (EmbeddedServerError, StreamsNotDeclared) as exc:
         print(f"pflea up: {exc}", file=sys.stderr)
         return 1
+
+
+class StreamsNotDeclared(RuntimeError):
+    """NATS refused (or did not answer) creating or updating the streams at start."""
 
 
 class Stack:
@@ -81,6 +90,7 @@ class Stack:
             database_url, nats_url = await self._servers(servers)
             print("migrating…", flush=True)
             await migrate(database_url, service_password=self.settings.db_service_password)
+            await self._declare_streams(nats_url)
             write_stack(self.data_dir, StackInfo(database_url, nats_url, os.getpid()))
             servers.callback(clear_stack, self.data_dir)
             await self._start_services(database_url, nats_url)
@@ -112,6 +122,22 @@ class Stack:
             self.nats_users = {u: user_url(nats.url, u, passwords[u]) for u in passwords}
             nats_url = self.nats_users["cli"]
         return database_url, nats_url
+
+    async def _declare_streams(self, url: str) -> None:
+        """Create or update the streams: the services only create one that is missing."""
+        try:
+            nc = await nats.connect(url, name="pflea-up", connect_timeout=10, allow_reconnect=False)
+            try:
+                js = nc.jetstream()
+                await declare_streams(js, Topology(self.settings.namespace), self.settings.duplicate_window_s)
+            finally:
+                await nc.close()
+        except (OSError, TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            host = _without_password(url)
+            raise StreamsNotDeclared(
+                f"cannot declare the streams at {host} ({exc!r}); NATS_URL must name a user that may "
+                "manage streams"
+            ) from None
 
     def _nats_for(self, user: str, default: str) -> str:
         return self.nats_users.get(user, default)
@@ -196,6 +222,11 @@ Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
         watcher.cancel()
         print("\nstopping: draining services…", flush=True)
         return 0
+
+
+def _without_password(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 def _psql() -> str:
