@@ -17,6 +17,9 @@ class StackInfo(msgspec.Struct, frozen=True):
     database_url: str
     nats_url: str
     pid: int
+    # The embedded nats-server's, which `pflea agents` signals to reload its users (None when
+    # NATS_URL named a server of its own).
+    nats_pid: int | None = None
 
 
 def stack_file(data_dir: Path) -> Path:

@@ -27,7 +27,8 @@ from services.cli.supervisor import GaveUp, Supervisor
 from shared.db import READER_ROLE, role_dsn
 from shared.jetstream import Topology, declare_streams
 from shared.migrate import migrate
-from shared.nats_auth import load_or_create_passwords, render_accounts, user_url
+from shared.nats_agents import AgentRegistry
+from shared.nats_auth import USERS, load_or_create_passwords, render_accounts, user_url
 from shared.projections.registry import PROJECTIONS
 from shared.settings import Settings, load_settings
 from shared.stack import StackInfo, clear_stack, write_stack
@@ -90,8 +91,8 @@ class Stack:
             database_url, nats_url = await self._servers(servers)
             print("migrating…", flush=True)
             await migrate(database_url, service_password=self.settings.db_service_password)
-            await self._declare_streams(nats_url)
-            write_stack(self.data_dir, StackInfo(database_url, nats_url, os.getpid()))
+            await self._declare_streams(self.nats_users.get("admin", nats_url))
+            write_stack(self.data_dir, StackInfo(database_url, nats_url, os.getpid(), nats_pid=self.nats_pid))
             servers.callback(clear_stack, self.data_dir)
             await self._start_services(database_url, nats_url)
             self._print_howto(database_url, nats_url)
@@ -111,20 +112,25 @@ class Stack:
             stack.callback(pg.stop)
             database_url = await ensure_database(pg.url(), "pflea")
         self.nats_users: dict[str, str] = {}
+        self.nats_pid: int | None = None
         if not nats_url:
-            # Each service logs in as its own NATS user with least-privilege permissions.
+            # Each service logs in as its own NATS user with least-privilege permissions; each
+            # agent as its own (`pflea agents add`), from the users file rendered here.
             passwords = load_or_create_passwords(self.data_dir / "nats" / "users.json")
             accounts = render_accounts(self.settings.namespace, passwords)
+            AgentRegistry(self.data_dir, self.settings.namespace).render()
             nats = EmbeddedNats(self.data_dir / "nats", self.settings.embedded_nats_port, config=accounts)
             print(f"starting embedded nats-server with JetStream on {nats.url}", flush=True)
             nats.start()
             stack.callback(nats.stop)
-            self.nats_users = {u: user_url(nats.url, u, passwords[u]) for u in passwords}
-            nats_url = self.nats_users["cli"]
+            self.nats_pid = nats.proc.pid if nats.proc is not None else None
+            self.nats_users = {u: user_url(nats.url, u, passwords[u]) for u in USERS}
+            # What the CLI finds in stack.json: look, never touch.
+            nats_url = self.nats_users["operator"]
         return database_url, nats_url
 
     async def _declare_streams(self, url: str) -> None:
-        """Create or update the streams: the services only create one that is missing."""
+        """Create or update the streams (as the admin user): the services may only use them."""
         try:
             nc = await nats.connect(url, name="pflea-up", connect_timeout=10, allow_reconnect=False)
             try:
@@ -136,7 +142,7 @@ class Stack:
             host = _without_password(url)
             raise StreamsNotDeclared(
                 f"cannot declare the streams at {host} ({exc!r}); NATS_URL must name a user that may "
-                "manage streams"
+                "manage streams (the admin)"
             ) from None
 
     def _nats_for(self, user: str, default: str) -> str:
@@ -172,10 +178,11 @@ class Stack:
         specs.append(("relay", ("services.relay",), {}))
         specs.append(("ingester", ("services.ingester",), ingester_env))
         specs += [(f"projector-{n}", ("services.projectors", n), {}) for n in PROJECTIONS]
+        # The simulator needs no NATS: it gets the read-only operator's URL.
         users = {"writer": "writer", "relay": "writer", "ingester": "ingester"}
         for name, (module, *args), extra in specs:
             port = port + 1 if base else 0
-            user = "projector" if name.startswith("projector-") else users.get(name, "cli")
+            user = "projector" if name.startswith("projector-") else users.get(name, "operator")
             env = self._env(
                 database_url, self._nats_for(user, nats_url), PFLEA_METRICS_PORT=str(port), **extra
             )
@@ -191,6 +198,10 @@ class Stack:
             if self.metrics_ports
             else "off (PFLEA_METRICS_BASE_PORT=0)"
         )
+        nats_login = _without_password(nats_url)
+        if self.nats_users:
+            users = self.data_dir / "nats" / "users.json"
+            nats_login += f" as user operator (read-only; its password is in {users})"
         print(
             f"""
 Purple Flea ledger is up. Data: {self.data_dir}   Logs: {self.data_dir / "logs"}
@@ -198,7 +209,9 @@ Purple Flea ledger is up. Data: {self.data_dir}   Logs: {self.data_dir / "logs"}
     {psql} "{reader}" -c 'SELECT * FROM leaderboard ORDER BY asset, rank LIMIT 10'
   the CLI (finds this stack through {self.data_dir / "stack.json"}):
     pflea leaderboard --top 10      pflea status      pflea events agent-0001
-  subscribe to events:   NATS_URL={nats_url} (user cli), subject '{self.settings.namespace}.events.>'
+  subscribe to events:   {nats_login}, subject '{self.settings.namespace}.events.>'
+  agents send commands with their own credentials:
+    pflea agents add agent-0001      pflea agent agent-0001 register      pflea agent agent-0001 faucet
   metrics:               {metrics}
 Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
 """,
