@@ -55,7 +55,9 @@ def service_env(
     database_url: str, nats_url: str, namespace: str, service_password: str, **extra: str
 ) -> dict[str, str]:
     """A service's environment for a test or bench run: ours without any ``PFLEA_*`` or
-    ``PURPLEFLEA_*`` setting (they would leak into the run), pointed at the given servers."""
+    ``PURPLEFLEA_*`` setting (they would leak into the run), pointed at the given servers.
+    Those servers have no NATS accounts, so no command carries its sender: the writer's check
+    of it is off (``PFLEA_COMMAND_AUTH``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PFLEA_", "PURPLEFLEA_"))}
     env.update(
         DATABASE_URL=database_url,
@@ -63,6 +65,7 @@ def service_env(
         PFLEA_NAMESPACE=namespace,
         PFLEA_DB_SERVICE_PASSWORD=service_password,
         PFLEA_LOG_LEVEL="INFO",
+        PFLEA_COMMAND_AUTH="off",
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

@@ -135,6 +135,8 @@ def settings(database_url: str, nats_url: str, namespace: str, tmp_path: Path) -
         namespace=namespace,
         db_service_password=SERVICE_PASSWORD,
         data_dir=tmp_path,
+        # A server without accounts: commands carry no Nats-Request-Info to check.
+        command_auth=False,
     )
 
 
