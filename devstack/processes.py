@@ -71,8 +71,9 @@ def service_env(
     ``PURPLEFLEA_*`` setting (they would leak into the run), pointed at the given servers.
 
     ``database_url`` is an administrator's; :meth:`ServiceProcess.start` gives each service its
-    own role's URL instead (with ``service_password``), as a deployment does. The servers of a
-    test run have no agent accounts, so commands are taken without NATS authentication.
+    own role's URL instead (with ``service_password``), as a deployment does. Those servers have
+    no NATS accounts, so no command carries its sender: the writer's check of it is off
+    (``PFLEA_COMMAND_AUTH``).
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PFLEA_", "PURPLEFLEA_"))}
     env.update(
@@ -80,6 +81,7 @@ def service_env(
         NATS_URL=nats_url,
         PFLEA_NAMESPACE=namespace,
         PFLEA_LOG_LEVEL="INFO",
+        PFLEA_COMMAND_AUTH="off",
         PYTHONUNBUFFERED="1",
     )
     env[_ROLE_PASSWORD] = service_password

@@ -85,6 +85,8 @@ class Code:
     ESCROW_EXISTS = "escrow_exists"
     ESCROW_NOT_LOCKED = "escrow_not_locked"
     UPSTREAM_REJECTED = "upstream_rejected"
+    # The command's authenticated sender is not the agent of its subject (or is unknown).
+    FORBIDDEN = "forbidden"
     # The agent is linked to Purple Flea, which has no endpoint for this command: do it there,
     # and its feed records it (a local event would be counted twice once the feed reports it).
     NOT_ON_PURPLEFLEA = "not_on_purpleflea"

@@ -137,16 +137,55 @@ async def publish_in_order(
             future.cancel()  # frees its slot in the client's pending-publish limit
 
 
+class StreamMissing(RuntimeError):
+    """A stream this service needs does not exist, and its NATS user may not create it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(f"stream {stream} is missing: run `pflea migrate`")
+        self.stream = stream
+
+
 async def ensure_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:
-    """Create the streams, or bring an existing one's config up to date."""
+    """What a service does at start: create a missing stream, never change an existing one.
+
+    Only ``pflea migrate`` and ``pflea up`` (:func:`declare_streams`, as the admin user) change a
+    stream's config; a service's NATS user may not even create one, and then a missing stream
+    raises :class:`StreamMissing`. (A server without accounts, as in the tests, lets it.)
+    """
     for config in topology.stream_configs(duplicate_window_s):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
-            await js.add_stream(config)
-            log.info("created stream %s", config.name)
+            await _create(js, config)
+
+
+async def declare_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:
+    """Create the streams, or bring an existing one's config up to date (the admin's job)."""
+    for config in topology.stream_configs(duplicate_window_s):
+        try:
+            await js.stream_info(config.name)  # type: ignore[arg-type]
+        except NotFoundError:
+            try:
+                await _create(js, config)
+            except StreamMissing:
+                raise PermissionError(f"this NATS user may not create stream {config.name}") from None
         else:
             await js.update_stream(config)
+            log.info("declared stream %s", config.name)
+
+
+async def _create(js: JetStreamContext, config: StreamConfig) -> None:
+    assert config.name is not None
+    nc = connection(js)
+    try:
+        await js.add_stream(config)
+    except TimeoutError:
+        # A refused publish only sends -ERR (to the error callback): the request times out.
+        refused = nc.last_error is not None and "permissions violation" in str(nc.last_error).lower()
+        if refused and "STREAM.CREATE" in str(nc.last_error).upper():
+            raise StreamMissing(config.name) from None
+        raise
+    log.info("created stream %s", config.name)
 
 
 def pull_consumer_config(

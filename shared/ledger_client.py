@@ -49,6 +49,17 @@ class LedgerUnavailable(Exception):
     send it again with the same command_id to find out."""
 
 
+class CommandNotPermitted(Exception):
+    """NATS refused to carry the command: this connection's user may not publish its subject
+    (an agent's credentials send commands for that agent only)."""
+
+
+def _refused(nc: Client, subject: str) -> bool:
+    """A publish the server refuses gets no answer, only an -ERR naming the subject."""
+    error = str(nc.last_error or "").lower()
+    return "permissions violation" in error and f'"{subject.lower()}"' in error
+
+
 class LedgerClient:
     """Send commands to the writers and wait for their replies.
 
@@ -72,6 +83,8 @@ class LedgerClient:
             try:
                 msg = await self.nc.request(subject, payload, timeout=self.timeout_s)
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError):
+                if _refused(self.nc, subject):
+                    raise CommandNotPermitted(f"NATS refused the command: {self.nc.last_error}") from None
                 continue
             reply = decode_reply(msg.data)
             if not reply.retryable:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 from shared.db import refuse_default_password
+from shared.jetstream import StreamMissing
 from shared.logs import configure_logging
 from shared.ops import Lifecycle, OpsServer
 from shared.settings import Settings, SettingsError, load_settings
@@ -61,7 +62,8 @@ def tune_gc() -> None:
 
 
 def run_service(name: str, main: Main) -> None:
-    """Run ``main`` until it returns or SIGTERM/SIGINT; exit 0 on a clean stop, 2 on bad config."""
+    """Run ``main`` until it returns or SIGTERM/SIGINT; exit 0 on a clean stop, 2 on bad config,
+    1 when a stream it needs is missing."""
     signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         settings = load_settings()
@@ -83,6 +85,9 @@ def run_service(name: str, main: Main) -> None:
     except SettingsError as exc:
         log.error("configuration error: %s", exc)
         sys.exit(2)
+    except StreamMissing as exc:
+        log.error("%s", exc)
+        sys.exit(1)
     log.info("stopped")
 
 

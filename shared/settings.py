@@ -87,6 +87,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     agents_from_simulator: bool = False
     command_concurrency: int = 64
     command_timeout_s: float = 10.0
+    # The writer answers only commands nats-server stamped as sent by the subject's agent
+    # (header Nats-Request-Info); off only for a NATS server without accounts (the tests').
+    command_auth: bool = True
     faucet_amount: str = "10.00"
 
     def feeds(self) -> tuple[Feed, ...]:
@@ -132,6 +135,7 @@ ENV_NAMES: dict[str, str] = {
     "agents_from_simulator": "PFLEA_AGENTS_FROM_SIMULATOR",
     "command_concurrency": "PFLEA_COMMAND_CONCURRENCY",
     "command_timeout_s": "PFLEA_COMMAND_TIMEOUT_S",
+    "command_auth": "PFLEA_COMMAND_AUTH",
     "faucet_amount": "PFLEA_FAUCET_AMOUNT",
 }
 
@@ -221,9 +225,9 @@ def convert(variable: str, raw: str, target: Any) -> Any:
         return Path(raw).expanduser()
     if target is bool:
         flag = raw.strip().lower()
-        if flag not in ("1", "0", "true", "false", "yes", "no"):
-            raise SettingsError(variable, f"expected 1/0/true/false, got {raw!r}")
-        return flag in ("1", "true", "yes")
+        if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise SettingsError(variable, f"expected 1/0/true/false/on/off, got {raw!r}")
+        return flag in ("1", "true", "yes", "on")
     if target not in (int, float):
         raise TypeError(f"{variable}: no conversion to {target!r}; give the field a parser")
     try:

@@ -20,6 +20,9 @@ class StackInfo(msgspec.Struct, frozen=True):
     nats_url: str
     pid: int
     owner_database_url: str = ""  # the schema owner's: `pflea migrate`, `pflea projections rebuild`
+    # The embedded nats-server's, which `pflea agents` signals to reload its users (None when
+    # NATS_URL named a server of its own).
+    nats_pid: int | None = None
 
 
 def stack_file(data_dir: Path) -> Path:

@@ -6,6 +6,7 @@
 | PFLEA_EVENTS event | ``<ns>.events.<agent>.<EventType>`` | :func:`event_message` / :func:`delivered_event` |
 | command | ``<ns>.cmd.<agent>.<Command>`` | :func:`encode_command` / :func:`decode_command` |
 | its reply | the request's inbox | :func:`encode_reply` / :func:`decode_reply` |
+| a command's sender | header ``Nats-Request-Info``, set by nats-server | :func:`request_sender` |
 
 A PFLEA_TX message is a :class:`TxBatch`: consecutive transactions of one agent in feed order (a
 page, cut into pieces of at most ``BATCH_MAX_ITEMS`` transactions and ``BATCH_MAX_BYTES``), so the
@@ -28,6 +29,7 @@ from shared.commands import AnyCommand, Command, Reply
 from shared.envelope import TxEnvelope
 from shared.events import Event
 from shared.jetstream import Topology
+from shared.nats_auth import REQUEST_INFO_HEADER
 from shared.store import RecordedEvent
 from shared.upcasting import decode_event
 
@@ -216,3 +218,26 @@ def encode_reply(reply: Reply) -> bytes:
 
 def decode_reply(data: bytes) -> Reply:
     return _reply_decoder.decode(data)
+
+
+class RequestSender(msgspec.Struct, frozen=True):
+    """Who sent a request that crossed a service import with ``share: true``: nats-server's
+    ``Nats-Request-Info`` header (its ClientInfo; we read the account and the user)."""
+
+    acc: str = ""
+    user: str = ""
+
+
+_sender_decoder = msgspec.json.Decoder(RequestSender)
+
+
+def request_sender(headers: Mapping[str, str] | None) -> RequestSender | None:
+    """The sender the server stamped on a command, or None without the header. An unreadable
+    header is a sender with no identity: it matches no agent."""
+    raw = (headers or {}).get(REQUEST_INFO_HEADER)
+    if raw is None:
+        return None
+    try:
+        return _sender_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return RequestSender()

@@ -134,6 +134,8 @@ def settings(database_url: str, nats_url: str, namespace: str, tmp_path: Path) -
         nats_url=nats_url,
         namespace=namespace,
         data_dir=tmp_path,
+        # A server without accounts: commands carry no Nats-Request-Info to check.
+        command_auth=False,
     )
 
 

@@ -45,7 +45,8 @@ async def pflea(settings: Settings, *args: str) -> Result:
         "services.cli",
         *args,
         cwd=REPO,
-        env=service_env(settings),
+        # The test's own data folder: agents' credentials are written there.
+        env=service_env(settings, PFLEA_DATA_DIR=str(settings.data_dir)),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -172,21 +173,25 @@ async def writer(settings: Settings, tmp_path: Path, js_streams: nats.NATS) -> A
 async def test_commands_from_the_cli_print_the_reply_and_exit_non_zero_when_rejected(
     settings: Settings, writer: ServiceProcess
 ) -> None:
-    assert (await pflea(settings, "register", "ada", "--name", "Ada")).code == 0
-    assert (await pflea(settings, "faucet", "ada")).code == 0  # 10.00 PFLEA
+    # Each agent sends with its own credentials (this plain server checks none of them).
+    for agent in ("ada", "bob"):
+        added = await pflea(settings, "agents", "add", agent)
+        assert added.code == 0, added.err
+    assert (await pflea(settings, "agent", "ada", "register", "--name", "Ada")).code == 0
+    assert (await pflea(settings, "agent", "ada", "faucet")).code == 0  # 10.00 PFLEA
     command_id = str(uuid.uuid4())
-    bet = await pflea(settings, "bet", "ada", "dice", "4", "--command-id", command_id, "--json")
+    bet = await pflea(settings, "agent", "ada", "bet", "dice", "4", "--command-id", command_id, "--json")
     assert bet.code == 0 and bet.json()["status"] == "accepted"
-    again = await pflea(settings, "bet", "ada", "dice", "4", "--command-id", command_id, "--json")
+    again = await pflea(settings, "agent", "ada", "bet", "dice", "4", "--command-id", command_id, "--json")
     assert again.json() == bet.json()
-    too_much = await pflea(settings, "withdraw", "ada", "100", "0xabc")
+    too_much = await pflea(settings, "agent", "ada", "withdraw", "100", "0xabc")
     assert too_much.code == 1
     assert "insufficient_funds: PFLEA: needs 100, only 6.00 available" in too_much.out
-    assert (await pflea(settings, "escrow-lock", "ada", "deal-1", "5")).code == 0
-    assert (await pflea(settings, "escrow-release", "ada", "deal-1")).code == 0
-    released_twice = await pflea(settings, "escrow-release", "ada", "deal-1")
+    assert (await pflea(settings, "agent", "ada", "escrow-lock", "deal-1", "5")).code == 0
+    assert (await pflea(settings, "agent", "ada", "escrow-release", "deal-1")).code == 0
+    released_twice = await pflea(settings, "agent", "ada", "escrow-release", "deal-1")
     assert released_twice.code == 1 and "escrow_not_locked" in released_twice.out
-    unknown = await pflea(settings, "bet", "bob", "dice", "1")
+    unknown = await pflea(settings, "agent", "bob", "bet", "dice", "1")
     assert unknown.code == 1 and "unknown_agent" in unknown.out
     balance = await pflea(settings, "balance", "ada", "--version", "99", "--json")
     assert balance.code == 1  # the stream has 6 events, not 99

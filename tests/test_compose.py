@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -36,7 +37,7 @@ from devstack.ports import free_port
 from devstack.processes import SERVICE_ROLES
 from shared.bootstrap import PASSWORD_VARIABLES
 from shared.db import OWNER_ROLE
-from shared.jetstream import Topology, ensure_streams, pull_consumer_config
+from shared.jetstream import Topology, declare_streams, ensure_streams, pull_consumer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -49,7 +50,7 @@ PROJECTORS = tuple(f"projector-{name}" for name in PROJECTIONS)
 # The pipeline's long-running services: all scalable, all on NATS and Postgres.
 APP_SERVICES = ("ingester", "writer", "relay", *PROJECTORS)
 CORE_SERVICES = {"nats", "postgres", "migrate", "simulator", *APP_SERVICES}
-PROFILES = {"tools": {"nats-box"}, "observability": {"prometheus", "grafana"}}
+PROFILES = {"tools": {"nats-box", "agents"}, "observability": {"prometheus", "grafana"}}
 NATS_USER = {
     "ingester": "ingester",
     "writer": "writer",
@@ -208,7 +209,8 @@ def test_the_secrets_command_makes_every_password_compose_requires_and_keeps_the
 def test_nats_is_healthy_only_once_jetstream_is_up(default: Rendered) -> None:
     nats_service = default.services["nats"]
     assert nats_service["image"].startswith("nats:") and "alpine" in nats_service["image"]
-    assert nats_service["command"] == ["-c", "/etc/nats/nats.conf"]
+    assert nats_service["command"][:2] == ["sh", "-c"]
+    assert nats_service["command"][2].endswith("exec nats-server -c /etc/nats/nats.conf")
     check = _healthcheck(nats_service)
     assert check.startswith("CMD wget")
     assert "/healthz?js-enabled-only=true" in check
@@ -225,6 +227,10 @@ def test_nats_is_healthy_only_once_jetstream_is_up(default: Rendered) -> None:
         "target": "/data",
         "volume": {},
     }
+    assert (mounts["/etc/nats/agents"]["type"], mounts["/etc/nats/agents"]["source"]) == (
+        "volume",
+        "nats-agents",
+    )
 
 
 def test_jetstream_keeps_its_store_in_the_volume_and_fsyncs_every_write() -> None:
@@ -267,7 +273,9 @@ def test_every_bind_mounted_file_exists_in_the_repository(everything: Rendered) 
                 assert ROOT in source.parents, f"{name} mounts {source} from outside the repo"
 
 
-def test_migrate_runs_once_against_a_healthy_postgres(default: Rendered) -> None:
+def test_migrate_runs_once_against_healthy_servers_and_declares_the_streams_as_admin(
+    default: Rendered,
+) -> None:
     migrate = default.services["migrate"]
     assert migrate["command"] == ["sh", "-c", "pflea bootstrap && pflea migrate"]
     env = migrate["environment"]
@@ -279,8 +287,15 @@ def test_migrate_runs_once_against_a_healthy_postgres(default: Rendered) -> None
     assert {v: env[v] for v in PASSWORD_VARIABLES.values()} == {
         v: SECRETS[v] for v in PASSWORD_VARIABLES.values()
     }
-    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy", "required": True}}
+    assert urlsplit(env["NATS_URL"]).username == "admin"  # it declares the streams
+    assert migrate["depends_on"] == {
+        "postgres": {"condition": "service_healthy", "required": True},
+        "nats": {"condition": "service_healthy", "required": True},
+    }
     assert migrate["restart"] == "no"
+    url = urlsplit(migrate["environment"]["NATS_URL"])
+    assert (url.username, url.hostname, url.port) == ("admin", "nats", 4222)
+    assert url.password == default.services["nats"]["environment"]["ADMIN_NATS_PASSWORD"]
 
 
 def test_only_migrate_builds_the_image_so_it_is_built_once(everything: Rendered) -> None:
@@ -412,12 +427,34 @@ def test_the_simulator_keeps_its_epoch_in_a_volume_its_user_may_write(default: R
     assert created < user
 
 
-def test_nats_box_logs_in_as_the_cli_user(everything: Rendered) -> None:
+def test_nats_box_logs_in_as_the_read_only_operator(everything: Rendered) -> None:
     box = everything.services["nats-box"]
     assert box["image"].startswith("natsio/nats-box")
     url = urlsplit(box["environment"]["NATS_URL"])
-    assert (url.username, url.hostname, url.port) == ("cli", "nats", 4222)
-    assert url.password == everything.services["nats"]["environment"]["CLI_NATS_PASSWORD"]
+    assert (url.username, url.hostname, url.port) == ("operator", "nats", 4222)
+    assert url.password == everything.services["nats"]["environment"]["OPERATOR_NATS_PASSWORD"]
+
+
+def test_the_agents_tool_writes_the_users_file_where_nats_includes_it(everything: Rendered) -> None:
+    from shared.nats_agents import registry_dir
+    from shared.nats_auth import AGENT_USERS_INCLUDE
+
+    tool, server = everything.services["agents"], everything.services["nats"]
+    assert tool["image"] == "pflea-ledger:local" and tool["entrypoint"][:2] == ["pflea", "agents"]
+    assert tool["network_mode"] == "none"  # it only writes files
+    data_dir = Path(tool["environment"]["PFLEA_DATA_DIR"])
+    tool_mounts = {m["source"]: m["target"] for m in tool["volumes"]}
+    server_mounts = {m["source"]: m["target"] for m in server["volumes"] if m["type"] == "volume"}
+    # One volume: `pflea agents` writes <data>/nats/agents/users.conf, nats-server reads it
+    # next to its config, through `include "agents/users.conf"`.
+    assert Path(tool_mounts["nats-agents"]) == registry_dir(data_dir)
+    assert Path(server_mounts["nats-agents"]) == Path("/etc/nats") / Path(AGENT_USERS_INCLUDE).parent
+    assert f'include "{AGENT_USERS_INCLUDE}"' in NATS_CONF.read_text()
+    assert Path(tool_mounts["agent-credentials"]) == data_dir / "agents"
+    # Fresh named volumes copy the image's folder and its owner: pflea must own these.
+    created = " ".join(rest for keyword, rest in _final_stage() if keyword == "RUN")
+    for folder in (registry_dir(data_dir), data_dir / "agents"):
+        assert re.search(rf"install -d -o pflea -g pflea -m 0?700 [^&]*{re.escape(str(folder))}\b", created)
 
 
 def test_prometheus_scrapes_every_replica_of_every_app_service(everything: Rendered) -> None:
@@ -546,6 +583,9 @@ class NatsUnderTest:
     port: int
     monitor_port: int
     urls: dict[str, str]  # NATS user -> the NATS_URL compose gives it, pointed at this server
+    proc: subprocess.Popen[bytes]
+    # The volume nats-agents: /etc/nats/agents in the nats container.
+    agents_volume: Path
 
     def monitor(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=5) as r:
@@ -585,20 +625,33 @@ def _wait_until_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, time
     pytest.fail(f"nats-server not healthy at {url} within {timeout}s:\n{log.read_text()}")
 
 
+def _nats_command(script: str, etc: Path) -> list[str]:
+    """The nats service's command, with its /etc/nats here and our nats-server binary."""
+    assert "exec nats-server " in script
+    script = script.replace("/etc/nats", str(etc)).replace(
+        "exec nats-server ", f"exec {nats_server_binary()} "
+    )
+    return ["sh", "-c", script]
+
+
 @pytest.fixture(scope="module")
 def nats_server(
     default: Rendered, everything: Rendered, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[NatsUnderTest]:
     work = tmp_path_factory.mktemp("compose-nats")
     port, monitor_port = free_port(), free_port()
-    conf = work / "nats.conf"
-    conf.write_text(_local_config(NATS_CONF.read_text(), work / "jetstream", port, monitor_port))
+    etc = work / "etc"
+    # The volume, empty: the command creates the agents' users file nats.conf includes.
+    (etc / "agents").mkdir(parents=True)
+    (etc / "nats.conf").write_text(
+        _local_config(NATS_CONF.read_text(), work / "jetstream", port, monitor_port)
+    )
     # The passwords exactly as compose gives them to the nats container.
     env = {**os.environ, **default.services["nats"]["environment"]}
     log = work / "nats-server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(nats_server_binary()), "-c", str(conf)],
+            _nats_command(default.services["nats"]["command"][2], etc),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -610,10 +663,10 @@ def nats_server(
         )
         compose_urls = {
             name: everything.services[name]["environment"]["NATS_URL"]
-            for name in ("ingester", "writer", "projector-balance", "nats-box")
+            for name in ("ingester", "writer", "projector-balance", "nats-box", "migrate")
         }
         urls = {urlsplit(url).username or "": _local_url(url, port) for url in compose_urls.values()}
-        yield NatsUnderTest(port, monitor_port, urls)
+        yield NatsUnderTest(port, monitor_port, urls, proc, etc / "agents")
     finally:
         proc.terminate()
         try:
@@ -666,9 +719,9 @@ async def login(nats_server: NatsUnderTest) -> AsyncIterator[Any]:
 
 @pytest.fixture
 async def streams(login: Any) -> None:
-    """PFLEA_TX and PFLEA_EVENTS, declared the way the services declare them."""
-    ingester = await login("ingester")
-    await ensure_streams(ingester.nc.jetstream(), TOPOLOGY, duplicate_window_s=120.0)
+    """PFLEA_TX and PFLEA_EVENTS, declared the way `migrate` declares them: as the admin."""
+    admin = await login("admin")
+    await declare_streams(admin.nc.jetstream(), TOPOLOGY, duplicate_window_s=120.0)
 
 
 def _agent() -> str:
@@ -710,10 +763,15 @@ async def test_every_client_must_log_in_as_a_known_user(nats_server: NatsUnderTe
         )
 
 
-async def test_the_ingester_declares_the_streams_and_publishes_transactions(login: Any) -> None:
+def test_the_nats_command_creates_an_empty_agents_file_the_server_accepts(nats_server: NatsUnderTest) -> None:
+    # The server is up (the fixture waited for its healthcheck) with the file the command made.
+    assert (nats_server.agents_volume / "users.conf").read_text().strip() == "users: []"
+
+
+async def test_the_ingester_finds_the_streams_and_publishes_transactions(streams: None, login: Any) -> None:
     ingester = await login("ingester")
     js = ingester.nc.jetstream()
-    await ensure_streams(js, TOPOLOGY, duplicate_window_s=120.0)
+    await ensure_streams(js, TOPOLOGY, duplicate_window_s=120.0)  # they exist: only looked up
     ack = await js.publish(TOPOLOGY.tx_subject(_agent()), b"{}", timeout=5)
     assert ack.stream == TOPOLOGY.tx_stream
 
@@ -799,22 +857,66 @@ async def test_projectors_consume_events(streams: None, login: Any) -> None:
     await msg.ack_sync(timeout=5)
 
 
-async def test_the_writer_answers_agent_commands(streams: None, login: Any) -> None:
-    writer, cli = await login("writer"), await login("cli")
+async def test_an_agent_added_with_the_agents_tool_sends_its_commands_to_the_writer(
+    everything: Rendered, nats_server: NatsUnderTest, login: Any, tmp_path: Path
+) -> None:
+    from shared.nats_agents import connect_agent, credential_path, read_login
+
+    # The agents service, here: its data folder with the volume nats-agents at nats/agents.
+    tool = everything.services["agents"]
+    data_dir = tmp_path / "pflea"
+    (data_dir / "nats").mkdir(parents=True)
+    (data_dir / "nats" / "agents").symlink_to(nats_server.agents_volume)
+    agent = _agent()
+    url = f"nats://127.0.0.1:{nats_server.port}"
+    args = [*tool["entrypoint"][2:], "add", agent]
+    args[args.index("--nats-url") + 1] = url  # the host port compose publishes, here
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PFLEA_", "NATS_URL", "DATABASE_URL"))}
+    added = subprocess.run(
+        [sys.executable, "-m", "services.cli", "agents", *args],
+        env={**env, "PFLEA_DATA_DIR": str(data_dir)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert added.returncode == 0, added.stderr
+    assert "docker compose kill -s HUP nats" in added.stdout
+    nats_server.proc.send_signal(signal.SIGHUP)  # docker compose kill -s HUP nats
+    credentials = read_login(credential_path(data_dir, agent))
+    assert credentials.nats_url == url
+    deadline = time.monotonic() + 10
+    while True:  # the server reloads after the signal, not at it
+        try:
+            nc = await connect_agent(credentials, allow_reconnect=False, connect_timeout=2)
+            break
+        except (OSError, nats.errors.Error):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+    writer = await login("writer")
+    senders: list[str] = []
 
     async def answer(msg: Any) -> None:
+        senders.append(json.loads(msg.headers["Nats-Request-Info"])["user"])
         await msg.respond(b"accepted")
 
     await writer.nc.subscribe(TOPOLOGY.command_filter, cb=answer)
     await writer.nc.flush()
-    reply = await cli.nc.request(TOPOLOGY.command_subject(_agent(), "withdraw"), b"{}", timeout=5)
+    try:
+        reply = await nc.request(TOPOLOGY.command_subject(agent, "WithdrawFunds"), b"{}", timeout=5)
+    finally:
+        await nc.close()
     assert reply.data == b"accepted"
+    assert senders == [f"agent-{agent}"]
 
 
-async def test_the_cli_user_watches_every_event(streams: None, login: Any) -> None:
-    writer, cli = await login("writer"), await login("cli")
-    sub = await cli.nc.subscribe(TOPOLOGY.events_filter)
-    await cli.nc.flush()
+async def test_the_operator_watches_every_event(streams: None, login: Any) -> None:
+    writer, operator = await login("writer"), await login("operator")
+    sub = await operator.nc.subscribe(TOPOLOGY.events_filter)
+    await operator.nc.flush()
     subject = TOPOLOGY.event_subject(_agent(), "Deposited")
     await writer.nc.jetstream().publish(subject, b"{}", timeout=5)
     msg = await sub.next_msg(timeout=5)
@@ -826,9 +928,12 @@ async def test_the_cli_user_watches_every_event(streams: None, login: Any) -> No
     [
         ("ingester", "pflea.events.{agent}.Deposited"),
         ("projector", "pflea.events.{agent}.Deposited"),
-        ("cli", "pflea.events.{agent}.Deposited"),
+        ("operator", "pflea.events.{agent}.Deposited"),
+        ("admin", "pflea.events.{agent}.Deposited"),
         ("projector", "pflea.tx.{agent}"),
         ("writer", "pflea.tx.{agent}"),
+        ("operator", "pflea.tx.{agent}"),
+        ("admin", "pflea.tx.{agent}"),
     ],
 )
 async def test_only_the_right_service_publishes_into_the_ledger(
@@ -836,23 +941,41 @@ async def test_only_the_right_service_publishes_into_the_ledger(
 ) -> None:
     subject = subject.format(agent=_agent())
     stream = TOPOLOGY.events_stream if ".events." in subject else TOPOLOGY.tx_stream
-    session, cli = await login(user), await login("cli")
-    cli_js = cli.nc.jetstream()
-    before = (await cli_js.stream_info(stream)).state.messages
+    session, operator = await login(user), await login("operator")
+    operator_js = operator.nc.jetstream()
+    before = (await operator_js.stream_info(stream)).state.messages
 
     await session.nc.publish(subject, b"{}")
     await session.nc.flush()
     assert "publish" in (await session.violation(subject)).lower()
     # The server answered the publish before the flush's PONG: it was refused, not stored.
-    assert (await cli_js.stream_info(stream)).state.messages == before
+    assert (await operator_js.stream_info(stream)).state.messages == before
+
+
+@pytest.mark.parametrize("user", ["ingester", "writer", "projector", "operator", "admin"])
+async def test_no_user_of_the_ledgers_account_publishes_commands(
+    streams: None, login: Any, user: str
+) -> None:
+    # Commands come only through the AGENTS account, which stamps their sender.
+    session = await login(user)
+    subject = TOPOLOGY.command_subject(_agent(), "WithdrawFunds")
+    await session.nc.publish(subject, b"{}")
+    await session.nc.flush()
+    await session.violation(subject)
 
 
 @pytest.mark.parametrize(
     ("user", "subject"),
     [
         ("ingester", "$JS.API.STREAM.PURGE.PFLEA_TX"),
+        ("ingester", "$JS.API.STREAM.UPDATE.PFLEA_TX"),
+        ("ingester", "$JS.API.STREAM.CREATE.PFLEA_TX"),
         ("writer", "$JS.API.STREAM.DELETE.PFLEA_EVENTS"),
+        ("writer", "$JS.API.STREAM.UPDATE.PFLEA_EVENTS"),
         ("projector", "$JS.API.STREAM.DELETE.PFLEA_EVENTS"),
+        ("operator", "$JS.API.STREAM.DELETE.PFLEA_EVENTS"),
+        ("operator", "$JS.API.STREAM.PURGE.PFLEA_TX"),
+        ("operator", "$JS.API.CONSUMER.DELETE.PFLEA_TX.writer"),
         ("projector", "$JS.API.CONSUMER.DELETE.PFLEA_EVENTS.projector-balance"),
         ("projector", "$JS.API.CONSUMER.DELETE.PFLEA_TX.writer"),
         ("projector", "$JS.API.CONSUMER.MSG.NEXT.PFLEA_TX.writer"),
@@ -861,16 +984,16 @@ async def test_only_the_right_service_publishes_into_the_ledger(
 async def test_no_service_can_destroy_streams_or_use_another_services_consumer(
     streams: None, login: Any, user: str, subject: str
 ) -> None:
-    cli = await login("cli")
-    cli_js = cli.nc.jetstream()
+    admin = await login("admin")
+    admin_js = admin.nc.jetstream()
     durables = {
         TOPOLOGY.tx_stream: (TOPOLOGY.writer_durable, TOPOLOGY.tx_filter),
         TOPOLOGY.events_stream: (TOPOLOGY.projector_durable("balance"), TOPOLOGY.events_filter),
     }
     for stream, (durable, filter_subject) in durables.items():
         config = pull_consumer_config(durable, filter_subject, ack_wait_s=30.0, max_deliver=10)
-        await cli_js.add_consumer(stream, config)  # the same config again is a no-op
-    before = {stream: (await cli_js.stream_info(stream)).state.messages for stream in durables}
+        await admin_js.add_consumer(stream, config)  # the same config again is a no-op
+    before = {stream: (await admin_js.stream_info(stream)).state.messages for stream in durables}
 
     session = await login(user)
     await session.nc.publish(subject, b"", reply=session.nc.new_inbox())
@@ -878,8 +1001,8 @@ async def test_no_service_can_destroy_streams_or_use_another_services_consumer(
     await session.violation(subject)
 
     for stream, (durable, _) in durables.items():
-        assert (await cli_js.stream_info(stream)).state.messages == before[stream]
-        assert (await cli_js.consumer_info(stream, durable)).name == durable
+        assert (await admin_js.stream_info(stream)).state.messages == before[stream]
+        assert (await admin_js.consumer_info(stream, durable)).name == durable
 
 
 def test_compose_and_the_embedded_stack_share_one_permission_definition() -> None:

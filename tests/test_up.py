@@ -80,18 +80,21 @@ async def _no_duplicates(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
         row = await conn.fetchrow(
+            # Ingested events (the one an agent's command recorded has no tx_id).
             """SELECT count(*) AS n, count(DISTINCT event_id) AS ids,
-                      count(DISTINCT data->>'tx_id') AS txs FROM events"""
+                      count(DISTINCT data->>'tx_id') AS txs FROM events
+               WHERE metadata->>'command' IS NULL"""
         )
         assert row["n"] == row["ids"] == row["txs"], f"duplicates after resume: {dict(row)}"
     finally:
         await conn.close()
 
 
-async def _forbidden_publish_is_refused(data_dir: Path, cli_url: str) -> None:
+async def _forbidden_publish_is_refused(data_dir: Path, operator_url: str) -> None:
     """The embedded NATS has per-service users: the ingester may not publish events."""
+    assert urlsplit(operator_url).username == "operator"  # what the CLI finds in stack.json
     passwords = json.loads((data_dir / "nats" / "users.json").read_text())
-    url = user_url(cli_url, "ingester", passwords["ingester"])
+    url = user_url(operator_url, "ingester", passwords["ingester"])
     errors: list[Exception] = []
 
     async def on_error(exc: Exception) -> None:
@@ -107,7 +110,7 @@ async def _forbidden_publish_is_refused(data_dir: Path, cli_url: str) -> None:
         await nc.close()
     with pytest.raises(nats.errors.Error):
         await nats.connect(
-            user_url(cli_url, "ingester", "wrong"), allow_reconnect=False, max_reconnect_attempts=0
+            user_url(operator_url, "ingester", "wrong"), allow_reconnect=False, max_reconnect_attempts=0
         )
 
 
@@ -184,6 +187,26 @@ async def _secrets_stay_private(data_dir: Path, out: Path, pid: int, pg_port: in
         await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{pg_port}/postgres", password="")
 
 
+def _pflea(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI beside a running `pflea up`: it finds the stack through the data folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PFLEA_", "PURPLEFLEA_"))}
+    env.pop("DATABASE_URL", None)
+    env.pop("NATS_URL", None)
+    env["PFLEA_DATA_DIR"] = str(data_dir)
+    return subprocess.run([str(PFLEA), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def _an_agent_added_to_the_running_stack_sends_its_commands(data_dir: Path) -> None:
+    added = _pflea(data_dir, "agents", "add", "newcomer")
+    assert added.returncode == 0, added.stderr
+    assert "reloaded" in added.stdout
+    password = json.loads((data_dir / "agents" / "newcomer.json").read_text())["nats_password"]
+    assert password not in added.stdout + added.stderr
+    sent = _pflea(data_dir, "agent", "newcomer", "register", "--json")
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["status"] == "accepted"  # the writer checked who sent it
+
+
 async def _stop(proc: subprocess.Popen[bytes], out: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     for _ in range(600):
@@ -210,6 +233,7 @@ async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path
         assert "SELECT * FROM leaderboard" in text and "pflea_reader" in text, "no psql line for the user"
         await _secrets_stay_private(data_dir, out, proc.pid, urlsplit(stack.database_url).port or 0)
         await _forbidden_publish_is_refused(data_dir, stack.nats_url)
+        await asyncio.to_thread(_an_agent_added_to_the_running_stack_sends_its_commands, data_dir)
         await _stop(proc, out)
         assert read_stack(data_dir) is None
         # The simulator's epoch: the restarted one serves what the first served, cursors included.

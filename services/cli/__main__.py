@@ -6,16 +6,22 @@ import argparse
 import asyncio
 import sys
 
-from services.cli import agent, events, projections, queries, status, up
+import nats.errors
+import nats.js.errors
+
+from services.cli import agent, agents, events, projections, queries, status, up
 from services.cli.connections import owner_settings
 from shared.logs import configure_logging
-from shared.settings import SettingsError
+from shared.settings import Settings, SettingsError, load_settings
 
 
 def _migrate(args: argparse.Namespace) -> int:
     from shared.migrate import MigrationError, migrate
     from shared.service import require
 
+    # NATS_URL from the environment only: a running `pflea up` declared its streams itself, and
+    # the URL its stack.json names is the read-only operator's.
+    explicit_nats = load_settings().nats_url
     settings = owner_settings()
     url = require(settings.database_url, "DATABASE_URL")
     try:
@@ -24,6 +30,15 @@ def _migrate(args: argparse.Namespace) -> int:
         print(f"pflea migrate: {exc}", file=sys.stderr)
         return 2
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+    if explicit_nats:
+        try:
+            streams = asyncio.run(_declare_streams(explicit_nats, settings))
+        except (OSError, TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            host = explicit_nats.rpartition("@")[2]
+            print(f"pflea migrate: could not declare the streams at {host} ({exc!r})", file=sys.stderr)
+            print("  NATS_URL must name the admin user (it creates and updates streams)", file=sys.stderr)
+            return 3
+        print(f"streams declared: {', '.join(streams)}")
     return 0
 
 
@@ -43,6 +58,19 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _declare_streams(url: str, settings: Settings) -> list[str]:
+    """Create or update the JetStream streams, as the user in NATS_URL (the admin)."""
+    from shared.jetstream import Topology, declare_streams
+
+    nc = await nats.connect(url, name="pflea-migrate", connect_timeout=10, allow_reconnect=False)
+    try:
+        topology = Topology(settings.namespace)
+        await declare_streams(nc.jetstream(), topology, settings.duplicate_window_s)
+        return [topology.tx_stream, topology.events_stream]
+    finally:
+        await nc.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pflea", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,13 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="let roles share a password (a throw-away test cluster; never in production)",
     )
     p.set_defaults(func=_bootstrap)
-    p = sub.add_parser("migrate", help="apply database migrations (as pflea_owner, DATABASE_URL)")
+    p = sub.add_parser(
+        "migrate",
+        help="apply database migrations (as pflea_owner, DATABASE_URL); with NATS_URL (the admin "
+        "user) also create or update the JetStream streams",
+    )
     p.set_defaults(func=_migrate)
     projections.add_parser(sub)
     queries.add_parsers(sub)
     events.add_parsers(sub)
     status.add_parsers(sub)
     agent.add_parsers(sub)
+    agents.add_parsers(sub)
     up.add_parser(sub)
     return parser
 

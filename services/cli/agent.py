@@ -1,8 +1,11 @@
-"""``pflea register|bet|withdraw|faucet|escrow-lock|escrow-release AGENT ...``: send a command.
+"""``pflea agent AGENT register|bet|withdraw|faucet|escrow-lock|escrow-release ...``: send a
+command as that agent.
 
-Prints the writer's reply and exits 0 if it was accepted, 1 if it was rejected (the reason is
-printed), 3 if no writer answered. Pass ``--command-id`` to retry a command safely: the same id
-is never applied twice, and a retry prints the original answer.
+It logs in to NATS with the agent's own credentials (``<data>/agents/<id>.json``, made by
+``pflea agents add``), which may send commands for that agent only. Prints the writer's reply
+and exits 0 if it was accepted, 1 if it was rejected (the reason is printed) or NATS refused it,
+3 if no writer answered. Pass ``--command-id`` to retry a command safely: the same id is never
+applied twice, and a retry prints the original answer.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import argparse
 import uuid
 from collections.abc import Callable
 
-from services.cli.connections import OK, REFUSED, UNREACHABLE, connect_nats, run, settings, topology
+import nats.errors
+
+from services.cli.connections import OK, REFUSED, UNREACHABLE, Unreachable, run, settings
 from services.cli.render import cell, fail, print_json
 from shared.commands import (
     ClaimFaucet,
@@ -23,7 +28,9 @@ from shared.commands import (
     Reply,
     WithdrawFunds,
 )
-from shared.ledger_client import LedgerClient, LedgerUnavailable
+from shared.jetstream import Topology
+from shared.ledger_client import CommandNotPermitted, LedgerClient, LedgerUnavailable
+from shared.nats_agents import AgentError, check_agent_id, connect_agent, credential_path, read_login
 
 Build = Callable[[argparse.Namespace, uuid.UUID], Command]
 
@@ -53,9 +60,12 @@ def _release(a: argparse.Namespace, cid: uuid.UUID) -> Command:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    agent = sub.add_parser("agent", help="send a command as an agent, with its own credentials")
+    agent.add_argument("agent", help="the agent id (its credentials: pflea agents add AGENT)")
+    commands = agent.add_subparsers(dest="action", required=True)
+
     def command(name: str, help: str, build: Build) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("agent")
+        p = commands.add_parser(name, help=help)
         p.add_argument(
             "--command-id", type=uuid.UUID, help="a UUID of your choosing; reuse it to retry safely"
         )
@@ -63,7 +73,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         p.set_defaults(func=lambda args: run(lambda: _send(args, build)))
         return p
 
-    p = command("register", "register an agent (its first event)", _register)
+    p = command("register", "register the agent (its first event)", _register)
     p.add_argument("--name")
     p = command("bet", "place a bet (through Purple Flea when the writer has an API key for the agent)", _bet)
     p.add_argument("game")
@@ -86,15 +96,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 async def _send(args: argparse.Namespace, build: Build) -> int:
     s = settings()
-    command = build(args, args.command_id or uuid.uuid4())
-    nc = await connect_nats(s)
     try:
-        client = LedgerClient(nc, topology(s), timeout_s=s.command_timeout_s)
+        path = credential_path(s.data_dir, check_agent_id(args.agent))
+    except AgentError as exc:
+        return fail(str(exc), REFUSED)
+    try:
+        login = read_login(path)
+    except FileNotFoundError:
+        return fail(
+            f"no credentials for agent {args.agent!r} ({path} does not exist): create them with "
+            f"`pflea agents add {args.agent}`",
+            REFUSED,
+        )
+    command = build(args, args.command_id or uuid.uuid4())
+    try:
+        nc = await connect_agent(login, connect_timeout=5, allow_reconnect=False, error_cb=_quiet)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        raise Unreachable(
+            f"cannot log in to NATS at {login.nats_url} as {login.nats_user} ({exc!r})"
+        ) from None
+    try:
+        client = LedgerClient(nc, Topology(login.namespace), timeout_s=s.command_timeout_s)
         reply = await client.send(args.agent, command)
+    except CommandNotPermitted as exc:
+        return fail(f"{exc} (the credentials in {path} are {login.nats_user}'s)", REFUSED)
     except LedgerUnavailable as exc:
         return fail(str(exc), UNREACHABLE)
-    except ValueError as exc:  # a bad agent id: it would not be a valid subject
-        return fail(str(exc), REFUSED)
     finally:
         await nc.close()
     if args.json:
@@ -102,6 +129,10 @@ async def _send(args: argparse.Namespace, build: Build) -> int:
     else:
         print(_describe(reply))
     return OK if reply.accepted else REFUSED
+
+
+async def _quiet(exc: Exception) -> None:
+    """Errors are reported once, by _send; nats-py would print each as it comes."""
 
 
 def _describe(reply: Reply) -> str:

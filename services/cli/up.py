@@ -16,6 +16,10 @@ import sys
 from contextlib import AsyncExitStack
 from urllib.parse import urlsplit
 
+import nats
+import nats.errors
+import nats.js.errors
+
 from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, postgres_binaries
 from devstack.processes import ServiceProcess
 from services.cli.credentials import database_passwords, private_folder, write_pgpass
@@ -31,8 +35,10 @@ from shared.db import (
     role_dsn,
     with_database,
 )
+from shared.jetstream import Topology, declare_streams
 from shared.migrate import migrate
-from shared.nats_auth import load_or_create_passwords, render_accounts, user_url
+from shared.nats_agents import AgentRegistry
+from shared.nats_auth import USERS, load_or_create_passwords, render_accounts, user_url
 from shared.projections.registry import PROJECTIONS
 from shared.settings import Settings, load_settings
 from shared.stack import StackInfo, clear_stack, write_stack
@@ -68,9 +74,13 @@ def _up(args: argparse.Namespace) -> int:
     try:
         stack = Stack(settings, status=not args.no_status, status_every=args.status_every)
         return asyncio.run(stack.run())
-    except EmbeddedServerError as exc:
+    except (EmbeddedServerError, StreamsNotDeclared) as exc:
         print(f"pflea up: {exc}", file=sys.stderr)
         return 1
+
+
+class StreamsNotDeclared(RuntimeError):
+    """NATS refused (or did not answer) creating or updating the streams at start."""
 
 
 class Stack:
@@ -93,9 +103,16 @@ class Stack:
             print("migrating…", flush=True)
             dsns = await self._databases(superuser_url)
             await migrate(dsns[OWNER_ROLE])
+            await self._declare_streams(self.nats_users.get("admin", nats_url))
             write_stack(
                 self.data_dir,
-                StackInfo(dsns[READER_ROLE], nats_url, os.getpid(), owner_database_url=dsns[OWNER_ROLE]),
+                StackInfo(
+                    dsns[READER_ROLE],
+                    nats_url,
+                    os.getpid(),
+                    owner_database_url=dsns[OWNER_ROLE],
+                    nats_pid=self.nats_pid,
+                ),
             )
             servers.callback(clear_stack, self.data_dir)
             await self._start_services(dsns, nats_url)
@@ -119,16 +136,21 @@ class Stack:
             stack.callback(pg.stop)
             database_url = with_database(pg.url(), "pflea")
         self.nats_users: dict[str, str] = {}
+        self.nats_pid: int | None = None
         if not nats_url:
-            # Each service logs in as its own NATS user with least-privilege permissions.
+            # Each service logs in as its own NATS user with least-privilege permissions; each
+            # agent as its own (`pflea agents add`), from the users file rendered here.
             passwords = load_or_create_passwords(self.data_dir / "nats" / "users.json")
             accounts = render_accounts(self.settings.namespace, passwords)
+            AgentRegistry(self.data_dir, self.settings.namespace).render()
             nats = EmbeddedNats(self.data_dir / "nats", self.settings.embedded_nats_port, config=accounts)
             print(f"starting embedded nats-server with JetStream on {nats.url}", flush=True)
             nats.start()
             stack.callback(nats.stop)
-            self.nats_users = {u: user_url(nats.url, u, passwords[u]) for u in passwords}
-            nats_url = self.nats_users["cli"]
+            self.nats_pid = nats.proc.pid if nats.proc is not None else None
+            self.nats_users = {u: user_url(nats.url, u, passwords[u]) for u in USERS}
+            # What the CLI finds in stack.json: look, never touch.
+            nats_url = self.nats_users["operator"]
         return database_url, nats_url
 
     async def _databases(self, superuser_url: str) -> dict[str, str]:
@@ -143,6 +165,22 @@ class Stack:
             [(where.hostname or "", where.port or 5432, database, READER_ROLE, passwords[READER_ROLE])],
         )
         return dsns
+
+    async def _declare_streams(self, url: str) -> None:
+        """Create or update the streams (as the admin user): the services may only use them."""
+        try:
+            nc = await nats.connect(url, name="pflea-up", connect_timeout=10, allow_reconnect=False)
+            try:
+                js = nc.jetstream()
+                await declare_streams(js, Topology(self.settings.namespace), self.settings.duplicate_window_s)
+            finally:
+                await nc.close()
+        except (OSError, TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            host = _without_password(url)
+            raise StreamsNotDeclared(
+                f"cannot declare the streams at {host} ({exc!r}); NATS_URL must name a user that may "
+                "manage streams (the admin)"
+            ) from None
 
     def _nats_for(self, user: str, default: str) -> str:
         return self.nats_users.get(user, default)
@@ -176,11 +214,12 @@ class Stack:
         specs.append(("relay", ("services.relay",), {}))
         specs.append(("ingester", ("services.ingester",), ingester_env))
         specs += [(f"projector-{n}", ("services.projectors", n), {}) for n in PROJECTIONS]
+        # The simulator needs no NATS: it gets the read-only operator's URL.
         users = {"writer": "writer", "relay": "writer", "ingester": "ingester"}
         roles = {"writer": WRITER_ROLE, "relay": WRITER_ROLE, "ingester": INGESTER_ROLE}
         for name, (module, *args), extra in specs:
             port = port + 1 if base else 0
-            user = "projector" if name.startswith("projector-") else users.get(name, "cli")
+            user = "projector" if name.startswith("projector-") else users.get(name, "operator")
             role = PROJECTOR_ROLE if name.startswith("projector-") else roles.get(name)
             env = self._env(
                 dsns[role] if role else None,
@@ -202,6 +241,10 @@ class Stack:
             if self.metrics_ports
             else "off (PFLEA_METRICS_BASE_PORT=0)"
         )
+        nats_login = _without_password(nats_url)
+        if self.nats_users:
+            users = self.data_dir / "nats" / "users.json"
+            nats_login += f" as user operator (read-only; its password is in {users})"
         print(
             f"""
 Purple Flea ledger is up. Data: {self.data_dir}   Logs: {self.data_dir / "logs"}
@@ -209,8 +252,9 @@ Purple Flea ledger is up. Data: {self.data_dir}   Logs: {self.data_dir / "logs"}
     {psql} "{reader}" -c 'SELECT * FROM leaderboard ORDER BY asset, rank LIMIT 10'
   the CLI (finds this stack through {self.data_dir / "stack.json"}):
     pflea leaderboard --top 10      pflea status      pflea events agent-0001
-  subscribe to events:   {redacted_url(nats_url)}, subject '{self.settings.namespace}.events.>'
-                         (the password is in {self.data_dir / "nats"})
+  subscribe to events:   {nats_login}, subject '{self.settings.namespace}.events.>'
+  agents send commands with their own credentials:
+    pflea agents add agent-0001      pflea agent agent-0001 register      pflea agent agent-0001 faucet
   metrics:               {metrics}
 Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
 """,
@@ -234,6 +278,11 @@ Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
         watcher.cancel()
         print("\nstopping: draining services…", flush=True)
         return 0
+
+
+def _without_password(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 def _psql() -> str:

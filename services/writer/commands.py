@@ -12,6 +12,13 @@ With a Purple Flea API and a key for the agent, PlaceBet and ClaimFaucet are sen
 the local checks, and what Purple Flea did is recorded under the event ids the ingester derives
 for those transactions, so its later poll finds them stored. Without one, a PlaceBet records
 only BetPlaced: the outcome is not known to the ledger.
+
+Before any of that, the sender: agents reach ``<ns>.cmd.>`` only through the AGENTS account's
+service import, which stamps each command with its authenticated account and user
+(``Nats-Request-Info``), and no user of the ledger's own account may publish there, so the header
+cannot be forged. A command whose sender is not ``agent-<the subject's agent>`` of AGENTS, or that
+has no header, is answered ``forbidden`` and nothing is read or written for it
+(``PFLEA_COMMAND_AUTH=off`` drops the check for a NATS server without accounts).
 """
 
 from __future__ import annotations
@@ -55,10 +62,11 @@ from shared.events import BetPlaced, BetWon, Event, FaucetClaimed
 from shared.history import current_state
 from shared.jetstream import NATS_ERRORS, Topology
 from shared.money import parse_amount
+from shared.nats_auth import AGENTS_ACCOUNT, REQUEST_INFO_HEADER, agent_user
 from shared.ops import Lifecycle
 from shared.settings import AGENT_ID_PATTERN, CASINO_FEED, Settings
 from shared.store import EventStore, NewEvent, OptimisticConcurrencyError, StreamEvent
-from shared.wire import decode_command, decode_reply, encode_reply
+from shared.wire import decode_command, decode_reply, encode_reply, request_sender
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +154,7 @@ class CommandHandler:
         self.lifecycle = lifecycle
         self.purpleflea = purpleflea
         self.faucet_amount = parse_amount(settings.faucet_amount, "PFLEA_FAUCET_AMOUNT")
+        self.command_auth = settings.command_auth
         self._gate = asyncio.Semaphore(settings.command_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._locks = AgentLocks()
@@ -175,7 +184,7 @@ class CommandHandler:
 
     async def _serve(self, msg: Msg) -> None:
         started = time.perf_counter()
-        reply = await self.handle(msg.subject, msg.data)
+        reply = await self.handle(msg.subject, msg.data, msg.headers)
         COMMAND_SECONDS.observe(time.perf_counter() - started)
         COMMANDS.labels(reply.command, reply.status).inc()
         if msg.reply:
@@ -184,18 +193,20 @@ class CommandHandler:
             except NATS_ERRORS as exc:  # the client retries with the same command id
                 log.warning("could not answer a command: %r", exc)
 
-    async def handle(self, subject: str, data: bytes) -> Reply:
+    async def handle(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> Reply:
         """The answer to one command message (never raises)."""
         prefix = f"{self.topology.namespace}.cmd."
         agent_id, _, name = subject.removeprefix(prefix).partition(".")
+        if self.command_auth and (reason := _forbidden(agent_id, headers)):
+            log.warning("command refused: %s", reason, extra={"agent": agent_id, "command": name})
+            return _unanswerable(agent_id, name, data, Code.FORBIDDEN, reason)
         try:
             command = decode_command(data)
         except msgspec.DecodeError as exc:
-            return _bad_message(agent_id, name, data, f"command: {exc}")
+            return _unanswerable(agent_id, name, data, Code.BAD_COMMAND, f"command: {exc}")
         if type(command).__name__ != name or not AGENT_ID_PATTERN.fullmatch(agent_id):
-            return _bad_message(
-                agent_id, name, data, f"subject {subject!r} does not match a {type(command).__name__}"
-            )
+            reason = f"subject {subject!r} does not match a {type(command).__name__}"
+            return _unanswerable(agent_id, name, data, Code.BAD_COMMAND, reason)
         try:
             async with self._locks.hold(agent_id):
                 return await self._answer(agent_id, command)
@@ -412,8 +423,23 @@ def _command_metadata(command: Command, origin: str) -> dict[str, str]:
     return {"command": type(command).__name__, "command_id": str(command.command_id), "origin": origin}
 
 
-def _bad_message(agent_id: str, name: str, data: bytes, reason: str) -> Reply:
-    """A reply to a message that is not a valid command (nothing is stored for it)."""
+def _forbidden(agent_id: str, headers: dict[str, str] | None) -> str | None:
+    """Why the sender may not command ``agent_id``, or None when it is that agent."""
+    sender = request_sender(headers)
+    if sender is None:
+        return (
+            f"the command carries no {REQUEST_INFO_HEADER}: it did not come through the "
+            f"{AGENTS_ACCOUNT} account; send it with the agent's own credentials"
+        )
+    if sender.acc != AGENTS_ACCOUNT or sender.user != agent_user(agent_id):
+        who = f"{sender.user or 'an unknown user'} of account {sender.acc or '?'}"
+        return f"{who} may not send commands for {agent_id}"
+    return None
+
+
+def _unanswerable(agent_id: str, name: str, data: bytes, code: str, reason: str) -> Reply:
+    """A rejection of a message that is not a valid command, or not this sender's to send
+    (nothing is read or stored for it)."""
     try:
         command_id = msgspec.json.decode(data, type=_IdOnly).command_id
     except msgspec.DecodeError:
@@ -423,6 +449,6 @@ def _bad_message(agent_id: str, name: str, data: bytes, reason: str) -> Reply:
         agent_id=agent_id,
         command=name,
         status="rejected",
-        code=Code.BAD_COMMAND,
+        code=code,
         reason=reason,
     )
