@@ -47,6 +47,9 @@ class AgentLogin(msgspec.Struct, frozen=True, kw_only=True):
     nats_user: str
     nats_password: str
     namespace: str = "pflea"
+    # Its own SQL login (shared/agent_logins.py), when the ledger's owner made one: it reads
+    # only this agent's rows.
+    database_url: str = ""
 
     def __repr__(self) -> str:  # a password never reaches a log line
         return f"AgentLogin(agent_id={self.agent_id!r}, nats_url={self.nats_url!r}, nats_password='***')"
@@ -168,6 +171,12 @@ class AgentRegistry:
         entries[agent_id] = AgentEntry(hashed, datetime.now(UTC).isoformat(timespec="seconds"))
         self._save(entries)
         return path
+
+    def set_database_url(self, agent_id: str, database_url: str) -> None:
+        """Record the agent's own SQL login in its credential file."""
+        path = credential_path(self.data_dir, agent_id)
+        login = msgspec.structs.replace(read_login(path), database_url=database_url)
+        _write_private(path, msgspec.json.format(msgspec.json.encode(login)).decode() + "\n")
 
     def remove(self, agent_id: str) -> None:
         """Forget ``agent_id``'s hash and delete its credential file (if it is here)."""

@@ -205,6 +205,22 @@ def _an_agent_added_to_the_running_stack_sends_its_commands(data_dir: Path) -> N
     sent = _pflea(data_dir, "agent", "newcomer", "register", "--json")
     assert sent.returncode == 0, sent.stderr
     assert json.loads(sent.stdout)["status"] == "accepted"  # the writer checked who sent it
+    asyncio.run(
+        _its_sql_login_reads_its_own_rows_only(
+            json.loads((data_dir / "agents" / "newcomer.json").read_text())
+        )
+    )
+
+
+async def _its_sql_login_reads_its_own_rows_only(credentials: dict[str, str]) -> None:
+    assert credentials["nats_password"] not in credentials["database_url"]
+    conn = await asyncpg.connect(credentials["database_url"])
+    try:
+        streams = {r["stream_id"] for r in await conn.fetch("SELECT DISTINCT stream_id FROM events")}
+        assert streams == {"newcomer"}, streams
+        assert await conn.fetchval("SELECT count(*) FROM leaderboard") > 0  # public
+    finally:
+        await conn.close()
 
 
 async def _stop(proc: subprocess.Popen[bytes], out: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import signal
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import nats.errors
 
 from services.cli.connections import OK, REFUSED, UNREACHABLE, settings
 from services.cli.render import fail, print_json, print_table
+from shared.agent_logins import add_login, remove_login
+from shared.db import role_dsn
 from shared.nats_agents import AgentError, AgentLogin, AgentRegistry, connect_agent, read_login
 from shared.nats_agents import credential_path as credential_file
 from shared.settings import Settings
@@ -58,9 +61,21 @@ def _add(args: argparse.Namespace) -> int:
         path = _registry(s).add(args.agent, args.nats_url or _agent_url(s))
     except AgentError as exc:
         return fail(str(exc), REFUSED)
-    print(f"agent {args.agent}: credentials in {path} (mode 0600; it holds the agent's password)")
+    if owner := _owner_url(s):
+        password = secrets.token_urlsafe(24)
+        role = asyncio.run(add_login(owner, args.agent, password))
+        _registry(s).set_database_url(args.agent, role_dsn(owner, role, password))
+        print(f"agent {args.agent}: a SQL login of its own ({role}) that reads only its rows")
+    print(f"agent {args.agent}: credentials in {path} (mode 0600; it holds the agent's passwords)")
     print(f"  send commands as it:  pflea agent {args.agent} register")
     return _reload(s, read_login(path), expect_login=True)
+
+
+def _owner_url(s: Settings) -> str:
+    """The schema owner's URL of a running `pflea up` (its stack.json), which may create the
+    agent's SQL login; elsewhere none (`shared.agent_logins` as the owner does it)."""
+    stack = read_stack(s.data_dir)
+    return stack.owner_database_url if stack is not None else ""
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -71,6 +86,8 @@ def _remove(args: argparse.Namespace) -> int:
         _registry(s).remove(args.agent)
     except AgentError as exc:
         return fail(str(exc), REFUSED)
+    if (owner := _owner_url(s)) and asyncio.run(remove_login(owner, args.agent)):
+        print(f"agent {args.agent}: its SQL login is dropped")
     print(f"agent {args.agent}: credentials revoked")
     return _reload(s, login, expect_login=False)
 
