@@ -87,6 +87,8 @@ class Code:
     UPSTREAM_REJECTED = "upstream_rejected"
     # The command's authenticated sender is not the agent of its subject (or is unknown).
     FORBIDDEN = "forbidden"
+    # A local faucet claim beyond PFLEA_FAUCET_CLAIMS per PFLEA_FAUCET_WINDOW_S; a later one may pass.
+    RATE_LIMITED = "rate_limited"
     # The agent is linked to Purple Flea, which has no endpoint for this command: do it there,
     # and its feed records it (a local event would be counted twice once the feed reports it).
     NOT_ON_PURPLEFLEA = "not_on_purpleflea"

@@ -91,6 +91,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # (header Nats-Request-Info); off only for a NATS server without accounts (the tests').
     command_auth: bool = True
     faucet_amount: str = "10.00"
+    # Local faucet claims (no Purple Flea API answers them) an agent may make per window.
+    faucet_claims: int = 1
+    faucet_window_s: float = 86400.0
 
     def feeds(self) -> tuple[Feed, ...]:
         """The feeds to poll: PURPLEFLEA_FEEDS, else the casino's at PURPLEFLEA_API_URL."""
@@ -137,6 +140,8 @@ ENV_NAMES: dict[str, str] = {
     "command_timeout_s": "PFLEA_COMMAND_TIMEOUT_S",
     "command_auth": "PFLEA_COMMAND_AUTH",
     "faucet_amount": "PFLEA_FAUCET_AMOUNT",
+    "faucet_claims": "PFLEA_FAUCET_CLAIMS",
+    "faucet_window_s": "PFLEA_FAUCET_WINDOW_S",
 }
 
 _POSITIVE = {
@@ -153,6 +158,8 @@ _POSITIVE = {
     "snapshot_every",
     "command_concurrency",
     "command_timeout_s",
+    "faucet_claims",
+    "faucet_window_s",
 }
 
 

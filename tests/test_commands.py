@@ -224,6 +224,36 @@ async def test_a_registered_agent_claims_the_faucet_and_bets_with_it(
     assert (await balances_along_the_stream(store, agent))[-1] == {"PFLEA": Decimal("7.50")}
 
 
+async def test_the_local_faucet_is_rate_limited_per_agent(
+    start_handlers: Callable[[int], Awaitable[LedgerClient]], store: EventStore
+) -> None:
+    """Default: one claim per agent per day, when no Purple Flea API answers it; the refusal
+    says when the next one may come, and is kept like any rejection (same id, same answer)."""
+    client = await start_handlers(2)
+    agent, other = agent_name(), agent_name()
+    for name in (agent, other):
+        assert (await client.register_agent(name)).accepted
+    assert (await client.claim_faucet(agent)).accepted
+    again = await client.claim_faucet(agent)
+    assert again.code == Code.RATE_LIMITED and "the next one from" in (again.reason or "")
+    assert (await client.claim_faucet(agent, command_id=again.command_id)).code == Code.RATE_LIMITED
+    assert (await client.claim_faucet(other)).accepted  # per agent
+    # Two writers at once: still one claim (a loser's append conflicts, its retry counts it).
+    third = agent_name()
+    assert (await client.register_agent(third)).accepted
+    replies = await asyncio.gather(*(client.claim_faucet(third) for _ in range(8)))
+    assert sum(r.accepted for r in replies) == 1, [r.code for r in replies]
+    types = [e.event_type for e in await store.read_stream(agent)]
+    assert types == ["AgentRegistered", "FaucetClaimed"]
+
+
+def test_faucet_limits_are_positive_settings() -> None:
+    assert load_settings({"PFLEA_FAUCET_CLAIMS": "3", "PFLEA_FAUCET_WINDOW_S": "60"}).faucet_claims == 3
+    for variable in ("PFLEA_FAUCET_CLAIMS", "PFLEA_FAUCET_WINDOW_S"):
+        with pytest.raises(SettingsError, match=variable):
+            load_settings({variable: "0"})
+
+
 @pytest.mark.parametrize("amount", ["NaN", "Infinity", "-1", "0", "1e309", "abc", "0.0000000000000000001"])
 async def test_a_bad_amount_is_rejected_naming_the_field(
     start_handlers: Callable[[int], Awaitable[LedgerClient]], store: EventStore, amount: str

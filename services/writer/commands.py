@@ -30,6 +30,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -154,6 +155,7 @@ class CommandHandler:
         self.lifecycle = lifecycle
         self.purpleflea = purpleflea
         self.faucet_amount = parse_amount(settings.faucet_amount, "PFLEA_FAUCET_AMOUNT")
+        self.faucet_claims, self.faucet_window_s = settings.faucet_claims, settings.faucet_window_s
         self.command_auth = settings.command_auth
         self._gate = asyncio.Semaphore(settings.command_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -239,6 +241,9 @@ class CommandHandler:
         for attempt in range(MAX_ATTEMPTS):
             async with self.pool.acquire() as conn:
                 state, version = await current_state(conn, agent_id)
+                faucet = key is None and isinstance(command, ClaimFaucet) and state.registered
+                if faucet and (limited := await self._faucet_limit(conn, agent_id)) is not None:
+                    return await self._reject(agent_id, command, Code.RATE_LIMITED, limited)
             decision = decide(state, command, faucet_amount=self.faucet_amount)
             if isinstance(decision, Rejection):
                 return await self._reject(agent_id, command, decision.code, decision.reason)
@@ -261,6 +266,27 @@ class CommandHandler:
                 await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         reason = f"the stream kept moving for {MAX_ATTEMPTS} attempts; send the same command again"
         return _reply(agent_id, command, "failed", Code.CONFLICT, reason)
+
+    async def _faucet_limit(self, conn: asyncpg.Connection, agent_id: str) -> str | None:
+        """Why a local faucet claim is refused now, or None: at most PFLEA_FAUCET_CLAIMS accepted
+        claims per PFLEA_FAUCET_WINDOW_S. Read in every attempt: a claim another writer committed
+        meanwhile moved the stream, so this attempt's append fails and the next one counts it."""
+        window = self.faucet_window_s
+        recent = await conn.fetch(
+            """SELECT recorded_at FROM command_results
+               WHERE agent_id = $1 AND command_type = 'ClaimFaucet' AND accepted
+                 AND recorded_at > clock_timestamp() - make_interval(secs => $2)
+               ORDER BY recorded_at""",
+            agent_id,
+            window,
+        )
+        if len(recent) < self.faucet_claims:
+            return None
+        next_at = recent[-self.faucet_claims]["recorded_at"] + timedelta(seconds=window)
+        return (
+            f"the faucet gives {self.faucet_claims} claim(s) per {window:g} s; "
+            f"the next one from {next_at.isoformat(timespec='seconds')}"
+        )
 
     async def _through_purpleflea(self, agent_id: str, command: Command, key: str, decision: Accept) -> Reply:
         assert self.purpleflea is not None
