@@ -40,7 +40,17 @@ SCENARIOS: dict[str, Scenario] = {
 }
 # A figure is compared to limits measured in the same run, so a scenario brings its limits.
 REQUIRES = {"writer": ["limits"], "catchup": ["limits", "writer"], "e2e": ["limits"]}
-ORDER = ["limits", "writer", "catch-up", "end-to-end", "latency", "memory", "rebuild", "time travel"]
+ORDER = [
+    "limits",
+    "writer",
+    "catch-up",
+    "end-to-end",
+    "latency",
+    "memory",
+    "rebuild",
+    "verify",
+    "time travel",
+]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -4,6 +4,9 @@ log of ``rebuild_events`` events (1,000 agents), generated server-side for speed
 Its limit, measured on the same log just before: **log scan**, the rebuild's own query read
 through an asyncpg cursor (prefetch 20,000, one REPEATABLE READ transaction) doing nothing
 with the rows: how fast Python can receive the log at all.
+
+On the same log, **verify**: ``shared.chain.verify_chains`` (what ``pflea verify`` runs),
+recomputing every hash chain; the target is 1M events in under a minute.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from bench.harness import Harness
 from bench.report import Figure, Target
 from bench.workload import generate_log
 from services.projectors.rebuild import rebuild
+from shared.chain import verify_chains
 from shared.db import connect
 from shared.projections.registry import PROJECTIONS
 
@@ -57,6 +61,26 @@ async def run(h: Harness) -> None:
                 "events/s",
                 note=f"the rebuild's query over {rows:,} events, rows received and dropped "
                 f"(log generated server-side at {events / generated_s:,.0f} events/s)",
+            )
+        )
+        conn = await connect(url)
+        try:
+            started = time.perf_counter()
+            verified = await verify_chains(conn)
+            verify_s = time.perf_counter() - started
+        finally:
+            await conn.close()
+        h.add(
+            Figure(
+                "verify",
+                "pflea verify",
+                verified.events / verify_s,
+                "events/s",
+                "log scan",
+                scan.value,
+                Target("min", 1_000_000 / 60, unit="events/s"),
+                note=f"{verified.events:,} events in {verified.streams:,} streams recomputed in "
+                f"{verify_s:.1f} s ({'intact' if verified.intact else f'{len(verified.breaks)} breaks!'})",
             )
         )
         for name, model in PROJECTIONS.items():

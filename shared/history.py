@@ -36,7 +36,7 @@ from shared.projections.agent import (
     from_json,
     to_json,
 )
-from shared.store import EventStore, RecordedEvent, Snapshot, fetch_stream
+from shared.store import EventStore, RecordedEvent, Snapshot, fetch_stream, load_trusted_snapshot
 from shared.upcasting import UnreadableEvent
 
 TimeBasis = Literal["occurred", "recorded"]
@@ -296,23 +296,18 @@ async def _excluded_versions(
 async def load_snapshot(
     conn: asyncpg.Connection, agent_id: str, at_or_before: int | None = None
 ) -> tuple[AgentFold, int] | None:
-    """The newest usable snapshot at or before a version: (state, version)."""
-    row = await conn.fetchrow(
-        """SELECT version, state FROM snapshots
-           WHERE stream_id = $1 AND snapshot_type = $2 AND schema_version = $3 AND version <= $4
-           ORDER BY version DESC LIMIT 1""",
-        agent_id,
-        SNAPSHOT_TYPE,
-        SNAPSHOT_SCHEMA_VERSION,
-        at_or_before if at_or_before is not None else 2**62,
+    """The newest usable snapshot at or before a version: (state, version). Usable: of this
+    schema, and taken of the history stored now (its event hash matches; else it is ignored)."""
+    snapshot = await load_trusted_snapshot(
+        conn, agent_id, SNAPSHOT_TYPE, SNAPSHOT_SCHEMA_VERSION, at_or_before
     )
-    if row is None:
+    if snapshot is None:
         return None
-    return from_json(row["state"]), int(row["version"])
+    return from_json(snapshot.state), snapshot.version
 
 
-def snapshot_of(agent_id: str, state: AgentFold, version: int) -> Snapshot:
-    return Snapshot(agent_id, SNAPSHOT_TYPE, version, SNAPSHOT_SCHEMA_VERSION, to_json(state))
+def snapshot_of(agent_id: str, state: AgentFold, version: int, event_hash: bytes) -> Snapshot:
+    return Snapshot(agent_id, SNAPSHOT_TYPE, version, SNAPSHOT_SCHEMA_VERSION, to_json(state), event_hash)
 
 
 async def take_snapshots(
@@ -336,6 +331,6 @@ async def take_snapshots(
         if (event := decoded(recorded)) is not None:
             state.apply(event)
         if recorded.version % every == 0:
-            await store.save_snapshot(snapshot_of(agent_id, state, recorded.version))
+            await store.save_snapshot(snapshot_of(agent_id, state, recorded.version, recorded.hash))
             saved += 1
     return saved

@@ -59,10 +59,11 @@ def migration_files() -> list[tuple[int, str, str]]:
     return found
 
 
-async def migrate(dsn: str) -> list[str]:
+async def migrate(dsn: str, *, upto: int | None = None) -> list[str]:
     """Bring the database at ``dsn`` up to date as its owner (``pflea_owner``, made by
     :mod:`shared.bootstrap`; never a superuser, so that what it creates is owned by the role the
-    grants are written for); return what ran."""
+    grants are written for); return what ran. ``upto``: stop after that migration (tests of a
+    migration's data step start from the schema before it)."""
     conn = await asyncpg.connect(dsn)
     applied_now: list[str] = []
     if await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
@@ -82,6 +83,8 @@ async def migrate(dsn: str) -> list[str]:
         )
         done = {r["version"]: r for r in await conn.fetch("SELECT * FROM schema_migrations")}
         for number, name, sql in migration_files():
+            if upto is not None and number > upto:
+                break
             checksum = hashlib.sha256(sql.encode()).hexdigest()
             if number in done:
                 if done[number]["checksum"] != checksum:

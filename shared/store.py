@@ -8,6 +8,7 @@ told apart from a real version conflict.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -19,6 +20,8 @@ import msgspec
 from shared import locks
 from shared.events import Event, encode_data, event_type_of, schema_version_of
 from shared.upcasting import UpcastError, decode_event, upcast
+
+log = logging.getLogger(__name__)
 
 EVENT_COLUMNS = (
     "event_id",
@@ -34,7 +37,7 @@ EVENT_COLUMNS = (
 _SELECT = """
     SELECT position, event_id, stream_id, stream_type, event_type, version, data,
            metadata, (metadata->>'schema_version')::int AS schema_version,
-           occurred_at, recorded_at
+           occurred_at, recorded_at, hash
     FROM events
 """
 
@@ -130,6 +133,7 @@ class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     schema_version: int
     occurred_at: datetime
     recorded_at: datetime
+    hash: bytes = b""  # its link in the stream's hash chain (migration 008)
 
     def decode(self) -> Event:
         """The event, under the one decode policy (raises ``UnreadableEvent``)."""
@@ -191,6 +195,9 @@ class Snapshot(msgspec.Struct, frozen=True):
     version: int
     schema_version: int
     state: str
+    # The hash of the event at ``version``: a snapshot is trusted only while the stored event
+    # still has it (see load_trusted_snapshot).
+    event_hash: bytes = b""
 
 
 def _recorded(row: asyncpg.Record) -> RecordedEvent:
@@ -211,6 +218,7 @@ def _recorded(row: asyncpg.Record) -> RecordedEvent:
         schema_version=schema_version,
         occurred_at=row["occurred_at"],
         recorded_at=row["recorded_at"],
+        hash=row["hash"],
     )
 
 
@@ -367,13 +375,14 @@ class EventStore:
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         """Store a state as of ``snapshot.version``; saving the same one twice is a no-op."""
         await self.pool.execute(
-            """INSERT INTO snapshots (stream_id, snapshot_type, version, schema_version, state)
-               VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
+            """INSERT INTO snapshots (stream_id, snapshot_type, version, schema_version, state, event_hash)
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING""",
             snapshot.stream_id,
             snapshot.snapshot_type,
             snapshot.version,
             snapshot.schema_version,
             snapshot.state,
+            snapshot.event_hash,
         )
 
     async def load_snapshot(
@@ -384,16 +393,51 @@ class EventStore:
         *,
         conn: asyncpg.Connection | None = None,
     ) -> Snapshot | None:
-        """The newest snapshot of ``stream_id`` at or before version ``at_or_before``."""
-        row = await (conn or self.pool).fetchrow(
-            """SELECT stream_id, snapshot_type, version, schema_version, state FROM snapshots
-               WHERE stream_id = $1 AND snapshot_type = $2 AND version <= $3
-               ORDER BY version DESC LIMIT 1""",
-            stream_id,
-            snapshot_type,
-            at_or_before if at_or_before is not None else 2**62,
+        """The newest trusted snapshot of ``stream_id`` at or before version ``at_or_before``."""
+        if conn is not None:
+            return await load_trusted_snapshot(conn, stream_id, snapshot_type, None, at_or_before)
+        async with self.pool.acquire() as acquired:
+            return await load_trusted_snapshot(acquired, stream_id, snapshot_type, None, at_or_before)
+
+
+# How many untrusted snapshots a load steps over before it folds from the start instead.
+_SNAPSHOT_CANDIDATES = 8
+
+
+async def load_trusted_snapshot(
+    conn: asyncpg.Connection,
+    stream_id: str,
+    snapshot_type: str,
+    schema_version: int | None,
+    at_or_before: int | None,
+) -> Snapshot | None:
+    """The newest snapshot at or before ``at_or_before`` whose ``event_hash`` is the hash the
+    event at its version has now. One that does not match (forged, or taken of a history that
+    was rewritten since) is logged and ignored, never folded from."""
+    rows = await conn.fetch(
+        """SELECT s.stream_id, s.snapshot_type, s.version, s.schema_version, s.state, s.event_hash,
+                  e.hash AS stored_hash
+           FROM snapshots s
+           LEFT JOIN events e ON e.stream_id = s.stream_id AND e.version = s.version
+           WHERE s.stream_id = $1 AND s.snapshot_type = $2 AND s.version <= $3
+             AND ($4::int IS NULL OR s.schema_version = $4)
+           ORDER BY s.version DESC LIMIT $5""",
+        stream_id,
+        snapshot_type,
+        at_or_before if at_or_before is not None else 2**62,
+        schema_version,
+        _SNAPSHOT_CANDIDATES,
+    )
+    for row in rows:
+        if row["event_hash"] is not None and row["event_hash"] == row["stored_hash"]:
+            fields = dict(row)
+            del fields["stored_hash"]
+            return Snapshot(**fields)
+        log.warning(
+            "snapshot ignored: its event hash does not match the stored event",
+            extra={"stream": stream_id, "version": row["version"], "snapshot_type": snapshot_type},
         )
-        return Snapshot(**dict(row)) if row else None
+    return None
 
 
 async def fetch_stream(

@@ -44,6 +44,9 @@ HDR_EVENT_TYPE = "Pflea-Event-Type"
 HDR_SCHEMA_VERSION = "Pflea-Schema-Version"
 HDR_OCCURRED_AT = "Pflea-Occurred-At"
 HDR_RECORDED_AT = "Pflea-Recorded-At"
+# The event's link in its stream's hash chain (hex SHA-256; README, "Verifiable history"): what
+# subscribers received, so a later rewrite of Postgres shows (`pflea verify --against-stream`).
+HDR_HASH = "Pflea-Event-Hash"
 
 
 class BadMessage(ValueError):
@@ -135,6 +138,7 @@ class DeliveredEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     data: str
     occurred_at: datetime
     recorded_at: datetime
+    hash: str = ""  # hex; "" for a message relayed before events were chained
 
     @classmethod
     def of(cls, recorded: RecordedEvent) -> DeliveredEvent:
@@ -149,6 +153,7 @@ class DeliveredEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
             data=recorded.data,
             occurred_at=recorded.occurred_at,
             recorded_at=recorded.recorded_at,
+            hash=recorded.hash.hex(),
         )
 
     def decode(self) -> Event:
@@ -167,6 +172,7 @@ def event_headers(e: RecordedEvent | DeliveredEvent) -> dict[str, str]:
         HDR_OCCURRED_AT: e.occurred_at.isoformat(),
         HDR_RECORDED_AT: e.recorded_at.isoformat(),
         HDR_SCHEMA_VERSION: str(e.schema_version),
+        HDR_HASH: e.hash if isinstance(e.hash, str) else e.hash.hex(),
     }
 
 
@@ -189,6 +195,7 @@ def delivered_event(data: bytes, headers: Mapping[str, str] | None) -> Delivered
             data=data.decode(),
             occurred_at=datetime.fromisoformat(h[HDR_OCCURRED_AT]),
             recorded_at=datetime.fromisoformat(h[HDR_RECORDED_AT]),
+            hash=h.get(HDR_HASH, ""),
         )
     except (KeyError, ValueError, UnicodeDecodeError) as exc:
         raise BadMessage(f"not a relayed event: {exc!r}") from None

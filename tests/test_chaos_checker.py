@@ -58,7 +58,13 @@ async def test_each_kind_of_damage_is_found_and_counted(
         await _insert(conn, "a", 2, {"tx_id": "tx-2", "amount": "2", "asset": "PFLEA"})
         await _insert(conn, "a", 3, {"tx_id": "tx-2", "amount": "2", "asset": "PFLEA"})  # stored twice
         await _insert(conn, "a", 4, {"tx_id": "tx-9", "amount": "NaN", "asset": "PFLEA"})  # no source; NaN
-        await _insert(conn, "b", 2, {"amount": "1e5", "asset": "PFLEA"})  # v1 missing; exponent text
+        await _insert(conn, "b", 1, {"amount": "1", "asset": "PFLEA", "note": "deleted below"})
+        await _insert(conn, "b", 2, {"amount": "1e5", "asset": "PFLEA"})  # exponent text
+        # v1 of b deleted behind the store's back: a gap, and a broken hash chain.
+        await conn.execute(
+            "SET session_replication_role = replica;"
+            "DELETE FROM events WHERE stream_id = 'b' AND version = 1; RESET session_replication_role"
+        )
         await conn.execute(
             "INSERT INTO balances (agent_id, asset, balance, last_position) VALUES ('a', 'PFLEA', 'NaN', 1)"
         )
@@ -71,8 +77,9 @@ async def test_each_kind_of_damage_is_found_and_counted(
     # tx-3 never stored, the malformed tx-4 not quarantined; tx-2 twice; tx-9 and b's event unexplained.
     assert (findings.missing, findings.duplicates, findings.extra) == (2, 1, 2), findings.problems
     named = {problem[:3] for problem in findings.problems}
-    assert named == {"[1]", "[2]", "[3]", "[4]", "[5]", "[6]"}, findings.problems
+    assert named == {"[1]", "[2]", "[3]", "[4]", "[5]", "[6]", "[7]"}, findings.problems
     text = "\n".join(findings.problems)
     assert "1 streams have version gaps" in text
     assert "events@" in text and "'NaN'" in text and "1e5" in text and "balances[a,PFLEA]" in text
     assert "4 committed events never reached PFLEA_EVENTS" in text
+    assert "1 streams' hash chains are broken" in text and "version 1 is missing" in text

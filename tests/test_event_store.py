@@ -140,12 +140,30 @@ async def test_batch_append_with_known_heads_equals_the_careful_way(store: Event
 
 async def test_snapshot_round_trip(store: EventStore) -> None:
     assert await store.load_snapshot("snap", "balance") is None
-    await store.save_snapshot(Snapshot("snap", "balance", 10, 1, '{"PFLEA": "1.5"}'))
-    await store.save_snapshot(Snapshot("snap", "balance", 20, 1, '{"PFLEA": "2.5"}'))
+    await store.append_batch([StreamEvent("snap", "agent", deposit("1")) for _ in range(30)])
+    hashes = {e.version: e.hash for e in await store.read_stream("snap")}
+    await store.save_snapshot(Snapshot("snap", "balance", 10, 1, '{"PFLEA": "1.5"}', hashes[10]))
+    await store.save_snapshot(Snapshot("snap", "balance", 20, 1, '{"PFLEA": "2.5"}', hashes[20]))
     latest = await store.load_snapshot("snap", "balance")
     assert latest is not None and latest.version == 20 and '"2.5"' in latest.state
     older = await store.load_snapshot("snap", "balance", at_or_before=15)
     assert older is not None and older.version == 10
+
+
+async def test_a_forged_snapshot_is_ignored_and_logged(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot whose event hash is not the stored event's (forged, or of a rewritten history)
+    is never folded from: the newest trusted one is used, or none."""
+    await store.append_batch([StreamEvent("forged", "agent", deposit("1")) for _ in range(30)])
+    hashes = {e.version: e.hash for e in await store.read_stream("forged")}
+    await store.save_snapshot(Snapshot("forged", "balance", 10, 1, '{"PFLEA": "10"}', hashes[10]))
+    await store.save_snapshot(Snapshot("forged", "balance", 30, 1, '{"PFLEA": "1000000"}', hashes[29]))
+    await store.save_snapshot(Snapshot("forged", "balance", 20, 1, '{"PFLEA": "999"}', b""))
+    with caplog.at_level("WARNING", logger="shared.store"):
+        trusted = await store.load_snapshot("forged", "balance")
+    assert trusted is not None and trusted.version == 10
+    assert [r.version for r in caplog.records if "snapshot ignored" in r.getMessage()] == [30, 20]  # type: ignore[attr-defined]
 
 
 async def test_event_stored_in_old_shape_is_read_in_current_shape(

@@ -90,6 +90,7 @@ def recorded_events(draw: st.DrawFn) -> RecordedEvent:
         schema_version=draw(st.integers(1, 3)),
         occurred_at=occurred,
         recorded_at=occurred + timedelta(microseconds=draw(st.integers(0, 10**9))),
+        hash=draw(st.binary(min_size=32, max_size=32)),
     )
 
 

@@ -9,7 +9,7 @@ import sys
 import nats.errors
 import nats.js.errors
 
-from services.cli import agent, agents, events, projections, queries, status, up
+from services.cli import agent, agents, events, projections, queries, status, up, verify
 from services.cli.connections import owner_settings
 from shared.logs import configure_logging
 from shared.settings import Settings, SettingsError, load_settings
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_parsers(sub)
     agent.add_parsers(sub)
     agents.add_parsers(sub)
+    verify.add_parsers(sub)
     up.add_parser(sub)
     return parser
 

@@ -6,7 +6,9 @@
 3. every read model equals a fresh, independent fold over ``events`` (tests/reference.py);
 4. each projector's checkpoints equal the streams' last versions, and projection_status lag is 0;
 5. no NaN, infinity or out-of-range amount in ``events.data`` or any read-model column;
-6. PFLEA_EVENTS carries every committed event (its Pflea-Event-Id headers cover ``events``).
+6. PFLEA_EVENTS carries every committed event (its Pflea-Event-Id headers cover ``events``);
+7. every stream's hash chain holds, and every hash PFLEA_EVENTS delivered is the stored one
+   (``pflea verify --against-stream``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import msgspec
 from nats.js import JetStreamContext
 
 from services.simulator.feed import StoredTx
+from shared.chain import published_hashes, verify_against_published, verify_chains
 from shared.jetstream import Topology
 from shared.wire import HDR_EVENT_ID
 from tests.reference import TABLE_COLUMNS, fold, stored_events, table_rows
@@ -73,7 +76,17 @@ async def check(
     await checkpoints_at_heads(conn, findings)
     await amounts_in_range(conn, findings)
     await relay_covers_log(conn, js, topology, findings)
+    await chains_hold(conn, js, topology, findings)
     return findings
+
+
+async def chains_hold(
+    conn: asyncpg.Connection, js: JetStreamContext, topology: Topology, findings: Findings
+) -> None:
+    result = await verify_chains(conn)
+    await verify_against_published(conn, await published_hashes(js, topology), result)
+    if result.breaks:
+        findings.fail(7, f"{len(result.breaks)} streams' hash chains are broken", result.breaks)
 
 
 async def source_exactly_once(
