@@ -28,6 +28,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from shared.js_adapter import connection
+from shared.settings import AGENT_ID_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,12 @@ class Topology(msgspec.Struct, frozen=True):
 
     def tx_subject(self, agent_id: str) -> str:
         return f"{self.namespace}.tx.{agent_id}"
+
+    def tx_agent(self, subject: str) -> str | None:
+        """The agent of a PFLEA_TX subject, ``<ns>.tx.<agent>``; None if ``subject`` is none."""
+        prefix = f"{self.namespace}.tx."
+        agent = subject.removeprefix(prefix)
+        return agent if subject.startswith(prefix) and AGENT_ID_PATTERN.fullmatch(agent) else None
 
     def event_subject(self, agent_id: str, event_type: str) -> str:
         return f"{self.namespace}.events.{agent_id}.{event_type}"

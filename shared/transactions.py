@@ -1,4 +1,6 @@
-"""Turn one raw Purple Flea transaction into a ``TxEnvelope``, or reject it naming the field.
+"""Turn one raw Purple Flea transaction into a ``TxEnvelope``, or reject it naming the field;
+and tell the writer whether an envelope it is handed is what that makes of the transaction the
+envelope carries (:func:`reparse`).
 
 Items are parsed from their own raw bytes with the stdlib parser, strictly: numbers become
 ``Decimal`` (never float), ``NaN``/``Infinity`` tokens and duplicate keys are refused, and text
@@ -103,21 +105,29 @@ def decode_item(raw: bytes) -> dict[str, Any]:
     """Strict, exact JSON decoding of one transaction object."""
     if len(raw) > MAX_ITEM_BYTES:
         raise Rejected(f"transaction: {len(raw)} bytes is over the {MAX_ITEM_BYTES}-byte limit")
+    return _checked_item(_strict_json(raw, "transaction"))
+
+
+def _strict_json(raw: bytes, what: str) -> Any:
+    """``raw`` as JSON, exactly: numbers with a fraction or exponent become ``Decimal``."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise Rejected(f"transaction: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise Rejected(f"{what}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        obj = json.loads(
+        return json.loads(
             text,
             parse_float=Decimal,
             parse_constant=_no_constants,
             object_pairs_hook=_no_duplicate_keys,
         )
     except RecursionError:
-        raise Rejected("transaction: nested too deeply to parse") from None
+        raise Rejected(f"{what}: nested too deeply to parse") from None
     except json.JSONDecodeError as exc:
-        raise Rejected(f"transaction: not JSON ({exc.msg} at {exc.pos})") from None
+        raise Rejected(f"{what}: not JSON ({exc.msg} at {exc.pos})") from None
+
+
+def _checked_item(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise Rejected(f"transaction: expected a JSON object, got {type(obj).__name__}")
     try:
@@ -235,24 +245,35 @@ def _register(tx: dict[str, Any]) -> Event:
     return AgentRegistered(name=_text(tx, "name", required=False))
 
 
-BUILDERS: dict[str, tuple[Callable[[dict[str, Any]], Event], frozenset[str]]] = {
-    "register": (_register, frozenset({"name", "amount", "asset"})),
-    "deposit": (_money(FundsDeposited), frozenset()),
-    "withdraw": (_money(FundsWithdrawn, "address"), frozenset({"address"})),
-    "bet": (_money(BetPlaced, "game", "bet_id"), frozenset({"game", "bet_id"})),
-    "win": (_money(BetWon, "game", "bet_id"), frozenset({"game", "bet_id"})),
-    "fee": (_money(FeeCharged, "reason"), frozenset({"reason"})),
-    "faucet": (_money(FaucetClaimed), frozenset()),
-    "escrow": (_money(EscrowLocked, "escrow_id"), frozenset({"escrow_id"})),
-    "escrow_release": (_money(EscrowReleased, "escrow_id"), frozenset({"escrow_id"})),
-    "trade": (_trade, frozenset({"side", "instrument", "quantity", "price"})),
-    "transfer_in": (_money(WalletTransferIn, "address", "chain"), frozenset({"address", "chain"})),
-    "transfer_out": (_money(WalletTransferOut, "address", "chain"), frozenset({"address", "chain"})),
-    "swap": (_swap, frozenset({"to_amount", "to_asset"})),
-    "domain_purchase": (_domain(DomainPurchased), frozenset({"domain"})),
-    "domain_renewal": (_domain(DomainRenewed), frozenset({"domain"})),
-    "domain_sale": (_domain(DomainSold), frozenset({"domain"})),
+# Each source type: the event it becomes, how, and the fields that event keeps (not in extra).
+BUILDERS: dict[str, tuple[type[Event], Callable[[dict[str, Any]], Event], frozenset[str]]] = {
+    "register": (AgentRegistered, _register, frozenset({"name", "amount", "asset"})),
+    "deposit": (FundsDeposited, _money(FundsDeposited), frozenset()),
+    "withdraw": (FundsWithdrawn, _money(FundsWithdrawn, "address"), frozenset({"address"})),
+    "bet": (BetPlaced, _money(BetPlaced, "game", "bet_id"), frozenset({"game", "bet_id"})),
+    "win": (BetWon, _money(BetWon, "game", "bet_id"), frozenset({"game", "bet_id"})),
+    "fee": (FeeCharged, _money(FeeCharged, "reason"), frozenset({"reason"})),
+    "faucet": (FaucetClaimed, _money(FaucetClaimed), frozenset()),
+    "escrow": (EscrowLocked, _money(EscrowLocked, "escrow_id"), frozenset({"escrow_id"})),
+    "escrow_release": (EscrowReleased, _money(EscrowReleased, "escrow_id"), frozenset({"escrow_id"})),
+    "trade": (TradeExecuted, _trade, frozenset({"side", "instrument", "quantity", "price"})),
+    "transfer_in": (
+        WalletTransferIn,
+        _money(WalletTransferIn, "address", "chain"),
+        frozenset({"address", "chain"}),
+    ),
+    "transfer_out": (
+        WalletTransferOut,
+        _money(WalletTransferOut, "address", "chain"),
+        frozenset({"address", "chain"}),
+    ),
+    "swap": (AssetSwapped, _swap, frozenset({"to_amount", "to_asset"})),
+    "domain_purchase": (DomainPurchased, _domain(DomainPurchased), frozenset({"domain"})),
+    "domain_renewal": (DomainRenewed, _domain(DomainRenewed), frozenset({"domain"})),
+    "domain_sale": (DomainSold, _domain(DomainSold), frozenset({"domain"})),
 }
+# The source type each catalogue event comes from (UnknownTransaction keeps its own).
+SOURCE_TYPES: dict[str, str] = {cls.__name__: source for source, (cls, _, _) in BUILDERS.items()}
 _COMMON = frozenset({"id", "type", "amount", "asset", "created_at", "agent_id"})
 # In ``extra`` of an event whose transaction came without ``created_at``: its ``occurred_at``
 # is when the ingester first saw it, not when it happened.
@@ -274,7 +295,7 @@ def to_event(tx: dict[str, Any]) -> Event:
             _amount(tx)  # an unknown type still may not carry an amount we could not store
         raw = {k: plain_json(v) for k, v in tx.items()}
         return UnknownTransaction(tx_id=tx_id, source_type=tx_type, raw=raw, extra=_marks(tx))
-    build, own_fields = built
+    _, build, own_fields = built
     event = build(tx)
     extra = {k: plain_json(v) for k, v in tx.items() if k not in _COMMON and k not in own_fields}
     extra.update(_marks(tx))
@@ -293,7 +314,10 @@ def transaction_event_id(feed: str, agent_id: str, tx_id: str, event: Event) -> 
 def parse_transaction(raw: bytes, agent_id: str, feed: str) -> TxEnvelope:
     """Validate one raw transaction of ``agent_id`` read from ``feed``; raises ``Rejected``
     with the reason."""
-    tx = decode_item(raw)
+    return _envelope(decode_item(raw), agent_id, feed)
+
+
+def _envelope(tx: dict[str, Any], agent_id: str, feed: str) -> TxEnvelope:
     tx_id = _text(tx, "id")
     assert tx_id is not None
     owner = tx.get("agent_id")
@@ -312,3 +336,52 @@ def parse_transaction(raw: bytes, agent_id: str, feed: str) -> TxEnvelope:
         feed=feed,
         tx_id=tx_id,
     )
+
+
+_item_encoder = msgspec.json.Encoder()
+
+
+def reparse(envelope: TxEnvelope) -> TxEnvelope:
+    """What :func:`parse_transaction` makes of the transaction ``envelope`` claims to carry: the
+    feed item told back from its event data, then validated and identified again by the very
+    same code. Raises ``Rejected`` naming the field. An envelope equal to its reparse is one the
+    ingester could have made; the writer stores no other (README, Security)."""
+    item = source_item(envelope)
+    size = len(_item_encoder.encode(item))
+    if size > MAX_ITEM_BYTES:
+        raise Rejected(f"transaction: {size} bytes is over the {MAX_ITEM_BYTES}-byte limit", envelope.tx_id)
+    expected = _envelope(_checked_item(item), envelope.agent_id, envelope.feed)
+    if item.get("created_at") is None:
+        # First seen without created_at: occurred_at is the ingester's clock, nothing to check.
+        return msgspec.structs.replace(expected, occurred_at=envelope.occurred_at)
+    return expected
+
+
+def source_item(envelope: TxEnvelope) -> dict[str, Any]:
+    """The feed item ``envelope`` was made from, as far as its event keeps it: the inverse of
+    :func:`to_event` (an UnknownTransaction keeps the item whole; any other event its fields,
+    ``extra`` and ``created_at`` as ``occurred_at``, unless it was first seen without one)."""
+    data = _strict_json(bytes(envelope.data), "data")
+    if not isinstance(data, dict):
+        raise Rejected(f"data: expected a JSON object, got {type(data).__name__}", envelope.tx_id)
+    if envelope.event_type == "UnknownTransaction":
+        item = data.get("raw")
+        if not isinstance(item, dict):
+            raise Rejected("data.raw: expected the source transaction, a JSON object", envelope.tx_id)
+        return item
+    source_type = SOURCE_TYPES.get(envelope.event_type)
+    if source_type is None:
+        raise Rejected(
+            f"event_type: {envelope.event_type[:64]!r} is not in the event catalogue", envelope.tx_id
+        )
+    fields = {k: v for k, v in data.items() if k not in ("tx_id", "extra")}
+    extra = data.get("extra", {})
+    if not isinstance(extra, dict):
+        raise Rejected(f"data.extra: expected a JSON object, got {type(extra).__name__}", envelope.tx_id)
+    first_seen = all(extra.get(k) == v for k, v in FIRST_SEEN.items())
+    if first_seen:
+        extra = {k: v for k, v in extra.items() if k not in FIRST_SEEN}
+    item = {**extra, **fields, "id": envelope.tx_id, "type": source_type}
+    if not first_seen:
+        item["created_at"] = envelope.occurred_at.isoformat()
+    return item

@@ -2,7 +2,7 @@
 
 | format | subject | encode / decode |
 |---|---|---|
-| PFLEA_TX batch | ``<ns>.tx.<agent>`` | :func:`tx_messages` / :func:`decode_tx_message` |
+| PFLEA_TX batch | ``<ns>.tx.<agent>`` | :func:`tx_messages` / :func:`decode_tx_batch` |
 | PFLEA_EVENTS event | ``<ns>.events.<agent>.<EventType>`` | :func:`event_message` / :func:`delivered_event` |
 | command | ``<ns>.cmd.<agent>.<Command>`` | :func:`encode_command` / :func:`decode_command` |
 | its reply | the request's inbox | :func:`encode_reply` / :func:`decode_reply` |
@@ -111,15 +111,20 @@ def _batch_message(run: list[tuple[TxEnvelope, bytes]]) -> TxMessage:
     return TxMessage(first.agent_id, payload, str(msg_id))
 
 
-def decode_tx_message(data: bytes) -> list[TxEnvelope]:
-    """The transactions of a PFLEA_TX batch, in feed order.
+def decode_tx_batch(data: bytes) -> TxBatch:
+    """A PFLEA_TX batch: its agent and its transactions, in feed order.
 
     Raises ``msgspec.DecodeError``/``ValidationError`` for anything else, including a batch
     that mixes agents."""
     batch = _batch_decoder.decode(data)
     if any(tx.agent_id != batch.agent_id for tx in batch.transactions):
         raise msgspec.ValidationError(f"a batch for {batch.agent_id!r} holds another agent's transaction")
-    return batch.transactions
+    return batch
+
+
+def decode_tx_message(data: bytes) -> list[TxEnvelope]:
+    """The transactions of a PFLEA_TX batch, in feed order (see :func:`decode_tx_batch`)."""
+    return decode_tx_batch(data).transactions
 
 
 # --- PFLEA_EVENTS ------------------------------------------------------------------------------

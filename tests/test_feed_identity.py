@@ -81,17 +81,16 @@ async def test_equal_tx_ids_of_two_agents_and_of_two_feeds_are_all_stored(
 
 
 async def test_an_event_id_stored_in_another_stream_is_quarantined_not_skipped(
-    settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess
+    settings: Settings, topology: Topology, js_streams: nats.NATS, store: EventStore, writer: ServiceProcess
 ) -> None:
-    owner = parse_transaction(raw_tx("7"), "agent-a", "casino")
-    await publish(js_streams, topology, [owner])
-    await wait_until(lambda: _at_least(settings.database_url, 1), 60, "the first event")
-    # Another agent's transaction arriving under the same event id (forged or a hash collision).
-    forged = msgspec.structs.replace(
-        parse_transaction(raw_tx("8", "5.00"), "agent-b", "casino"), event_id=owner.event_id
-    )
+    incoming = parse_transaction(raw_tx("8", "5.00"), "agent-b", "casino")
+    # Another stream already holds the id agent-b's transaction derives to (a hash collision;
+    # the writer refuses a forged id before it gets this far, see test_forged_tx.py).
+    squatter = parse_transaction(raw_tx("7"), "agent-a", "casino")
+    event = msgspec.structs.replace(new_event(squatter, 1), event_id=incoming.event_id)
+    await store.append_batch([StreamEvent("agent-a", "agent", event)])
     honest = parse_transaction(raw_tx("9"), "agent-b", "casino")
-    await publish(js_streams, topology, [forged, honest])
+    await publish(js_streams, topology, [incoming, honest])
     await wait_until(lambda: _at_least(settings.database_url, 2), 60, "the honest event")
     quarantined = await wait_until(
         lambda: rows(settings.database_url, "SELECT agent_id, reason, raw FROM quarantine"),
@@ -100,7 +99,7 @@ async def test_an_event_id_stored_in_another_stream_is_quarantined_not_skipped(
     )
     [row] = quarantined
     assert row["agent_id"] == "agent-b"
-    assert "stored already in stream 'agent-a'" in row["reason"] and str(owner.event_id) in row["reason"]
+    assert "stored already in stream 'agent-a'" in row["reason"] and str(incoming.event_id) in row["reason"]
     assert b'"tx_id":"8"' in bytes(row["raw"])
     assert len(await _events(settings.database_url)) == 2
 

@@ -355,11 +355,13 @@ def test_the_ack_subject_tells_sequence_and_deliveries_as_nats_py_reads_them(rep
     assert delivery(msg) == (msg.metadata.sequence.stream, msg.metadata.num_delivered) == (17, 3)
 
 
-async def test_a_batch_message_with_one_transaction_postgres_refuses_keeps_the_others(
+async def test_a_batch_message_with_one_transaction_that_cannot_be_stored_keeps_the_others(
     settings: Settings, topology: Topology, js_streams: nats.NATS, writer: ServiceProcess
 ) -> None:
-    """The ingester sends an agent's page as one message; a row the database refuses (here,
-    data that is not an object) is quarantined alone and its neighbours are stored in order."""
+    """The ingester sends an agent's page as one message; a row that cannot be stored (here,
+    data that is not an object: the writer's decode refuses it before the database would; the
+    append's own isolation is in test_writer_stages.py) is quarantined alone and its neighbours
+    are stored in order."""
     envelopes = [envelope("agent-b", n) for n in range(5)]
     envelopes[2] = msgspec.structs.replace(envelopes[2], data=msgspec.Raw(b"[1]"))
     [message] = tx_messages(envelopes)
@@ -372,7 +374,7 @@ async def test_a_batch_message_with_one_transaction_postgres_refuses_keeps_the_o
     conn = await asyncpg.connect(url)
     try:
         row = await wait_until(lambda: conn.fetchrow("SELECT * FROM quarantine"), 10, "quarantine")
-        assert row["source"] == "writer" and "postgres" in row["reason"]
+        assert row["source"] == "writer" and row["reason"] == "data: expected a JSON object, got list"
         assert msgspec.json.decode(row["raw"])["tx_id"] == "tx-agent-b-2"
         assert await conn.fetchval("SELECT count(*) FROM quarantine") == 1
     finally:

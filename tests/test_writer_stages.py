@@ -98,7 +98,8 @@ async def test_attempts_are_counted_in_postgres_before_each_try(store: EventStor
 
 def test_a_message_that_is_no_batch_is_set_aside_and_the_others_decode_in_order() -> None:
     good = tx_messages([_tx("agent-a", 1).envelope, _tx("agent-a", 2).envelope])[0].payload
-    decoded = decode_items([_item(1, good), _item(2, b"<html>"), _item(3, b'{"agent_id":"x"}')])
+    items = [_item(1, good), _item(2, b"<html>"), _item(3, b'{"agent_id":"x"}')]
+    decoded = decode_items(items, Topology("t"))
     assert [t.envelope.tx_id for t in decoded.txs] == ["1", "2"]
     assert [t.event.event.metadata["tx_seq"] for t in decoded.txs] == [1, 1]
     assert [(i.seq, reason.split(":")[0]) for i, reason in decoded.poison] == [

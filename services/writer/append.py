@@ -14,6 +14,7 @@ from prometheus_client import Counter, Histogram
 
 from services.writer.messages import Tx
 from shared.db import TRANSIENT_DB_ERRORS
+from shared.envelope import TxEnvelope
 from shared.faults import delay_s, fail_point
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
@@ -68,7 +69,7 @@ class Appender:
                 continue
             except asyncpg.PostgresError as exc:
                 if len(txs) == 1:
-                    await self.reject(txs[0], f"postgres: {exc}")
+                    await self.reject(txs[0].envelope, f"postgres: {exc}")
                     return True
                 # Something in the batch is rejected by the database: find it by halving.
                 mid = len(txs) // 2
@@ -87,15 +88,15 @@ class Appender:
                 f"event_id: {event_id} is stored already in stream {collision.stored_in!r}, "
                 f"not {collision.item.stream_id!r}: not a duplicate, and not stored twice"
             )
-            await self.reject(by_id[event_id], reason)
+            await self.reject(by_id[event_id].envelope, reason)
         self.on_commit()
 
-    async def reject(self, tx: Tx, reason: str) -> None:
+    async def reject(self, envelope: TxEnvelope, reason: str, *, subject: str | None = None) -> None:
         """One transaction that cannot be stored: quarantined alone, its message's others go on."""
-        envelope = tx.envelope
         await self.quarantine.put(
             tx_encoder.encode(envelope),
             reason,
             agent_id=envelope.agent_id,
+            subject=subject,
             key=f"tx:{envelope.origin}",
         )

@@ -7,7 +7,8 @@ The stages, in order, each in its own module:
    the order the ingester read them; older messages still held by a dead writer come first;
 3. attempts (:mod:`.attempts`): a message that keeps killing the writer is isolated, then
    quarantined;
-4. decode (:mod:`.decode`): messages become events; what is no batch is quarantined;
+4. decode (:mod:`.decode`): messages become events; what is no batch, is on another agent's
+   subject or is not what the ingester makes of its transaction is quarantined;
 5. append (:mod:`.append`): commit, retrying, isolating and quarantining what Postgres refuses;
 6. ack what is committed.
 """
@@ -174,9 +175,11 @@ class TxConsumer:
 
     async def _commit(self, items: Sequence[Item]) -> bool:
         """Append the transactions of ``items`` in order, then ack them; False if stopped first."""
-        decoded = decode_items(items)
+        decoded = decode_items(items, self.topology)
         for item, reason in decoded.poison:
             await self._poison(item, reason)
+        for item, envelope, reason in decoded.refused:
+            await self.appender.reject(envelope, reason, subject=item.subject)
         txs = decoded.txs
         step = self.settings.writer_batch_size  # transactions per Postgres transaction
         for start in range(0, len(txs), step):
