@@ -346,7 +346,7 @@ async def test_migration_008_chains_a_store_made_before_it(postgres_url: str) ->
                 """INSERT INTO snapshots (stream_id, snapshot_type, version, schema_version, state)
                    VALUES ('a', 'agent', 4, 1, '{}')"""
             )
-            assert await migrate(owner) == ["008_hash_chain.sql"]
+            assert (await migrate(owner))[0] == "008_hash_chain.sql"
             rows = await _stored_rows(conn)
             prev: dict[str, bytes] = {}
             for row in rows:
