@@ -42,6 +42,8 @@ async def raw_copy(h: Harness) -> Figure:
     conn = await connect(url)
     try:
         await conn.execute("CREATE TABLE raw_events (LIKE events INCLUDING ALL)")  # no triggers
+        # ... so nothing computes the hash chain: what Postgres does without that work.
+        await conn.execute("ALTER TABLE raw_events ALTER COLUMN hash DROP NOT NULL")
         started = time.perf_counter()
         for i in range(0, len(records), BATCH):
             async with conn.transaction():
