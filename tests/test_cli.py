@@ -263,13 +263,21 @@ async def test_status_shows_streams_lag_projections_checkpoints_and_quarantine(
         "pnl": 0,
         "portfolio": 0,
     }
+    assert {float(p["lag_seconds"]) for p in report["projections"]} == {0.0}
+    relay = next(t for t in report["checkpoints"]["tailers"] if t["kind"] == "relay")
+    assert (relay["lag_events"], float(relay["lag_seconds"])) == (0, 0.0)
     consumers = {c["consumer"]: c for c in report["consumers"]}
     assert consumers["writer"]["pending"] == 0
     assert consumers["projector-balance"]["pending"] is None  # no projector process has started
     assert report["quarantine"]["entries"] == 1
     assert {t["kind"] for t in report["checkpoints"]["tailers"]} == {"relay", "snapshots"}
     human = await pflea(settings, "status")
-    assert human.code == 0 and "Quarantine: 1 entries" in human.out
+    assert human.code == 0 and "Quarantine: 1 entries" in human.out and "lag_seconds" in human.out
+    # An event no projector has applied: lag in events and in seconds (its age).
+    await store.append_batch(generate(32, agents=1, events=1))
+    await asyncio.sleep(0.2)
+    behind = {p["projection"]: p for p in (await pflea(settings, "status", "--json")).json()["projections"]}
+    assert behind["balance"]["lag_events"] == 1 and float(behind["balance"]["lag_seconds"]) >= 0.2
     listed = (await pflea(settings, "quarantine", "--list", "--json")).json()["quarantine"]
     assert [e["reason"] for e in listed] == ["not UTF-8"]
     shown = (await pflea(settings, "quarantine", "--show", str(listed[0]["id"]), "--json")).json()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -9,13 +10,17 @@ import asyncpg
 import httpx
 import nats
 import pytest
+from prometheus_client import REGISTRY
 
 from devstack.ports import free_port
 from devstack.processes import ServiceProcess, wait_until
 from shared.jetstream import Topology
+from shared.lag import REPORT_EVERY_S, report_tailer_lag
 from shared.ops import Lifecycle, OpsServer
 from shared.settings import Settings
+from shared.store import EventStore
 from tests.conftest import SERVICE_PASSWORD
+from tests.reference import generate
 from tests.support import service_env
 from tests.test_writer_relay import publish_transactions
 
@@ -115,3 +120,24 @@ async def test_sigterm_finishes_the_batch_in_hand_and_acks_exactly_what_is_commi
     finally:
         await conn.close()
         writer.kill()
+
+
+async def test_lag_seconds_is_the_age_of_the_oldest_unapplied_event(
+    writer_pool: asyncpg.Pool, store: EventStore
+) -> None:
+    """pflea_lag_seconds{reader}: what an operator alarms on (README, Operations)."""
+    await writer_pool.execute("INSERT INTO relay_checkpoints (name, position) VALUES ('lag-test', 0)")
+    await store.append_batch(generate(5, agents=1, events=3))
+    reporter = asyncio.create_task(report_tailer_lag(writer_pool))
+    try:
+
+        def relay_lag() -> float | None:
+            return REGISTRY.get_sample_value("pflea_lag_seconds", {"reader": "relay"})
+
+        first = await wait_until(relay_lag, 10, "a lag sample")
+        assert first > 0
+        head = await writer_pool.fetchval("SELECT max(position) FROM events")
+        await writer_pool.execute("UPDATE relay_checkpoints SET position = $1 WHERE name = 'lag-test'", head)
+        await wait_until(lambda: relay_lag() == 0.0, 2 * REPORT_EVERY_S + 5, "no lag at the head")
+    finally:
+        reporter.cancel()

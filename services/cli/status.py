@@ -76,14 +76,12 @@ async def _jetstream(nc: Client, topo: Topology) -> dict[str, Any]:
 
 async def _database(pool: asyncpg.Pool) -> dict[str, Any]:
     projections = await pool.fetch(
-        """SELECT projection, applied_position, log_position, lag_events, applied_event_at, updated_at
+        """SELECT projection, applied_position, log_position, lag_events, lag_seconds, applied_event_at,
+                  updated_at
            FROM projection_status ORDER BY projection"""
     )
     tailers = await pool.fetch(
-        """SELECT 'relay' AS kind, name, position, updated_at FROM relay_checkpoints
-           UNION ALL
-           SELECT 'snapshots', name, position, updated_at FROM snapshot_checkpoints
-           ORDER BY 1, 2"""
+        "SELECT kind, name, position, lag_events, lag_seconds, updated_at FROM tailer_status ORDER BY 1, 2"
     )
     streams = await pool.fetch(
         """SELECT projection, count(*) AS streams, coalesce(sum(version), 0) AS events
@@ -140,12 +138,18 @@ def _print_status(r: dict[str, Any]) -> None:
         columns = ["stream", "consumer", "pending", "ack_pending"]
         print_table(columns, [[x.get(c) for c in columns] for x in r["consumers"]])
     print("\nProjections")
-    columns = ["projection", "applied_position", "log_position", "lag_events", "applied_event_at"]
+    columns = [
+        "projection",
+        "applied_position",
+        "log_position",
+        "lag_events",
+        "lag_seconds",
+        "applied_event_at",
+    ]
     print_table(columns, [[x[c] for c in columns] for x in r["projections"]])
     print("\nCheckpoints")
-    print_table(
-        ["kind", "name", "position", "updated_at"], [list(x.values()) for x in r["checkpoints"]["tailers"]]
-    )
+    columns = ["kind", "name", "position", "lag_events", "lag_seconds", "updated_at"]
+    print_table(columns, [[x[c] for c in columns] for x in r["checkpoints"]["tailers"]])
     print_table(
         ["projection", "streams", "events"],
         [list(x.values()) for x in r["checkpoints"]["projection_streams"]],

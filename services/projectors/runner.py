@@ -17,6 +17,7 @@ from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.faults import crash_point, delay_s
 from shared.jetstream import Topology, ack_all, pull_consumer_config
+from shared.lag import report_projection_lag
 from shared.ops import Lifecycle
 from shared.projections.model import ReadModel
 from shared.quarantine import Quarantine
@@ -67,10 +68,12 @@ class ProjectorRunner:
 
     async def run(self) -> None:
         lag = asyncio.create_task(self._report_lag())
+        lag_seconds = asyncio.create_task(report_projection_lag(self.pool, self.model.name))
         try:
             await self.loop.run(self.handle)
         finally:
             lag.cancel()
+            lag_seconds.cancel()
 
     async def handle(self, msgs: list[Msg]) -> None:
         name = self.model.name

@@ -19,6 +19,7 @@ from services.relay.relay import Relay
 from services.relay.snapshots import Snapshotter
 from shared.db import WRITER_ROLE, service_pool
 from shared.jetstream import Topology, ensure_streams
+from shared.lag import report_tailer_lag
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
 from shared.service import require, run_together
@@ -42,7 +43,11 @@ async def run_relay(settings: Settings, lifecycle: Lifecycle) -> None:
         log.info("running %s", ", ".join(PARTS))
         lifecycle.checks.append(lambda: nc.is_connected)
         lifecycle.ready = True
-        await run_together(jobs, lifecycle)
+        lag = asyncio.create_task(report_tailer_lag(pool))
+        try:
+            await run_together(jobs, lifecycle)
+        finally:
+            lag.cancel()
     finally:
         await nc.drain()
         await pool.close()
