@@ -68,6 +68,8 @@ class Pipeline:
             PFLEA_SIM_AGENTS=str(agents),
             PFLEA_SIM_BACKLOG=str(backlog),
             PFLEA_SIM_RATE=str(rate),
+            # The whole backlog stays servable, so every run ingests all of it.
+            PFLEA_SIM_HISTORY=str(max(backlog, 5_000)),
         )
         await sim.wait_ready()
 

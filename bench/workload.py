@@ -60,7 +60,7 @@ ORDERS = ("pages", "live")
 
 def build_workload(transactions: int, agents: int, order: str = "pages", seed: int = 7) -> Workload:
     per_agent = -(-transactions // agents)
-    sim = Simulator(SimulatorConfig(seed=seed, agents=agents, backlog=per_agent, rate=0))
+    sim = Simulator(SimulatorConfig(seed=seed, agents=agents, backlog=per_agent, rate=0, history=per_agent))
     feeds = [sim.feed(agent_id).txs for agent_id in sim.feeds]
     step = Settings().ingest_page_limit if order == "pages" else 1
     envelopes: list[TxEnvelope] = []

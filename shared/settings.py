@@ -77,6 +77,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ingest_idle_poll_max_s: float = 5.0
     ingest_timeout_s: float = 10.0
     ingest_max_page_bytes: int = 16 * 1024 * 1024
+    # Recently published ids the ingester keeps to skip repeated pages, over all agents and
+    # feeds (each keeps at most a page of them); see services/ingester/recent.py.
+    ingest_recent_ids: int = 100_000
     relay_poll_s: float = 1.0
     snapshot_every: int = 100
     metrics_port: int = 0
@@ -128,6 +131,7 @@ ENV_NAMES: dict[str, str] = {
     "ingest_idle_poll_max_s": "PFLEA_INGEST_IDLE_POLL_MAX_S",
     "ingest_timeout_s": "PFLEA_INGEST_TIMEOUT_S",
     "ingest_max_page_bytes": "PFLEA_INGEST_MAX_PAGE_BYTES",
+    "ingest_recent_ids": "PFLEA_INGEST_RECENT_IDS",
     "relay_poll_s": "PFLEA_RELAY_POLL_S",
     "snapshot_every": "PFLEA_SNAPSHOT_EVERY",
     "metrics_port": "PFLEA_METRICS_PORT",
@@ -155,6 +159,7 @@ _POSITIVE = {
     "ingest_page_limit",
     "ingest_timeout_s",
     "ingest_max_page_bytes",
+    "ingest_recent_ids",
     "snapshot_every",
     "command_concurrency",
     "command_timeout_s",

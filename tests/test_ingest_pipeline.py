@@ -182,3 +182,42 @@ def test_an_idle_agent_is_polled_less_and_less_often_and_at_once_again_when_busy
     for got, want in zip(idle, [1, 2, 4, 5, 5, 5], strict=True):
         assert want * 0.9 <= got <= want * 1.1
     assert AgentPoller._idle_interval(poller, 3) == 1.0  # type: ignore[arg-type]
+
+
+async def test_an_ingester_whose_cursor_fell_out_of_the_window_stores_what_is_kept_exactly_once(
+    settings: Settings, js_streams: nats.NATS, tmp_path: Path
+) -> None:
+    sim = Simulator(load_simulator_config({}, port=0, seed=19, agents=3, backlog=40, rate=0, history=60))
+    first = {tx.id for tx in sim.truth()}
+    async with running_simulator(sim.config, sim) as url:
+        ingester, writer = _services(settings, sim, url, tmp_path)
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+
+            async def stored() -> Counter[str]:
+                return Counter(r[0] for r in await conn.fetch("SELECT data->>'tx_id' FROM events"))
+
+            async def holds(ids: set[str | None]) -> bool:
+                return ids <= set(await stored())
+
+            ingester.start()
+            writer.start()
+            await wait_until(lambda: holds(first), 60, "the backlog stored")
+            assert ingester.terminate() == 0, ingester.log_tail()
+            for agent_id in sim.feeds:  # while it is down, each agent's casino cursor drops out
+                feed = sim.feed(agent_id)
+                for _ in range(100):
+                    feed.generate(0.0, sim.config.numeric_amount_rate)
+            kept = {tx.id for tx in sim.truth()}
+            assert len(first - kept) > 60, "most of what was stored is no longer served"
+            ingester.start()
+            await wait_until(lambda: holds(kept), 60, "every transaction still kept stored")
+            log = ingester.log_path.read_text()
+            assert "no longer knows this cursor" in log, "the test must make the cursor fall out"
+            counts = await stored()
+            assert not {k: n for k, n in counts.items() if n > 1}, "a transaction was stored twice"
+            assert ingester.terminate() == 0 and writer.terminate() == 0
+        finally:
+            await conn.close()
+            ingester.kill()
+            writer.kill()

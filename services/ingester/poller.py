@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import OrderedDict
 from collections.abc import Callable
 
 import asyncpg
@@ -14,6 +13,7 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter
 
 from services.ingester.client import AuthFailed, CursorRejected, FeedClient, RateLimited, Transient
+from services.ingester.recent import RecentIds
 from shared.envelope import TxEnvelope
 from shared.faults import crash_point
 from shared.jetstream import NATS_ERRORS, Topology, ensure_streams, publish_in_order
@@ -34,7 +34,6 @@ CURSOR_RESETS = Counter(
 
 MAX_BACKOFF_S = 30.0
 AUTH_RETRY_S = 60.0
-RECENT_IDS = 10_000
 
 
 async def committed_cursor(pool: asyncpg.Pool, agent_id: str, feed: str = CASINO_FEED) -> str | None:
@@ -75,6 +74,7 @@ class AgentPoller:
         lifecycle: Lifecycle,
         gate: asyncio.Semaphore,
         reconnects: Callable[[], int] = lambda: 0,
+        recent: RecentIds | None = None,
     ) -> None:
         self.agent = agent
         self.feed = feed
@@ -86,7 +86,10 @@ class AgentPoller:
         self.lifecycle = lifecycle
         self.gate = gate
         self.since: str | None = None
-        self.recent: OrderedDict[str, None] = OrderedDict()
+        # Shared by every poller of the service (one budget); a poller of its own in tests.
+        if recent is None:
+            recent = RecentIds(settings.ingest_page_limit, settings.ingest_recent_ids)
+        self.recent = recent.window((feed.name, agent.agent_id))
         self.backoff = 0.5
         self.idle_polls = 0  # polls in a row that brought nothing new
         self.caught_up = asyncio.Event()
@@ -244,9 +247,7 @@ class AgentPoller:
         return new + len(valid)
 
     def _remember(self, tx_id: str) -> None:
-        self.recent[tx_id] = None
-        if len(self.recent) > RECENT_IDS:
-            self.recent.popitem(last=False)
+        self.recent.add(tx_id)
 
     async def publish(self, envelopes: list[TxEnvelope]) -> None:
         """Publish in order and wait for every ack; retry the lot until JetStream has it."""

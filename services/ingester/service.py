@@ -7,6 +7,7 @@ import logging
 
 from services.ingester.client import FeedClient
 from services.ingester.poller import AgentPoller
+from services.ingester.recent import RecentIds
 from shared.db import INGESTER_ROLE, service_pool
 from shared.jetstream import Topology, ensure_streams
 from shared.nats_conn import connect_nats
@@ -49,6 +50,7 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
         await ensure_streams(js, topology, settings.duplicate_window_s)
         gate = asyncio.Semaphore(settings.ingest_concurrency)
         quarantine = Quarantine(pool, "ingester")
+        recent = RecentIds(settings.ingest_page_limit, settings.ingest_recent_ids)
         pollers = [
             AgentPoller(
                 agent,
@@ -61,6 +63,7 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
                 lifecycle=lifecycle,
                 gate=gate,
                 reconnects=lambda: int(nc.stats["reconnects"]),
+                recent=recent,
             )
             for agent in agents
             for feed in feeds

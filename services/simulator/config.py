@@ -37,6 +37,7 @@ ENV_NAMES: dict[str, str] = {
     "epoch": "PFLEA_SIM_EPOCH",
     "faucet_limit": "PFLEA_SIM_FAUCET_LIMIT",
     "state_dir": "PFLEA_SIM_STATE_DIR",
+    "history": "PFLEA_SIM_HISTORY",
 }
 
 
@@ -101,6 +102,9 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     faucet_limit: int = 0
     # Where the epoch is kept when ``epoch`` is 0 (see :mod:`.epoch`); empty: nowhere.
     state_dir: str = ""
+    # Transactions kept per agent (over all its feeds); older ones are dropped and a cursor
+    # among them is answered 400 unknown_since (see :mod:`.feed`).
+    history: int = 5_000
     faults: FaultKnobs = FaultKnobs()
 
     def __post_init__(self) -> None:
@@ -114,6 +118,7 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
         _at_least(ENV_NAMES["rate"], self.rate, 0)
         _at_least(ENV_NAMES["max_per_agent"], self.max_per_agent, 0)
         _at_least(ENV_NAMES["faucet_limit"], self.faucet_limit, 0)
+        _at_least(ENV_NAMES["history"], self.history, 1)
         _probability(ENV_NAMES["numeric_amount_rate"], self.numeric_amount_rate)
 
 

@@ -1,4 +1,11 @@
-"""One agent's transaction feed: the items generated so far, their raw JSON, and paging.
+"""One agent's transaction feed: its newest items, their raw JSON, and paging.
+
+An agent keeps its newest ``history`` transactions (``PFLEA_SIM_HISTORY``) over all its feeds;
+older ones are dropped, so memory follows configuration, not how long the simulator runs. A
+cursor (``since``) is served while its item is kept; an older one is answered
+:class:`UnknownSince` (HTTP 400 ``unknown_since``), as the real API answers a pruned cursor,
+and the ingester reads that feed again from the oldest item kept. Each feed's newest item is
+never dropped, so the cursor of a caught-up reader stays valid however quiet its feed.
 
 Three random streams per agent, all seeded from (seed, agent) and stepped in order:
 ``content`` decides the economics (:mod:`.content`), ``wire`` decides how an item is written
@@ -9,6 +16,7 @@ malformed rate or the number format changes, and commands only append.
 
 from __future__ import annotations
 
+import heapq
 import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -21,6 +29,7 @@ from . import rawjson
 from .content import WIN_MULTIPLIER, WIN_PROBABILITY, AgentActivity, Draft
 from .malformed import KINDS, malformed_item
 from .wallet import Wallet
+from .window import FeedWindow
 
 EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
 # Which Purple Flea service's feed reports a transaction of each type (anything else: casino).
@@ -64,14 +73,21 @@ def feed_of(tx_type: str | None) -> str:
 
 class UnknownSince(LookupError):
     def __init__(self, agent_id: str, since: str, feed: str = "casino") -> None:
-        super().__init__(f"since: {since!r} is not a transaction id in the {feed} feed of {agent_id}")
+        super().__init__(
+            f"since: {since!r} is not a transaction id in the {feed} feed of {agent_id}, or an older one"
+            " than this simulator keeps (PFLEA_SIM_HISTORY); read again without since"
+        )
         self.since = since
 
 
-class AgentFeed:
-    """The append-only feed of one agent; :meth:`generate` adds the next transaction."""
+DEFAULT_HISTORY = 5_000
 
-    def __init__(self, seed: int, agent_id: str, index: int) -> None:
+
+class AgentFeed:
+    """The feed of one agent; :meth:`generate` adds the next transaction, and the oldest beyond
+    ``history`` is dropped."""
+
+    def __init__(self, seed: int, agent_id: str, index: int, history: int = DEFAULT_HISTORY) -> None:
         self.seed = seed
         self.agent_id = agent_id
         self.api_key = f"key-{agent_id}"
@@ -81,25 +97,42 @@ class AgentFeed:
         self._commands = random.Random(f"{seed}:{agent_id}:commands")
         # Agents tick at different paces so their timestamps interleave.
         self._interval = timedelta(seconds=30 + index % 30)
-        self.txs: list[StoredTx] = []  # every feed's, in the order they happened
-        self._feeds: dict[str, list[StoredTx]] = {name: [] for name in FEEDS}
-        self._positions: dict[tuple[str, str], int] = {}  # (feed, id) -> index in that feed
+        self.history = history
+        self._feeds: dict[str, FeedWindow[StoredTx]] = {name: FeedWindow() for name in FEEDS}
+        self._kept = 0  # items in all windows
+        self.sequence = 0  # transactions ever appended, dropped ones too
+        self.dropped = 0
         self.generated = 0
         self.malformed = 0
         self.claims = 0  # through POST /claim
 
+    @property
+    def txs(self) -> list[StoredTx]:
+        """The transactions kept, every feed's, in the order they happened."""
+        return list(heapq.merge(*self._feeds.values(), key=lambda tx: tx.seq))
+
     def _next_id(self) -> tuple[int, str, str]:
-        seq = len(self.txs) + 1
+        seq = self.sequence + 1
         created_at = (EPOCH + seq * self._interval).strftime("%Y-%m-%dT%H:%M:%SZ")
         return seq, f"sim-{self.seed}-{self.agent_id}-{seq:08d}", created_at
 
     def _append(self, tx: StoredTx) -> StoredTx:
-        feed = self._feeds[tx.feed]
-        if tx.id is not None:
-            self._positions[(tx.feed, tx.id)] = len(feed)
-        feed.append(tx)
-        self.txs.append(tx)
+        self.sequence = tx.seq
+        self._feeds[tx.feed].append(tx)
+        self._kept += 1
+        while self._kept > self.history and self._drop_oldest():
+            pass
         return tx
+
+    def _drop_oldest(self) -> bool:
+        """Drop the agent's oldest transaction that is not its feed's newest; False if none."""
+        droppable = [feed for feed in self._feeds.values() if len(feed) > 1]
+        if not droppable:
+            return False
+        min(droppable, key=lambda feed: feed.first().seq).drop_first()
+        self._kept -= 1
+        self.dropped += 1
+        return True
 
     def _append_draft(self, draft: Draft, *, numeric_amount: bool = False) -> StoredTx:
         seq, tx_id, created_at = self._next_id()
@@ -146,13 +179,13 @@ class AgentFeed:
         return self._append_draft(Draft("faucet", FAUCET_AMOUNT, "PFLEA", ()))
 
     def page(self, feed: str, since: str | None, limit: int, overlap: int = 0) -> list[StoredTx]:
-        """Items of ``feed`` strictly after ``since``, oldest first; ``overlap`` > 0 repeats that
-        many items before it (a fault), always leaving room for at least one new item."""
-        start = 0
+        """Items of ``feed`` strictly after ``since`` (None: from the oldest kept), oldest first;
+        ``overlap`` > 0 repeats that many items before it (a fault), always leaving room for at
+        least one new item. Raises :class:`UnknownSince` if ``since`` is not in the window."""
+        window = self._feeds[feed]
+        position = None
         if since is not None:
-            position = self._positions.get((feed, since))
+            position = window.position(since)
             if position is None:
                 raise UnknownSince(self.agent_id, since, feed)
-            start = position + 1
-        start = max(0, start - min(overlap, limit - 1))
-        return self._feeds[feed][start : start + limit]
+        return window.after(position, limit, min(overlap, limit - 1))

@@ -7,7 +7,9 @@ so the same calls give the same state in a test, a benchmark or the ``python -m`
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from decimal import Decimal
+from typing import TypeVar
 
 import msgspec
 
@@ -19,6 +21,11 @@ from .feed import AgentFeed, StoredTx, UnknownSince
 from .wallet import InsufficientFunds
 
 __all__ = ["BetOutcome", "InsufficientFunds", "Simulator", "UnknownAgent", "UnknownSince"]
+
+# Answers kept for a repeated Idempotency-Key, per kind of command, newest first to stay: a
+# retry comes within seconds, and an unbounded map would grow with every command ever sent.
+IDEMPOTENT_ANSWERS = 10_000
+V = TypeVar("V")
 
 
 class UnknownAgent(LookupError):
@@ -66,14 +73,14 @@ class Simulator:
         self.feeds: dict[str, AgentFeed] = {}
         for index in range(1, config.agents + 1):
             agent_id = agent_id_of(index)
-            self.feeds[agent_id] = AgentFeed(config.seed, agent_id, index)
+            self.feeds[agent_id] = AgentFeed(config.seed, agent_id, index, config.history)
         self._by_key = {feed.api_key: feed.agent_id for feed in self.feeds.values()}
         self._round_robin = list(self.feeds.values())
         self._cursor = 0
         self._live = 0  # transactions generated after the backlog
         # Answers by (agent, Idempotency-Key): a repeated request gets the first answer.
-        self._bets: dict[tuple[str, str], BetOutcome] = {}
-        self._faucets: dict[tuple[str, str], StoredTx] = {}
+        self._bets: OrderedDict[tuple[str, str], BetOutcome] = OrderedDict()
+        self._faucets: OrderedDict[tuple[str, str], StoredTx] = OrderedDict()
         for feed in self._round_robin:
             for _ in range(config.backlog):
                 if self._capped(feed):
@@ -146,7 +153,7 @@ class Simulator:
         return items
 
     def truth(self, agent_id: str | None = None) -> list[StoredTx]:
-        """Every transaction generated so far, per agent in feed order."""
+        """Every transaction kept (each agent's newest ``history``), per agent in feed order."""
         feeds = [self.feed(agent_id)] if agent_id is not None else self.feeds.values()
         return [tx for feed in feeds for tx in feed.txs]
 
@@ -176,7 +183,7 @@ class Simulator:
         self.stats.commands += 1
         outcome = BetOutcome(bet_id, bet_tx, win_tx, payout)
         if key is not None:
-            self._bets[key] = outcome
+            _remember(self._bets, key, outcome)
         return outcome
 
     def claim_faucet(self, agent_id: str, idempotency_key: str | None = None) -> StoredTx | None:
@@ -190,5 +197,11 @@ class Simulator:
         tx = feed.faucet()
         self.stats.commands += 1
         if key is not None:
-            self._faucets[key] = tx
+            _remember(self._faucets, key, tx)
         return tx
+
+
+def _remember(answers: OrderedDict[tuple[str, str], V], key: tuple[str, str], answer: V) -> None:
+    answers[key] = answer
+    if len(answers) > IDEMPOTENT_ANSWERS:
+        answers.popitem(last=False)

@@ -1,0 +1,92 @@
+"""The simulator keeps a bounded window of each agent's history and refuses cursors before it."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from services.simulator import Simulator, SimulatorConfig, load_simulator_config, running_simulator
+from services.simulator.feed import FEEDS, AgentFeed, UnknownSince
+from services.simulator.simulator import IDEMPOTENT_ANSWERS
+from shared.settings import SettingsError
+
+
+def test_the_window_never_exceeds_its_size_and_keeps_the_newest_transactions() -> None:
+    feed = AgentFeed(5, "agent-0001", 1, history=100)
+    for n in range(5_000):
+        feed.generate(0.05, 0.1)
+        if n % 7 == 0:
+            feed.faucet()
+        # Each feed's newest item is kept however old: at most one per feed beyond the window.
+        assert len(feed.txs) <= 100 + len(FEEDS)
+    kept = feed.txs
+    assert [tx.seq for tx in kept] == sorted(tx.seq for tx in kept)
+    assert kept[-1].seq == feed.sequence
+    assert sum(len(window._positions) for window in feed._feeds.values()) <= len(kept)
+    assert sum(len(window._items) for window in feed._feeds.values()) < 100 + 6 * 1024 * 2
+
+
+def test_a_transaction_is_the_same_text_with_or_without_a_window() -> None:
+    whole, windowed = AgentFeed(9, "agent-0003", 3, history=10**6), AgentFeed(9, "agent-0003", 3, history=50)
+    for _ in range(400):
+        whole.generate(0.05, 0.1)
+        windowed.generate(0.05, 0.1)
+    assert windowed.txs[-50:] == whole.txs[-50:]
+
+
+def test_a_cursor_inside_the_window_is_served_and_one_before_it_is_unknown() -> None:
+    feed = AgentFeed(5, "agent-0001", 1, history=50)
+    for _ in range(300):
+        feed.generate(0.0, 0.1)
+    casino = [tx for tx in feed.txs if tx.feed == "casino"]
+    oldest = casino[0]
+    assert feed.page("casino", None, 1000) == casino, "no cursor: from the oldest kept"
+    assert feed.page("casino", oldest.id, 1000) == casino[1:], "the oldest kept is still a cursor"
+    assert feed.page("casino", casino[5].id, 1000, overlap=3) == casino[3:]
+    assert feed.page("casino", casino[1].id, 1000, overlap=3) == casino, "an overlap stops at the window"
+    for _ in range(60):
+        feed.generate(0.0, 0.1)
+    assert oldest.id is not None
+    with pytest.raises(UnknownSince, match="PFLEA_SIM_HISTORY"):
+        feed.page("casino", oldest.id, 1000)
+
+
+async def test_a_stale_cursor_is_answered_400_unknown_since_over_http() -> None:
+    config = SimulatorConfig(port=0, seed=7, agents=1, backlog=30, rate=0.0, history=20)
+    sim = Simulator(config)
+    stale = next(tx for tx in sim.truth("agent-0001") if tx.feed == "casino").id
+    feed = sim.feed("agent-0001")
+    for _ in range(40):
+        feed.generate(0.0, 0.1)
+    assert stale not in {tx.id for tx in sim.truth()}
+    async with running_simulator(config, sim) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.get(
+            "/transactions",
+            params={"agent_id": "agent-0001", "since": stale},
+            headers={"Authorization": f"Bearer {feed.api_key}"},
+        )
+        assert (response.status_code, response.json()["error"]) == (400, "unknown_since")
+        fresh = await client.get(
+            "/transactions",
+            params={"agent_id": "agent-0001"},
+            headers={"Authorization": f"Bearer {feed.api_key}"},
+        )
+        served = [item["id"] for item in fresh.json()["transactions"]]
+        assert served == [tx.id for tx in sim.truth() if tx.feed == "casino"]
+
+
+def test_idempotency_answers_are_bounded() -> None:
+    sim = Simulator(SimulatorConfig(port=0, seed=1, agents=1, backlog=0, rate=0.0, history=10))
+    for n in range(IDEMPOTENT_ANSWERS + 50):
+        sim.claim_faucet("agent-0001", f"key-{n}")
+    assert len(sim._faucets) == IDEMPOTENT_ANSWERS
+    assert sim.claim_faucet("agent-0001", f"key-{IDEMPOTENT_ANSWERS + 49}") is not None
+    assert sim.balances("agent-0001")[0]["PFLEA"] >= Decimal(10) * IDEMPOTENT_ANSWERS
+
+
+def test_history_must_be_positive() -> None:
+    with pytest.raises(SettingsError, match="PFLEA_SIM_HISTORY"):
+        load_simulator_config({"PFLEA_SIM_HISTORY": "0"})
+    assert load_simulator_config({"PFLEA_SIM_HISTORY": "7"}).history == 7
