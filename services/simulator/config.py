@@ -104,7 +104,7 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     state_dir: str = ""
     # Transactions kept per agent (over all its feeds); older ones are dropped and a cursor
     # among them is answered 400 unknown_since (see :mod:`.feed`).
-    history: int = 5_000
+    history: int = 1_000
     faults: FaultKnobs = FaultKnobs()
 
     def __post_init__(self) -> None:
