@@ -151,7 +151,7 @@ async def test_pages_hold_items_strictly_after_since_oldest_first_until_caught_u
 
 
 async def test_limit_defaults_to_100_and_is_capped_at_1000() -> None:
-    async with simulator(sim_config(agents=1, backlog=2500)) as client:
+    async with simulator(sim_config(agents=1, backlog=2500, history=2500)) as client:
         assert len(items(await get_page(client, "agent-0001"))) == 100
         assert len(items(await get_page(client, "agent-0001", limit=5000))) == 1000
         assert (await get_page(client, "agent-0001", limit=0)).status_code == 400
