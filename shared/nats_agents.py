@@ -15,7 +15,6 @@ Folders are 0700 and files 0600: the registry holds hashes, the credential file 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ import nats
 from nats.aio.client import Client
 
 from shared.nats_auth import agent_inbox_prefix, agent_user
+from shared.private_files import write_private
 from shared.settings import AGENT_ID_PATTERN
 
 # The passwords are 192 random bits: the hash's cost guards nothing a guess could find, and
@@ -100,22 +100,6 @@ def render_users(users: list[dict[str, object]]) -> str:
     )
 
 
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` (0600 from the start), replacing it atomically."""
-    _private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-
-
 class AgentRegistry:
     """The agents with NATS credentials, kept under ``data_dir``."""
 
@@ -132,7 +116,7 @@ class AgentRegistry:
 
     def _save(self, entries: dict[str, AgentEntry]) -> None:
         text = msgspec.json.encode(dict(sorted(entries.items()))).decode()
-        _write_private(registry_path(self.data_dir), text)
+        write_private(registry_path(self.data_dir), text)
         self.render()
 
     def users(self) -> list[dict[str, object]]:
@@ -149,7 +133,7 @@ class AgentRegistry:
     def render(self) -> Path:
         """Write the users file from the registry (``users: []`` when empty); returns its path."""
         path = users_conf_path(self.data_dir)
-        _write_private(path, render_users(self.users()))
+        write_private(path, render_users(self.users()))
         return path
 
     def add(self, agent_id: str, nats_url: str) -> Path:
@@ -167,7 +151,7 @@ class AgentRegistry:
             namespace=self.namespace,
         )
         path = credential_path(self.data_dir, agent_id)
-        _write_private(path, msgspec.json.format(msgspec.json.encode(login)).decode() + "\n")
+        _write_login(path, login)
         entries[agent_id] = AgentEntry(hashed, datetime.now(UTC).isoformat(timespec="seconds"))
         self._save(entries)
         return path
@@ -176,7 +160,7 @@ class AgentRegistry:
         """Record the agent's own SQL login in its credential file."""
         path = credential_path(self.data_dir, agent_id)
         login = msgspec.structs.replace(read_login(path), database_url=database_url)
-        _write_private(path, msgspec.json.format(msgspec.json.encode(login)).decode() + "\n")
+        _write_login(path, login)
 
     def remove(self, agent_id: str) -> None:
         """Forget ``agent_id``'s hash and delete its credential file (if it is here)."""
@@ -185,6 +169,10 @@ class AgentRegistry:
             raise AgentError(f"agent {agent_id!r} has no credentials")
         self._save(entries)
         credential_path(self.data_dir, agent_id).unlink(missing_ok=True)
+
+
+def _write_login(path: Path, login: AgentLogin) -> None:
+    write_private(path, msgspec.json.format(msgspec.json.encode(login)) + b"\n")
 
 
 def read_login(path: Path) -> AgentLogin:

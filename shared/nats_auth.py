@@ -14,11 +14,11 @@ that the server stamps each command with its sender (:data:`REQUEST_INFO_HEADER`
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 from importlib import resources
 from pathlib import Path
+
+from shared.private_files import new_password, write_private
 
 USERS = ("ingester", "writer", "projector", "operator", "admin")
 AGENTS_ACCOUNT = "AGENTS"
@@ -67,11 +67,8 @@ def load_or_create_passwords(path: Path) -> dict[str, str]:
             return stored
     except (OSError, ValueError):
         pass
-    # URL-safe and starting with a letter: they travel inside NATS_URL.
-    passwords = {user: "p" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y") for user in USERS}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(passwords))
-    os.chmod(path, 0o600)
+    passwords = {user: new_password() for user in USERS}
+    write_private(path, json.dumps(passwords))
     return passwords
 
 

@@ -9,10 +9,11 @@ file is 0600 from its first byte, in a folder only its owner may enter.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import msgspec
+
+from shared.private_files import write_private
 
 
 class StackInfo(msgspec.Struct, frozen=True):
@@ -30,13 +31,7 @@ def stack_file(data_dir: Path) -> Path:
 
 
 def write_stack(data_dir: Path, info: StackInfo) -> None:
-    path = stack_file(data_dir)
-    tmp = path.with_name(".stack.json.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(msgspec.json.encode(info))
-    os.replace(tmp, path)
+    write_private(stack_file(data_dir), msgspec.json.encode(info))
 
 
 def read_stack(data_dir: Path) -> StackInfo | None:

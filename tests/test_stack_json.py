@@ -45,6 +45,24 @@ def _env_without_urls(settings: Settings) -> dict[str, str]:
     return env
 
 
+async def _beside_a_stack_json(
+    settings: Settings, tmp_path: Path, module: str, *args: str
+) -> asyncio.subprocess.Process:
+    """``python -m module args`` without DATABASE_URL / NATS_URL, in a folder whose stack.json
+    names this test's live servers (Postgres as the reader)."""
+    reader = role_dsn(settings.database_url, READER_ROLE, SERVICE_PASSWORD)
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        cwd=_folder_with_stack(tmp_path, reader, settings.nats_url),
+        env=_env_without_urls(settings),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 def test_the_settings_loader_never_reads_a_stack_json(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -71,17 +89,7 @@ async def test_a_service_without_database_url_beside_a_stack_json_refuses_to_sta
     settings: Settings, tmp_path: Path
 ) -> None:
     # The stack.json names live servers: a service that read it would start against them.
-    reader = role_dsn(settings.database_url, READER_ROLE, SERVICE_PASSWORD)
-    folder = _folder_with_stack(tmp_path, reader, settings.nats_url)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.writer",
-        cwd=folder,
-        env=_env_without_urls(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await _beside_a_stack_json(settings, tmp_path, "services.writer")
     try:
         _, err = await asyncio.wait_for(proc.communicate(), SERVICE_EXIT_S)
     except TimeoutError:
@@ -95,19 +103,7 @@ async def test_a_service_without_database_url_beside_a_stack_json_refuses_to_sta
 async def test_the_cli_reaches_the_servers_a_stack_json_names(
     settings: Settings, js_streams: nats.NATS, tmp_path: Path
 ) -> None:
-    reader = role_dsn(settings.database_url, READER_ROLE, SERVICE_PASSWORD)
-    folder = _folder_with_stack(tmp_path, reader, settings.nats_url)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "services.cli",
-        "status",
-        "--json",
-        cwd=folder,
-        env=_env_without_urls(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await _beside_a_stack_json(settings, tmp_path, "services.cli", "status", "--json")
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
     report = msgspec.json.decode(out)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import signal
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from shared.agent_logins import add_login, remove_login
 from shared.db import role_dsn
 from shared.nats_agents import AgentError, AgentLogin, AgentRegistry, connect_agent, read_login
 from shared.nats_agents import credential_path as credential_file
+from shared.private_files import new_password
 from shared.settings import Settings
 from shared.stack import read_stack
 
@@ -62,7 +62,7 @@ def _add(args: argparse.Namespace) -> int:
     except AgentError as exc:
         return fail(str(exc), REFUSED)
     if owner := _owner_url(s):
-        password = secrets.token_urlsafe(24)
+        password = new_password()
         role = asyncio.run(add_login(owner, args.agent, password))
         _registry(s).set_database_url(args.agent, role_dsn(owner, role, password))
         print(f"agent {args.agent}: a SQL login of its own ({role}) that reads only its rows")

@@ -9,34 +9,10 @@ line or in the terminal. Delete a role's entry and restart to rotate it.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 
 from shared.bootstrap import ROLES
-
-
-def new_password() -> str:
-    """URL-safe (it travels inside DATABASE_URL and NATS_URL), starting with a letter (NATS)."""
-    return "p" + secrets.token_urlsafe(24).replace("-", "x").replace("_", "y")
-
-
-def private_folder(path: Path) -> Path:
-    """``path`` as a folder only its owner may enter."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.chmod(0o700)
-    return path
-
-
-def write_private(path: Path, text: str) -> None:
-    """``text`` into ``path``, which is 0600 from its first byte."""
-    private_folder(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
+from shared.private_files import new_password, write_private
 
 
 def secrets_folder(data_dir: Path) -> Path:

@@ -22,7 +22,7 @@ import nats.js.errors
 
 from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, postgres_binaries
 from devstack.processes import ServiceProcess
-from services.cli.credentials import database_passwords, private_folder, write_pgpass
+from services.cli.credentials import database_passwords, write_pgpass
 from services.cli.status_line import StatusLine
 from services.cli.supervisor import GaveUp, Supervisor
 from shared.bootstrap import ROLES, bootstrap
@@ -39,6 +39,7 @@ from shared.jetstream import Topology, declare_streams
 from shared.migrate import migrate
 from shared.nats_agents import AgentRegistry
 from shared.nats_auth import USERS, load_or_create_passwords, render_accounts, user_url
+from shared.private_files import private_folder
 from shared.projections.registry import PROJECTIONS
 from shared.settings import Settings, load_settings
 from shared.stack import StackInfo, clear_stack, write_stack

@@ -24,29 +24,22 @@ CREATE POLICY agent_own_login ON agent_logins FOR SELECT TO pflea_agents
     USING (role_name = current_user);
 GRANT SELECT ON agent_logins TO pflea_agents, pflea_reader;
 
-ALTER TABLE events ENABLE ROW LEVEL SECURITY;
-CREATE POLICY agent_own_rows ON events FOR SELECT TO pflea_agents
-    USING (stream_id = (SELECT agent_id FROM agent_logins WHERE role_name = current_user));
-
-ALTER TABLE balances ENABLE ROW LEVEL SECURITY;
-CREATE POLICY agent_own_rows ON balances FOR SELECT TO pflea_agents
-    USING (agent_id = (SELECT agent_id FROM agent_logins WHERE role_name = current_user));
-
-ALTER TABLE pnl ENABLE ROW LEVEL SECURITY;
-CREATE POLICY agent_own_rows ON pnl FOR SELECT TO pflea_agents
-    USING (agent_id = (SELECT agent_id FROM agent_logins WHERE role_name = current_user));
-
-ALTER TABLE portfolio ENABLE ROW LEVEL SECURITY;
-CREATE POLICY agent_own_rows ON portfolio FOR SELECT TO pflea_agents
-    USING (agent_id = (SELECT agent_id FROM agent_logins WHERE role_name = current_user));
-
-ALTER TABLE command_results ENABLE ROW LEVEL SECURITY;
-CREATE POLICY agent_own_rows ON command_results FOR SELECT TO pflea_agents
-    USING (agent_id = (SELECT agent_id FROM agent_logins WHERE role_name = current_user));
-
-ALTER TABLE quarantine ENABLE ROW LEVEL SECURITY;
-CREATE POLICY agent_own_rows ON quarantine FOR SELECT TO pflea_agents
-    USING (agent_id = (SELECT agent_id FROM agent_logins WHERE role_name = current_user));
+-- Each table holding an agent's rows, with the column that names the agent.
+DO $$
+DECLARE t record;
+BEGIN
+    FOR t IN SELECT * FROM (VALUES ('events', 'stream_id'), ('balances', 'agent_id'), ('pnl', 'agent_id'),
+                                   ('portfolio', 'agent_id'), ('command_results', 'agent_id'),
+                                   ('quarantine', 'agent_id')) AS v(tbl, col)
+    LOOP
+        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t.tbl);
+        EXECUTE format(
+            'CREATE POLICY agent_own_rows ON %I FOR SELECT TO pflea_agents '
+            'USING (%I = (SELECT agent_id FROM agent_logins WHERE role_name = current_user))',
+            t.tbl, t.col);
+    END LOOP;
+END;
+$$;
 
 GRANT USAGE ON SCHEMA public TO pflea_agents;
 GRANT SELECT ON events, balances, pnl, portfolio, command_results, quarantine, leaderboard
