@@ -906,7 +906,16 @@ async def test_an_agent_added_with_the_agents_tool_sends_its_commands_to_the_wri
     await writer.nc.subscribe(TOPOLOGY.command_filter, cb=answer)
     await writer.nc.flush()
     try:
-        reply = await nc.request(TOPOLOGY.command_subject(agent, "WithdrawFunds"), b"{}", timeout=5)
+        # The reload that let the agent in may still be re-linking the accounts' imports for a
+        # moment (seen under load: "no responders"); a command sent then finds no writer yet.
+        reply, deadline = None, time.monotonic() + 10
+        while reply is None:
+            try:
+                reply = await nc.request(TOPOLOGY.command_subject(agent, "WithdrawFunds"), b"{}", timeout=5)
+            except nats.errors.NoRespondersError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
     finally:
         await nc.close()
     assert reply.data == b"accepted"
