@@ -52,7 +52,12 @@ async def test_a_consumer_deleted_under_the_loop_is_recreated_at_once_not_by_the
         await wait_until(
             lambda: _consumer_exists(js, topology.tx_stream, durable), 20, "the consumer re-created"
         )
-        assert loop.pulls is not first, "re-created by someone else, not the loop"
+        # The loop creates the consumer, then swaps in its new pull stream: wait for both.
+        await wait_until(
+            lambda: loop.pulls is not first,
+            20,
+            "the loop's own new pull stream (not someone else's re-creation)",
+        )
         await js.publish(topology.tx_subject("agent-1"), b"after")
         await wait_until(lambda: asyncio.sleep(0, b"after" in handled), 20, "a message after the deletion")
     finally:
