@@ -220,6 +220,7 @@ class PullLoop:
             self.config.filter_subject, durable=self.durable, stream=self.stream, config=self.config
         )
         await sub.unsubscribe()  # only its consumer is wanted; PullStream reads it
+        await self._same_filter()
         self.pulls = PullStream(
             connection(self.js),
             api_prefix(self.js),
@@ -230,6 +231,19 @@ class PullLoop:
         )
         self.pulls.buffer.extend(carried)
         await self.pulls.start()
+
+    async def _same_filter(self) -> None:
+        """An existing consumer keeps the config it was made with; one filtering other subjects
+        than this loop's (the writer's, before partitions: ``<ns>.tx.>``) is brought in line."""
+        info = await self.js.consumer_info(self.stream, self.durable)
+        if info.config.filter_subject != self.config.filter_subject:
+            log.info(
+                "consumer filters %s; updating it to %s",
+                info.config.filter_subject,
+                self.config.filter_subject,
+                extra={"consumer": self.durable},
+            )
+            await self.js.add_consumer(self.stream, self.config)
 
     async def run(self, handle: Handler, *, until: asyncio.Event | None = None) -> None:
         """Fetch and hand batches to ``handle`` until stopping (or ``until`` is set); a fetched

@@ -24,10 +24,12 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 from nats.js.errors import NotFoundError
 
 from shared.js_adapter import connection
+from shared.partitions import partition
 from shared.settings import AGENT_ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -54,10 +56,53 @@ class Topology(msgspec.Struct, frozen=True):
         return f"{self.namespace}.tx.{agent_id}"
 
     def tx_agent(self, subject: str) -> str | None:
-        """The agent of a PFLEA_TX subject, ``<ns>.tx.<agent>``; None if ``subject`` is none."""
+        """The agent of a PFLEA_TX subject as stored: ``<ns>.tx.<agent>``, or with P partitions
+        ``<ns>.tx.<P>.<partition>.<agent>`` where the partition is the agent's own; None if
+        ``subject`` is neither (a forged partition token is not the agent's subject)."""
         prefix = f"{self.namespace}.tx."
-        agent = subject.removeprefix(prefix)
-        return agent if subject.startswith(prefix) and AGENT_ID_PATTERN.fullmatch(agent) else None
+        if not subject.startswith(prefix):
+            return None
+        tokens = subject[len(prefix) :].split(".")
+        agent = tokens[-1]
+        if not AGENT_ID_PATTERN.fullmatch(agent):
+            return None
+        if len(tokens) == 1:
+            return agent
+        if len(tokens) == 3 and all(t.isdigit() and t == str(int(t)) for t in tokens[:2]):
+            count, part = int(tokens[0]), int(tokens[1])
+            if count > 1 and part == partition(agent, count):
+                return agent
+        return None
+
+    def tx_partition_filter(self, partitions: int, part: int) -> str:
+        """The stored PFLEA_TX subjects of one partition: ``<ns>.tx.*`` when there is one."""
+        if partitions == 1:
+            return f"{self.namespace}.tx.*"
+        return f"{self.namespace}.tx.{partitions}.{part}.*"
+
+    def tx_transform(self, partitions: int) -> SubjectTransform | None:
+        """How PFLEA_TX stores what the ingester publishes on ``<ns>.tx.<agent>`` when there are
+        P > 1 partitions: ``<ns>.tx.<P>.<partition>.<agent>``, the partition computed by
+        nats-server's ``partition()`` (the hash of :mod:`shared.partitions`). P is in the
+        subject, so the subjects of two partition counts never overlap."""
+        if partitions == 1:
+            return None
+        dest = f"{self.namespace}.tx.{partitions}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"
+        return SubjectTransform(src=f"{self.namespace}.tx.*", dest=dest)
+
+    def tx_partitions(self, config: StreamConfig) -> int:
+        """The number of partitions a PFLEA_TX config stores under (its transform says)."""
+        transform = config.subject_transform
+        if transform is None or not transform.dest:
+            return 1
+        count = transform.dest.removeprefix(f"{self.namespace}.tx.").split(".", 1)[0]
+        if not count.isdigit():
+            raise ValueError(f"PFLEA_TX's subject transform {transform.dest!r} is not one of ours")
+        return int(count)
+
+    def writer_partition_durable(self, partitions: int, part: int) -> str:
+        """The writer's durable consumer of one partition: ``writer`` when there is one."""
+        return self.writer_durable if partitions == 1 else f"writer-{partitions}-{part}"
 
     def event_subject(self, agent_id: str, event_type: str) -> str:
         return f"{self.namespace}.events.{agent_id}.{event_type}"
@@ -84,7 +129,7 @@ class Topology(msgspec.Struct, frozen=True):
     def projector_durable(self, projection: str) -> str:
         return f"projector-{projection}"
 
-    def stream_configs(self, duplicate_window_s: float) -> list[StreamConfig]:
+    def stream_configs(self, duplicate_window_s: float, *, partitions: int = 1) -> list[StreamConfig]:
         common = dict(
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
@@ -97,6 +142,7 @@ class Topology(msgspec.Struct, frozen=True):
                 name=self.tx_stream,
                 description="Purple Flea transactions as polled, before they are events",
                 subjects=[self.tx_filter],
+                subject_transform=self.tx_transform(partitions),
                 max_age=7 * DAY,
                 max_msg_size=MAX_TX_BYTES + 4096,
                 **common,  # type: ignore[arg-type]
@@ -152,23 +198,27 @@ class StreamMissing(RuntimeError):
         self.stream = stream
 
 
-async def ensure_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:
+async def ensure_streams(
+    js: JetStreamContext, topology: Topology, duplicate_window_s: float, *, partitions: int = 1
+) -> None:
     """What a service does at start: create a missing stream, never change an existing one.
 
     Only ``pflea migrate`` and ``pflea up`` (:func:`declare_streams`, as the admin user) change a
     stream's config; a service's NATS user may not even create one, and then a missing stream
     raises :class:`StreamMissing`. (A server without accounts, as in the tests, lets it.)
     """
-    for config in topology.stream_configs(duplicate_window_s):
+    for config in topology.stream_configs(duplicate_window_s, partitions=partitions):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
             await _create(js, config)
 
 
-async def declare_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:
+async def declare_streams(
+    js: JetStreamContext, topology: Topology, duplicate_window_s: float, *, partitions: int = 1
+) -> None:
     """Create the streams, or bring an existing one's config up to date (the admin's job)."""
-    for config in topology.stream_configs(duplicate_window_s):
+    for config in topology.stream_configs(duplicate_window_s, partitions=partitions):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
@@ -177,8 +227,29 @@ async def declare_streams(js: JetStreamContext, topology: Topology, duplicate_wi
             except StreamMissing:
                 raise PermissionError(f"this NATS user may not create stream {config.name}") from None
         else:
+            if config.name == topology.tx_stream:
+                await _keep_partitions_consumed(js, topology, partitions)
             await js.update_stream(config)
             log.info("declared stream %s", config.name)
+
+
+async def _keep_partitions_consumed(js: JetStreamContext, topology: Topology, partitions: int) -> None:
+    """Before PFLEA_TX's partition count changes, every partition of the count it has now gets
+    its writer consumer (filtering only that partition's subjects), so what it holds is drained
+    by the writers (services/writer/partitions.py) before they append under the new count."""
+    info = await js.stream_info(topology.tx_stream)
+    current = topology.tx_partitions(info.config)
+    if current == partitions:
+        return
+    for part in range(current):
+        config = writer_consumer_config(topology, current, part, ack_wait_s=30.0)
+        try:
+            existing = await js.consumer_info(topology.tx_stream, config.durable_name)  # type: ignore[arg-type]
+        except NotFoundError:
+            existing = None
+        if existing is None or existing.config.filter_subject != config.filter_subject:
+            await js.add_consumer(topology.tx_stream, config)
+    log.info("PFLEA_TX: %d partitions become %d", current, partitions)
 
 
 async def _create(js: JetStreamContext, config: StreamConfig) -> None:
@@ -215,15 +286,36 @@ def pull_consumer_config(
     )
 
 
+def writer_consumer_config(
+    topology: Topology, partitions: int, part: int, *, ack_wait_s: float
+) -> ConsumerConfig:
+    """The writer's durable consumer of one partition of PFLEA_TX."""
+    return pull_consumer_config(
+        topology.writer_partition_durable(partitions, part),
+        topology.tx_partition_filter(partitions, part),
+        ack_wait_s=ack_wait_s,
+        # JetStream never gives up on a message (it would sit unacked, unseen): the writer
+        # counts its own attempts and quarantines at PFLEA_WRITER_MAX_DELIVER.
+        max_deliver=-1,
+    )
+
+
 def delivery(msg: Msg) -> tuple[int, int]:
     """(stream sequence, times delivered) of a JetStream message, read off its ack subject
     (``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>``):
     the two numbers the hot paths need, without building nats-py's Metadata for each message."""
+    stream_seq, delivered, _ = delivery_numbers(msg)
+    return stream_seq, delivered
+
+
+def delivery_numbers(msg: Msg) -> tuple[int, int, int]:
+    """(stream sequence, times delivered, consumer sequence): the consumer numbers every
+    delivery, a redelivery too, so a puller that sees consecutive numbers was handed all."""
     tokens = (msg.reply or "").split(".")
     if len(tokens) == 9 and tokens[1] == "ACK":
-        return int(tokens[5]), int(tokens[4])
+        return int(tokens[5]), int(tokens[4]), int(tokens[6])
     meta = msg.metadata  # the longer form, with a domain and an account hash
-    return meta.sequence.stream, meta.num_delivered
+    return meta.sequence.stream, meta.num_delivered, meta.sequence.consumer
 
 
 async def ack_all(msgs: list[Msg]) -> None:

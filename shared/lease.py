@@ -48,11 +48,14 @@ class LeaderLease:
     async def __aexit__(self, *_: object) -> None:
         await self.release()
 
-    async def acquire(self, on_wait: Callable[[], None] | None = None) -> bool:
+    async def acquire(self, on_wait: Callable[[], None] | None = None, *, once: bool = False) -> bool:
         """Poll until the lock is ours (True) or the service stops (False); ``on_wait`` is
-        called once, when the lock is first found taken."""
+        called once, when the lock is first found taken. ``once``: one try, False if taken."""
         self._conn = conn = await connect(self.dsn)
         while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self.lock_id):
+            if once:
+                await self.release()
+                return False
             if on_wait is not None:
                 on_wait()
                 on_wait = None

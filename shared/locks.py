@@ -27,6 +27,13 @@ RELAY_LEADER = 7061746563
 # The writer that consumes PFLEA_TX: one leader (session lock, services/writer).
 APPEND_LEADER = 7061746564
 
+# Writer processes, each registered under one member slot (session lock WRITER_MEMBERS + slot,
+# slot < MAX_WRITERS), so the partitions of PFLEA_TX spread over the live writers.
+WRITER_MEMBERS = 7061750000
+MAX_WRITERS = 64
+# The writer appending partition ``part`` of P > 1 (session lock): APPEND_PARTITIONS + 256 P + part.
+APPEND_PARTITIONS = 7061760000
+
 NAMED = {
     "APPENDS": APPENDS,
     "MIGRATIONS": MIGRATIONS,
@@ -42,6 +49,22 @@ PROJECTIONS = {
     "portfolio": 7061747590,
     "leaderboard": 7061747741,
 }
+
+
+def append_leader(partitions: int, part: int) -> int:
+    """The lock of the writer that appends one partition; with one partition, APPEND_LEADER,
+    as before partitions existed (an upgrade changes no lock)."""
+    if not 0 <= part < partitions <= 255:
+        raise ValueError(f"no partition {part} of {partitions}")
+    return APPEND_LEADER if partitions == 1 else APPEND_PARTITIONS + 256 * partitions + part
+
+
+def ranges() -> dict[str, range]:
+    """The id ranges handed out by number, for the distinctness test."""
+    return {
+        "WRITER_MEMBERS": range(WRITER_MEMBERS, WRITER_MEMBERS + MAX_WRITERS),
+        "APPEND_PARTITIONS": range(APPEND_PARTITIONS + 512, APPEND_PARTITIONS + 256 * 256),
+    }
 
 
 class UnknownProjectionLock(KeyError):

@@ -52,6 +52,9 @@ DEFAULT_FAUCET_URL = "https://faucet.purpleflea.com/api"
 FEED_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
+MAX_PARTITIONS = 64  # PFLEA_WRITER_PARTITIONS; shared/locks.py gives each one its own lock id
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Every knob of every service; field ``x`` is read from the variable in ``ENV_NAMES``."""
 
@@ -69,6 +72,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     writer_pull_batch: int | None = None  # see messages_per_writer_pull()
     writer_max_deliver: int = 10
     writer_parts: tuple[str, ...] = ("append", "commands")
+    # Partitions of PFLEA_TX, each with one appending writer: set on the stream by `pflea
+    # migrate` / `pflea up`; writers follow what the stream says (README "Partitioned writers").
+    writer_partitions: int = 1
     ack_wait_s: float = 30.0
     projector_batch_size: int = 1000
     ingest_concurrency: int = 16
@@ -123,6 +129,7 @@ ENV_NAMES: dict[str, str] = {
     "writer_pull_batch": "PFLEA_WRITER_PULL_BATCH",
     "writer_max_deliver": "PFLEA_WRITER_MAX_DELIVER",
     "writer_parts": "PFLEA_WRITER_PARTS",
+    "writer_partitions": "PFLEA_WRITER_PARTITIONS",
     "ack_wait_s": "PFLEA_ACK_WAIT_S",
     "projector_batch_size": "PFLEA_PROJECTOR_BATCH_SIZE",
     "ingest_concurrency": "PFLEA_INGEST_CONCURRENCY",
@@ -153,6 +160,7 @@ _POSITIVE = {
     "writer_batch_size",
     "writer_pull_batch",
     "writer_max_deliver",
+    "writer_partitions",
     "ack_wait_s",
     "projector_batch_size",
     "ingest_concurrency",
@@ -297,6 +305,10 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         raise SettingsError("PFLEA_FAUCET_AMOUNT", exc.reason) from None
     if faucet <= 0:
         raise SettingsError("PFLEA_FAUCET_AMOUNT", f"must be positive, got {settings.faucet_amount!r}")
+    if settings.writer_partitions > MAX_PARTITIONS:
+        raise SettingsError(
+            "PFLEA_WRITER_PARTITIONS", f"at most {MAX_PARTITIONS}, got {settings.writer_partitions}"
+        )
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", settings.namespace):
         raise SettingsError(
             "PFLEA_NAMESPACE", f"must match [a-z][a-z0-9_]{{0,30}}, got {settings.namespace!r}"

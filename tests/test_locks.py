@@ -19,6 +19,18 @@ def test_every_lock_id_is_distinct_and_fits_a_bigint() -> None:
     assert all(-(2**63) <= i < 2**63 for i in ids)
 
 
+def test_numbered_lock_ranges_hold_no_other_lock_and_do_not_overlap() -> None:
+    ids = [*locks.NAMED.values(), *locks.PROJECTIONS.values()]
+    spans = sorted(locks.ranges().values(), key=lambda r: r.start)
+    assert not any(i in span for i in ids for span in spans)
+    assert all(a.stop <= b.start for a, b in zip(spans, spans[1:], strict=False))
+    partitions = {locks.append_leader(p, n) for p in range(2, 65) for n in range(p)}
+    assert len(partitions) == sum(range(2, 65)) and partitions <= set(locks.ranges()["APPEND_PARTITIONS"])
+    assert locks.append_leader(1, 0) == locks.APPEND_LEADER  # one partition: the lock of old
+    with pytest.raises(ValueError):
+        locks.append_leader(3, 3)
+
+
 def test_every_projection_has_its_own_lock() -> None:
     assert set(locks.PROJECTIONS) == set(PROJECTIONS)
     assert len({locks.projection(name) for name in PROJECTIONS}) == len(PROJECTIONS)

@@ -65,7 +65,9 @@ async def _declare_streams(url: str, settings: Settings) -> list[str]:
     nc = await nats.connect(url, name="pflea-migrate", connect_timeout=10, allow_reconnect=False)
     try:
         topology = Topology(settings.namespace)
-        await declare_streams(nc.jetstream(), topology, settings.duplicate_window_s)
+        await declare_streams(
+            nc.jetstream(), topology, settings.duplicate_window_s, partitions=settings.writer_partitions
+        )
         return [topology.tx_stream, topology.events_stream]
     finally:
         await nc.close()

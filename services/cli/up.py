@@ -173,7 +173,12 @@ class Stack:
             nc = await nats.connect(url, name="pflea-up", connect_timeout=10, allow_reconnect=False)
             try:
                 js = nc.jetstream()
-                await declare_streams(js, Topology(self.settings.namespace), self.settings.duplicate_window_s)
+                await declare_streams(
+                    js,
+                    Topology(self.settings.namespace),
+                    self.settings.duplicate_window_s,
+                    partitions=self.settings.writer_partitions,
+                )
             finally:
                 await nc.close()
         except (OSError, TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:

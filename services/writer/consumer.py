@@ -2,7 +2,7 @@
 
 The stages, in order, each in its own module:
 
-1. lead (:class:`shared.lease.LeaderLease`): one writer consumes PFLEA_TX, replicas stand by;
+1. lead (:mod:`.partitions`): one writer consumes each partition of PFLEA_TX, others stand by;
 2. order (:mod:`.order`): each agent's events are stored in PFLEA_TX sequence order, which is
    the order the ingester read them; older messages still held by a dead writer come first;
 3. attempts (:mod:`.attempts`): a message that keeps killing the writer is isolated, then
@@ -19,7 +19,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
 
-import asyncpg
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from prometheus_client import Counter
@@ -29,12 +28,9 @@ from services.writer.attempts import AttemptLedger, isolate_after, needs_isolati
 from services.writer.decode import decode_items, stored_ids
 from services.writer.messages import Item, fetched, read_back
 from services.writer.order import SourceOrder
-from shared import locks
 from shared.consumer import PullLoop
-from shared.db import TRANSIENT_DB_ERRORS
 from shared.faults import crash_point
-from shared.jetstream import NATS_ERRORS, Topology, ack_all, pull_consumer_config
-from shared.lease import LeaderLease
+from shared.jetstream import NATS_ERRORS, Topology, ack_all, writer_consumer_config
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import Settings
@@ -59,6 +55,9 @@ class TxConsumer:
         lifecycle: Lifecycle,
         dsn: str,
         on_commit: asyncio.Event | None = None,
+        *,
+        partitions: int = 1,
+        part: int = 0,
     ) -> None:
         self.js = js
         self.store = store
@@ -68,18 +67,22 @@ class TxConsumer:
         self.lifecycle = lifecycle
         self.dsn = dsn  # the append lock's own session connects with it
         self.on_commit = on_commit or asyncio.Event()
-        self.order = SourceOrder(js, topology.tx_stream, topology.writer_durable, hold_s=0.5)
+        self.partitions, self.part = partitions, part
+        self.durable = topology.writer_partition_durable(partitions, part)
+        self.filter_subject = topology.tx_partition_filter(partitions, part)
+        self.order = SourceOrder(
+            js,
+            topology.tx_stream,
+            self.durable,
+            hold_s=0.5,
+            filter_subject=self.filter_subject if partitions > 1 else None,
+        )
         self.attempts = AttemptLedger(store.pool)
         self.appender = Appender(store, quarantine, lifecycle, on_commit=self.on_commit.set)
 
     def pull_loop(self) -> PullLoop:
-        config = pull_consumer_config(
-            self.topology.writer_durable,
-            self.topology.tx_filter,
-            ack_wait_s=self.settings.ack_wait_s,
-            # JetStream never gives up on a message (it would sit unacked, unseen): the writer
-            # counts its own attempts and quarantines at PFLEA_WRITER_MAX_DELIVER.
-            max_deliver=-1,
+        config = writer_consumer_config(
+            self.topology, self.partitions, self.part, ack_wait_s=self.settings.ack_wait_s
         )
         return PullLoop(
             self.js,
@@ -90,28 +93,12 @@ class TxConsumer:
             max_bytes=PULL_MAX_BYTES,
         )
 
-    async def run(self) -> None:
-        """Append while holding the append lock: one writer consumes PFLEA_TX, replicas stand by
-        (and answer commands) and take over within a second of its death, when Postgres drops
-        its session. Two consuming at once (a lock lost in a Postgres restart) stays correct:
-        order is kept by :mod:`services.writer.order`, duplicates by event ids."""
-        while not self.lifecycle.stopping.is_set():
-            try:
-                await self._lead()
-            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
-                log.warning("append lock lost (%r); standing by", exc)
-                if await self.lifecycle.sleep(1.0):
-                    return
-
-    async def _lead(self) -> None:
-        async with LeaderLease(self.dsn, locks.APPEND_LEADER, self.lifecycle) as lease:
-            if not await lease.acquire(on_wait=lambda: log.info("another writer appends; standing by")):
-                return
-            log.info("appending (this writer holds the append lock)")
-            await self.attempts.forget_old()
-            await self.pull_loop().run(self._received, until=lease.lost)
-            if lease.lost.is_set():
-                raise ConnectionError("the append lock's session ended")
+    async def lead(self, until: asyncio.Event) -> None:
+        """Append this partition until ``until`` is set (or the service stops); the caller holds
+        the partition's lease."""
+        self.order.leading()
+        await self.attempts.forget_old()
+        await self.pull_loop().run(self._received, until=until)
 
     async def _received(self, msgs: list[Msg]) -> None:
         RECEIVED.inc(len(msgs))
@@ -136,8 +123,9 @@ class TxConsumer:
         """The batch, preceded by older messages a dead writer still holds, sorted by sequence;
         None when that cannot be known (the batch is then left for redelivery)."""
         first = [i.seq for i in fetched_items if i.delivered == 1]
+        consumer_seqs = [i.consumer_seq for i in fetched_items]
         try:
-            older = await self.order.older_than([i.seq for i in fetched_items], first)
+            older = await self.order.older_than([i.seq for i in fetched_items], first, consumer_seqs)
         except NATS_ERRORS as exc:
             # Cannot tell whether older messages are pending: leave the batch unacked (it comes
             # back after the ack wait, and is then itself "older" for whatever follows it).

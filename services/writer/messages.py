@@ -7,7 +7,7 @@ from nats.aio.msg import Msg
 from nats.js.api import RawStreamMsg
 
 from shared.envelope import TxEnvelope
-from shared.jetstream import delivery
+from shared.jetstream import delivery_numbers
 from shared.store import StreamEvent
 from shared.wire import HDR_MSG_ID
 
@@ -21,6 +21,7 @@ class Item(msgspec.Struct):
     msg: Msg | None
     delivered: int  # times delivered to a writer (0 when read from the stream), or tried
     key: str  # the message's identity for counting attempts: its Nats-Msg-Id
+    consumer_seq: int = 0  # the consumer's number for this delivery (0 when read from the stream)
 
     @property
     def agent_id(self) -> str:
@@ -39,8 +40,8 @@ def _key(seq: int, headers: dict[str, str] | None) -> str:
 
 
 def fetched(msg: Msg) -> Item:
-    seq, delivered = delivery(msg)
-    return Item(seq, msg.subject, msg.data, msg, delivered, _key(seq, msg.headers))
+    seq, delivered, consumer_seq = delivery_numbers(msg)
+    return Item(seq, msg.subject, msg.data, msg, delivered, _key(seq, msg.headers), consumer_seq)
 
 
 def read_back(raw: RawStreamMsg) -> Item:

@@ -15,7 +15,7 @@ from typing import Any
 from services.relay.service import PARTS as RELAY_PARTS
 from services.relay.service import tailers
 from services.writer.commands import CommandHandler
-from services.writer.consumer import TxConsumer
+from services.writer.partitions import PartitionedAppends
 from services.writer.purpleflea import PurpleFleaCommands
 from shared.db import WRITER_ROLE, service_pool
 from shared.jetstream import Topology, ensure_streams
@@ -38,17 +38,17 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
     purpleflea = _purpleflea(settings)
     try:
         js = nc.jetstream()
-        await ensure_streams(js, topology, settings.duplicate_window_s)
+        await ensure_streams(js, topology, settings.duplicate_window_s, partitions=settings.writer_partitions)
         store = EventStore(pool)
         parts = settings.writer_parts
         committed = asyncio.Event()
         jobs: list[Coroutine[Any, Any, None]] = []
         if "append" in parts:
             quarantine = Quarantine(pool, "writer")
-            consumer = TxConsumer(
+            appends = PartitionedAppends(
                 js, store, quarantine, topology, settings, lifecycle, dsn, on_commit=committed
             )
-            jobs.append(consumer.run())
+            jobs.append(appends.run())
         if "commands" in parts:
             jobs.append(CommandHandler(nc, store, topology, settings, lifecycle, purpleflea).run())
         if moved := [p for p in parts if p in RELAY_PARTS]:
