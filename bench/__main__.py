@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import catchup, end_to_end, limits, rebuild, time_travel, writer
+from bench import catchup, end_to_end, limits, partitions, rebuild, time_travel, writer
 from bench.harness import Harness, Sizes
 from bench.processes import ForeignLoad
 from bench.report import Figure, console_table, machine, write_json, write_markdown
@@ -33,6 +33,7 @@ Scenario = Callable[[Harness], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "limits": limits.run,
     "writer": writer.run,
+    "partitions": partitions.run,
     "catchup": catchup.run,
     "e2e": end_to_end.run,
     "rebuild": rebuild.run,
@@ -43,6 +44,7 @@ REQUIRES = {"writer": ["limits"], "catchup": ["limits", "writer"], "e2e": ["limi
 ORDER = [
     "limits",
     "writer",
+    "partitions",
     "catch-up",
     "end-to-end",
     "latency",

@@ -33,7 +33,15 @@ from devstack.processes import wait_until
 from services.writer.commands import CommandHandler
 from shared.commands import Code, RegisterAgent
 from shared.db import OWNER_ROLE, role_dsn
-from shared.jetstream import StreamMissing, Topology, declare_streams, ensure_streams, pull_consumer_config
+from services.writer.partitions import PartitionedAppends
+from shared.jetstream import (
+    StreamMissing,
+    Topology,
+    declare_streams,
+    ensure_streams,
+    pull_consumer_config,
+    writer_consumer_config,
+)
 from shared.ledger_client import CommandNotPermitted, LedgerClient
 from shared.nats_agents import (
     AgentLogin,
@@ -405,6 +413,33 @@ async def test_a_service_finds_existing_streams_and_names_the_fix_for_a_missing_
     try:
         with pytest.raises(StreamMissing, match=r"stream PFLEA_TX is missing: run `pflea migrate`"):
             await ensure_streams(ingester, TOPOLOGY, duplicate_window_s=60)
+    finally:
+        await declare_streams(admin, TOPOLOGY, duplicate_window_s=60)
+
+
+async def test_the_writer_may_consume_and_list_the_partitions_of_pflea_tx_and_no_other_stream(
+    ledger: Ledger, login: Any, streams: None, settings: Settings
+) -> None:
+    admin = (await login("admin")).nc.jetstream()
+    await declare_streams(admin, TOPOLOGY, duplicate_window_s=60, partitions=3)
+    try:
+        session = await login("writer")
+        js = session.nc.jetstream()
+        appends = PartitionedAppends(js, None, None, TOPOLOGY, settings, None, "")  # type: ignore[arg-type]
+        assert await appends.partitions() == 3
+        config = writer_consumer_config(TOPOLOGY, 3, 2, ack_wait_s=30)
+        sub = await js.pull_subscribe(
+            config.filter_subject, durable=config.durable_name, stream=TOPOLOGY.tx_stream, config=config
+        )
+        await sub.unsubscribe()
+        assert await appends.undrained(3) == []  # lists PFLEA_TX's consumers
+        assert (await js.consumer_info(TOPOLOGY.tx_stream, "writer-3-2")).config.filter_subject == (
+            TOPOLOGY.tx_partition_filter(3, 2)
+        )
+        subject = f"$JS.API.CONSUMER.CREATE.{TOPOLOGY.events_stream}.writer-3-2"
+        await session.nc.publish(subject, b"{}", reply=session.nc.new_inbox())
+        await session.nc.flush()
+        await session.violation(subject)
     finally:
         await declare_streams(admin, TOPOLOGY, duplicate_window_s=60)
 

@@ -43,6 +43,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 async def _jetstream(nc: Client, topo: Topology) -> dict[str, Any]:
     js = nc.jetstream()
     streams: list[dict[str, Any]] = []
+    partitions = 1
     for name in (topo.tx_stream, topo.events_stream):
         try:
             info = await js.stream_info(name)
@@ -53,7 +54,9 @@ async def _jetstream(nc: Client, topo: Topology) -> dict[str, Any]:
         streams.append(
             {"stream": name, "messages": state.messages, "bytes": state.bytes, "last_seq": state.last_seq}
         )
-    wanted = [(topo.tx_stream, topo.writer_durable)]
+        if name == topo.tx_stream:
+            partitions = topo.tx_partitions(info.config)
+    wanted = [(topo.tx_stream, topo.writer_partition_durable(partitions, p)) for p in range(partitions)]
     wanted += [(topo.events_stream, topo.projector_durable(name)) for name in PROJECTIONS]
     consumers: list[dict[str, Any]] = []
     for stream, durable in wanted:
