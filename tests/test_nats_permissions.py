@@ -31,9 +31,9 @@ from nats.js.api import StreamConfig
 from devstack.embedded import EmbeddedNats
 from devstack.processes import wait_until
 from services.writer.commands import CommandHandler
+from services.writer.partitions import PartitionedAppends
 from shared.commands import Code, RegisterAgent
 from shared.db import OWNER_ROLE, role_dsn
-from services.writer.partitions import PartitionedAppends
 from shared.jetstream import (
     StreamMissing,
     Topology,
