@@ -15,12 +15,14 @@ from services.writer.partitions import PartitionedAppends
 from shared.jetstream import Topology, declare_streams
 from shared.partitions import fnv1a_32, partition
 from shared.settings import Settings
+from shared.wire import HDR_MSG_ID, tx_messages
 from tests.support import service_env
 from tests.test_writer_relay import (
     _at_least,
     assert_log_is_clean,
     assert_source_order,
     count_events,
+    envelope,
     publish_transactions,
 )
 
@@ -145,8 +147,6 @@ async def test_changing_the_partition_count_while_writing_loses_and_doubles_noth
 
 async def _publish_range(nc: nats.NATS, topology: Topology, first: int, last: int) -> set:
     """Transactions ``first``..``last - 1`` of 20 agents (their order is their tx number)."""
-    from shared.wire import HDR_MSG_ID, tx_messages
-    from tests.test_writer_relay import envelope
 
     js = nc.jetstream()
     ids = set()
