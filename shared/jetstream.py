@@ -84,13 +84,15 @@ class Topology(msgspec.Struct, frozen=True):
     def projector_durable(self, projection: str) -> str:
         return f"projector-{projection}"
 
-    def stream_configs(self, duplicate_window_s: float) -> list[StreamConfig]:
+    def stream_configs(self, duplicate_window_s: float, replicas: int = 1) -> list[StreamConfig]:
+        """Both streams; ``replicas`` copies of each in a cluster (PFLEA_STREAM_REPLICAS). Their
+        consumers leave ``num_replicas`` unset and so follow their stream's, scaled with it."""
         common = dict(
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
             duplicate_window=duplicate_window_s,
-            num_replicas=1,
+            num_replicas=replicas,
         )
         return [
             StreamConfig(
@@ -152,23 +154,28 @@ class StreamMissing(RuntimeError):
         self.stream = stream
 
 
-async def ensure_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:
+async def ensure_streams(
+    js: JetStreamContext, topology: Topology, duplicate_window_s: float, replicas: int = 1
+) -> None:
     """What a service does at start: create a missing stream, never change an existing one.
 
     Only ``pflea migrate`` and ``pflea up`` (:func:`declare_streams`, as the admin user) change a
     stream's config; a service's NATS user may not even create one, and then a missing stream
     raises :class:`StreamMissing`. (A server without accounts, as in the tests, lets it.)
     """
-    for config in topology.stream_configs(duplicate_window_s):
+    for config in topology.stream_configs(duplicate_window_s, replicas):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
             await _create(js, config)
 
 
-async def declare_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:
-    """Create the streams, or bring an existing one's config up to date (the admin's job)."""
-    for config in topology.stream_configs(duplicate_window_s):
+async def declare_streams(
+    js: JetStreamContext, topology: Topology, duplicate_window_s: float, replicas: int = 1
+) -> None:
+    """Create the streams, or bring an existing one's config up to date (the admin's job):
+    nats-server scales an existing stream to ``replicas`` copies, its consumers with it."""
+    for config in topology.stream_configs(duplicate_window_s, replicas):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
