@@ -113,8 +113,15 @@ class Topology(msgspec.Struct, frozen=True):
         ]
 
 
+# A healthy server acks a pipelined publish within milliseconds. Silence this long with acks
+# outstanding means they are lost: in a cluster, the stream's leader died with the proposals it
+# had not replicated, and the client, connected to another node, never hears of it.
+ACK_SILENCE_S = 3.0
+
+
 class AcksLost(ConnectionError):
-    """The client reconnected while publish acks were outstanding; some will never arrive."""
+    """Publish acks outstanding will never arrive: the client reconnected, or no ack came for
+    ACK_SILENCE_S (a stream leader lost in a cluster)."""
 
 
 async def publish_in_order(
@@ -123,22 +130,29 @@ async def publish_in_order(
     """Publish ``(subject, payload, headers)`` in order on one connection; wait for every ack.
 
     Raises ``TimeoutError`` after ``timeout``, and :class:`AcksLost` as soon as the client has
-    reconnected: an ack for a message that died with the old connection never comes, so waiting
-    out the timeout would only stall the caller. Retrying at once is safe (``Nats-Msg-Id``).
+    reconnected, or no ack came for ACK_SILENCE_S: an ack for a message that died with the old
+    connection (or with a stream leader) never comes, so waiting out the timeout would only stall
+    the caller. Retrying at once is safe (``Nats-Msg-Id``).
     """
     nc = connection(js)
     reconnects = nc.stats["reconnects"]
     futures = [await js.publish_async(subject, data, headers=headers) for subject, data, headers in messages]
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = heard = loop.time()
+    deadline += timeout
     pending: set[asyncio.Future[PubAck]] = set(futures)
     try:
         while pending:
             done, pending = await asyncio.wait(pending, timeout=min(0.25, max(deadline - loop.time(), 0)))
-            for future in done:
-                future.result()  # a refused publish raises here
+            refused = [exc for exc in (f.exception() for f in done if not f.cancelled()) if exc is not None]
+            if refused:
+                raise refused[0]  # each retrieved, so none is logged as never retrieved
+            if done:
+                heard = loop.time()
             if pending and nc.stats["reconnects"] != reconnects:
                 raise AcksLost(f"reconnected with {len(pending)} publish acks outstanding")
+            if pending and loop.time() - heard > ACK_SILENCE_S:
+                raise AcksLost(f"no publish ack for {ACK_SILENCE_S}s with {len(pending)} outstanding")
             if pending and loop.time() >= deadline:
                 raise TimeoutError(f"{len(pending)} publish acks missing after {timeout}s")
     finally:

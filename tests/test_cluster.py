@@ -15,15 +15,25 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from devstack.cluster import NatsCluster, stream_leader
+from devstack.embedded import EmbeddedNats
 from devstack.processes import wait_until
 from devstack.servers import new_root, running
-from shared.consumer import PullStream
-from shared.jetstream import NATS_ERRORS, Topology, declare_streams, publish_in_order, pull_consumer_config
-from shared.js_adapter import api_prefix
+from shared.consumer import PullLoop
+from shared.jetstream import (
+    NATS_ERRORS,
+    AcksLost,
+    Topology,
+    ack_all,
+    declare_streams,
+    publish_in_order,
+    pull_consumer_config,
+)
 from shared.nats_conn import connect_nats
+from shared.ops import Lifecycle
 from tests.chaos.fixtures import chaos_run, simulator
 from tests.chaos.harness import PIPELINE, ChaosRun
 from tests.chaos.schedule import Schedule
@@ -57,19 +67,26 @@ async def publish(js: JetStreamContext, topology: Topology, ids: range) -> None:
             await asyncio.sleep(0.1)
 
 
-async def consume(pulls: PullStream, ids: range) -> list[int]:
-    """Messages, each acked, until every one of ``ids`` came (however long failover takes,
-    within a deadline). An ack lost with a dead node means a redelivery: at least once."""
-    got: list[int] = []
+class Reader:
+    """The services' consume loop (``PullLoop``) on a durable consumer, acking what it gets."""
 
-    async def more() -> bool:
-        for msg in await pulls.take(timeout=1.0):
-            got.append(int(msg.data))
-            await msg.ack()
-        return set(ids) <= set(got)
+    def __init__(self, js: JetStreamContext, topology: Topology) -> None:
+        config = pull_consumer_config("reader", topology.tx_filter, ack_wait_s=5, max_deliver=10)
+        self.loop = PullLoop(js, topology.tx_stream, config, Lifecycle(), batch=100)
+        self.got: list[int] = []
+        self.task = asyncio.create_task(self.loop.run(self.handle))
 
-    await wait_until(more, 60, f"messages {ids} through the consumer")
-    return got
+    async def handle(self, msgs: list[Msg]) -> None:
+        self.got += [int(msg.data) for msg in msgs]
+        await ack_all(msgs)
+
+    async def until_got(self, ids: range) -> None:
+        """Every one of ``ids`` came (an ack lost with a dead node is a redelivery: at least once)."""
+        await wait_until(lambda: set(ids) <= set(self.got), 60, f"messages {ids} through the consumer")
+
+    async def stop(self) -> None:
+        self.loop.lifecycle.stop()
+        await self.task
 
 
 async def test_a_client_of_the_cluster_keeps_publishing_and_consuming_when_its_node_is_killed(
@@ -78,37 +95,54 @@ async def test_a_client_of_the_cluster_keeps_publishing_and_consuming_when_its_n
     cluster = cluster_servers.cluster
     topology = Topology(f"f{uuid.uuid4().hex[:8]}")
     nc = await connect_nats(cluster.url, "pflea-failover-test")
-    killed = ""
     try:
         js = nc.jetstream()
         await declare_streams(js, topology, 60.0, replicas=3)
         info = await js.stream_info(topology.tx_stream)
         assert info.config.num_replicas == 3 and info.cluster is not None
         assert len(info.cluster.replicas or []) == 2, "the stream is not kept on three nodes"
-
-        config = pull_consumer_config("reader", topology.tx_filter, ack_wait_s=5, max_deliver=10)
-        await js.add_consumer(topology.tx_stream, config)
-        pulls = PullStream(nc, api_prefix(js), topology.tx_stream, "reader", batch=100)
-        await pulls.start()
+        reader = Reader(js, topology)
         await publish(js, topology, range(200))
-        before = await consume(pulls, range(200))
+        await reader.until_got(range(200))
 
         killed = node_of(cluster, nc)
         cluster.kill(killed)
         began = time.monotonic()
         await publish(js, topology, range(200, 400))
         print(f"200 publishes acked {time.monotonic() - began:.2f}s after the client's node {killed} died")
-        after = await consume(pulls, range(200, 400))
-        await pulls.stop()
+        await reader.until_got(range(200, 400))
+        await reader.stop()
 
         assert node_of(cluster, nc) != killed, "the client never left the dead node"
         assert nc.stats["reconnects"] >= 1
-        assert set(before + after) == set(range(400))
+        assert set(reader.got) == set(range(400))
         assert (await js.stream_info(topology.tx_stream)).state.messages == 400, "a publish was doubled"
     finally:
         cluster.ensure_up()
         await cluster.wait_healthy(60)
         await nc.close()
+
+
+async def test_publish_acks_that_stop_coming_are_given_up_long_before_the_timeout(tmp_path: Path) -> None:
+    """A stream leader that dies takes the acks of what it had not replicated with it, and a
+    client connected to another node hears nothing: silence, not a reconnect. A paused server
+    is the same silence, on a connection that stays up."""
+    server = EmbeddedNats(tmp_path / "nats", durable=False)
+    server.start()
+    nc = await connect_nats(server.url, "pflea-silence-test")
+    topology = Topology(f"q{uuid.uuid4().hex[:8]}")
+    try:
+        js = nc.jetstream()
+        await declare_streams(js, topology, 60.0)
+        messages = [(topology.tx_subject("agent-a"), b"x", {"Nats-Msg-Id": f"s{i}"}) for i in range(50)]
+        server.pause()
+        with pytest.raises(AcksLost, match="no publish ack"):
+            await publish_in_order(js, messages, timeout=600)
+        assert nc.stats["reconnects"] == 0, "a reconnect, not the silence, ended the wait"
+    finally:
+        server.resume()
+        await nc.close()
+        server.stop()
 
 
 async def test_streams_declared_again_with_more_replicas_are_scaled_with_their_consumers(

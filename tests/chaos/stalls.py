@@ -4,7 +4,8 @@ Every ``interval_s`` the watcher reads each stage's own progress counter from it
 (never through NATS, which is what the faults take away) and its upstream's: the source's
 transactions for the ingester, what the ingester published for the writer, what the writer
 committed for the relay, what the relay published for each projector. A stage is waiting when
-its upstream has moved since the stage last did; its stall is then the time since it last moved.
+its upstream has moved since the stage last did; its stall is the time since a sample first saw
+that (to within ``interval_s``), until the stage moves again.
 The worst stall of each stage is a measurement to report, never a tight assertion.
 """
 
@@ -40,6 +41,7 @@ class StageWatch:
     count: float = 0.0
     moved_at: float = field(default_factory=time.monotonic)
     upstream_then: float = 0.0  # the upstream's count when this stage last moved
+    waiting_since: float | None = None  # when its upstream was first seen moved since then
     worst_s: float = 0.0
 
 
@@ -73,7 +75,7 @@ class StallWatch:
         """Start measuring afresh from now (e.g. when the faults begin)."""
         now = time.monotonic()
         for w in self.stages.values():
-            w.moved_at, w.worst_s = now, 0.0
+            w.moved_at, w.waiting_since, w.worst_s = now, None, 0.0
 
     async def _run(self) -> None:
         while True:
@@ -91,5 +93,8 @@ class StallWatch:
             w = self.stages[name]
             if counts[name] > w.count:
                 w.count, w.moved_at, w.upstream_then = counts[name], now, counts[upstream]
+                w.waiting_since = None
             elif counts[upstream] > w.upstream_then:
-                w.worst_s = max(w.worst_s, now - w.moved_at)
+                # Idle until work came is no stall: count from the sample that first saw it.
+                w.waiting_since = w.waiting_since or now
+                w.worst_s = max(w.worst_s, now - max(w.moved_at, w.waiting_since))
