@@ -18,6 +18,7 @@ from bench.workload import Workload, build_workload
 from devstack.processes import service_env
 from devstack.servers import LocalServers
 from shared.jetstream import Topology, ensure_streams
+from shared.nats_url import parse_nats_url
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Harness:
     log_dir: Path
     profile_dir: Path | None = None
     order: str = "pages"  # of the writer's pre-filled PFLEA_TX; see bench.workload.Workload
+    replicas: int = 1  # copies of each stream (PFLEA_STREAM_REPLICAS): 3 on the cluster scenario's
     figures: list[Figure] = field(default_factory=list)
     cache: dict[str, Any] = field(default_factory=dict)
 
@@ -84,6 +86,7 @@ class Harness:
         return f"b{tag}{uuid.uuid4().hex[:6]}"
 
     def env(self, database_url: str, namespace: str, **extra: str) -> dict[str, str]:
+        extra.setdefault("PFLEA_STREAM_REPLICAS", str(self.replicas))
         return service_env(database_url, self.servers.nats_url, namespace, SERVICE_PASSWORD, **extra)
 
     def service(
@@ -95,9 +98,9 @@ class Harness:
         return ProfiledProcess(module, env, log_dir, *args, name=name, profile_dir=profile_dir, **kw)
 
     async def nats(self, topology: Topology | None = None) -> Client:
-        nc = await nats.connect(self.servers.nats_url)
+        nc = await nats.connect(**parse_nats_url(self.servers.nats_url).connect_options())
         if topology is not None:
-            await ensure_streams(nc.jetstream(), topology, duplicate_window_s=120)
+            await ensure_streams(nc.jetstream(), topology, 120, self.replicas)
         return nc
 
 

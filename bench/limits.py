@@ -29,6 +29,7 @@ from shared.consumer import PullStream
 from shared.db import connect
 from shared.jetstream import Topology, ack_all, ensure_streams, pull_consumer_config
 from shared.js_adapter import api_prefix
+from shared.nats_url import parse_nats_url
 from shared.settings import Settings
 from shared.store import EVENT_COLUMNS
 
@@ -63,14 +64,17 @@ async def raw_copy(h: Harness) -> Figure:
     )
 
 
-async def _publish_and_consume(url: str, h: Harness, consume: bool) -> tuple[float, float | None]:
-    """(msgs/s published, msgs/s consumed) on the server at ``url``, in a namespace of its own."""
+async def publish_and_consume(
+    url: str, h: Harness, consume: bool, replicas: int = 1
+) -> tuple[float, float | None]:
+    """(msgs/s published, msgs/s consumed) on the server(s) at ``url``, in a namespace of its own,
+    on streams of ``replicas`` copies."""
     topology = Topology(h.namespace("lim"))
     messages = h.workload().single_messages()[: h.sizes.limit_messages]
-    nc = await nats.connect(url)
+    nc = await nats.connect(**parse_nats_url(url).connect_options())
     try:
         js = nc.jetstream()
-        await ensure_streams(js, topology, duplicate_window_s=120)
+        await ensure_streams(js, topology, 120, replicas)
         published = len(messages) / await publish_tx(js, topology, messages)
         consumed = None
         if consume:
@@ -109,9 +113,9 @@ async def consume_seconds(nc: Client, stream: str, subject: str, total: int) -> 
 
 async def jetstream(h: Harness) -> list[Figure]:
     n = min(h.sizes.limit_messages, len(h.workload()))
-    published, consumed = await _publish_and_consume(h.servers.nats_url, h, consume=True)
+    published, consumed = await publish_and_consume(h.servers.nats_url, h, consume=True)
     async with nats_with_default_sync(h.servers) as relaxed_servers:
-        relaxed, _ = await _publish_and_consume(relaxed_servers.nats_url, h, consume=False)
+        relaxed, _ = await publish_and_consume(relaxed_servers.nats_url, h, consume=False)
     return [
         Figure("limits", "JetStream publish", published, "msgs/s", note=f"{n:,} one-transaction messages"),
         Figure(

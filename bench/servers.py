@@ -13,6 +13,7 @@ import copy
 import subprocess
 from collections.abc import AsyncIterator
 
+from devstack.cluster import NatsCluster
 from devstack.embedded import EmbeddedNats, nats_server_binary, postgres_binaries
 from devstack.servers import LocalServers, new_root, running
 
@@ -59,3 +60,31 @@ def server_versions() -> dict[str, str]:
         "postgres": first_line([str(postgres_binaries() / "postgres"), "--version"]),
         "nats_server": first_line([str(nats_server_binary()), "--version"]),
     }
+
+
+class ClusterNats:
+    """What the bench reads of ``servers.nats``, for a cluster: the URL naming every node. Its
+    ``proc`` is None: the end-to-end note's CPU accounting leaves the three nodes out."""
+
+    proc = None
+
+    def __init__(self, cluster: NatsCluster) -> None:
+        self.cluster = cluster
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+
+@contextlib.asynccontextmanager
+async def nats_cluster(servers: LocalServers, size: int = 3) -> AsyncIterator[LocalServers]:
+    """The same servers, but NATS is a cluster of ``size`` nodes on this machine, each with
+    JetStream at ``sync_interval: always`` as the embedded server."""
+    cluster = NatsCluster(servers.root / "nats-cluster", size)
+    cluster.start()
+    try:
+        on_cluster = copy.copy(servers)
+        on_cluster.nats = ClusterNats(cluster)  # type: ignore[assignment]
+        yield on_cluster
+    finally:
+        cluster.stop()

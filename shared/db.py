@@ -58,8 +58,8 @@ def with_database(url: str, database: str) -> str:
 def refuse_default_password(url: str, variable: str, *, allowed: bool) -> None:
     """A :class:`SettingsError` naming ``variable`` when ``url`` carries an old default password
     (every role and user had one once), unless ``allowed`` (PFLEA_ALLOW_DEFAULT_PASSWORDS)."""
-    password = urlsplit(url.split(",")[0].strip()).password
-    if password is not None and unquote(password) in OLD_DEFAULT_PASSWORDS and not allowed:
+    passwords = {urlsplit(part.strip()).password for part in url.split(",")}  # NATS_URL: each server
+    if any(p is not None and unquote(p) in OLD_DEFAULT_PASSWORDS for p in passwords) and not allowed:
         raise SettingsError(
             variable,
             "uses an old shared default password; generate secrets (`make secrets` for compose; "

@@ -129,13 +129,18 @@ class Topology(msgspec.Struct, frozen=True):
     def projector_durable(self, projection: str) -> str:
         return f"projector-{projection}"
 
-    def stream_configs(self, duplicate_window_s: float, *, partitions: int = 1) -> list[StreamConfig]:
+    def stream_configs(
+        self, duplicate_window_s: float, replicas: int = 1, *, partitions: int = 1
+    ) -> list[StreamConfig]:
+        """Both streams; ``replicas`` copies of each in a cluster (PFLEA_STREAM_REPLICAS). Their
+        consumers leave ``num_replicas`` unset and so follow their stream's, scaled with it.
+        ``partitions``: PFLEA_TX's partition count (PFLEA_WRITER_PARTITIONS)."""
         common = dict(
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
             duplicate_window=duplicate_window_s,
-            num_replicas=1,
+            num_replicas=replicas,
         )
         return [
             StreamConfig(
@@ -157,8 +162,15 @@ class Topology(msgspec.Struct, frozen=True):
         ]
 
 
+# A healthy server acks a pipelined publish within milliseconds. Silence this long with acks
+# outstanding means they are lost: in a cluster, the stream's leader died with the proposals it
+# had not replicated, and the client, connected to another node, never hears of it.
+ACK_SILENCE_S = 3.0
+
+
 class AcksLost(ConnectionError):
-    """The client reconnected while publish acks were outstanding; some will never arrive."""
+    """Publish acks outstanding will never arrive: the client reconnected, or no ack came for
+    ACK_SILENCE_S (a stream leader lost in a cluster)."""
 
 
 async def publish_in_order(
@@ -167,22 +179,29 @@ async def publish_in_order(
     """Publish ``(subject, payload, headers)`` in order on one connection; wait for every ack.
 
     Raises ``TimeoutError`` after ``timeout``, and :class:`AcksLost` as soon as the client has
-    reconnected: an ack for a message that died with the old connection never comes, so waiting
-    out the timeout would only stall the caller. Retrying at once is safe (``Nats-Msg-Id``).
+    reconnected, or no ack came for ACK_SILENCE_S: an ack for a message that died with the old
+    connection (or with a stream leader) never comes, so waiting out the timeout would only stall
+    the caller. Retrying at once is safe (``Nats-Msg-Id``).
     """
     nc = connection(js)
     reconnects = nc.stats["reconnects"]
     futures = [await js.publish_async(subject, data, headers=headers) for subject, data, headers in messages]
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = heard = loop.time()
+    deadline += timeout
     pending: set[asyncio.Future[PubAck]] = set(futures)
     try:
         while pending:
             done, pending = await asyncio.wait(pending, timeout=min(0.25, max(deadline - loop.time(), 0)))
-            for future in done:
-                future.result()  # a refused publish raises here
+            refused = [exc for exc in (f.exception() for f in done if not f.cancelled()) if exc is not None]
+            if refused:
+                raise refused[0]  # each retrieved, so none is logged as never retrieved
+            if done:
+                heard = loop.time()
             if pending and nc.stats["reconnects"] != reconnects:
                 raise AcksLost(f"reconnected with {len(pending)} publish acks outstanding")
+            if pending and loop.time() - heard > ACK_SILENCE_S:
+                raise AcksLost(f"no publish ack for {ACK_SILENCE_S}s with {len(pending)} outstanding")
             if pending and loop.time() >= deadline:
                 raise TimeoutError(f"{len(pending)} publish acks missing after {timeout}s")
     finally:
@@ -199,7 +218,12 @@ class StreamMissing(RuntimeError):
 
 
 async def ensure_streams(
-    js: JetStreamContext, topology: Topology, duplicate_window_s: float, *, partitions: int = 1
+    js: JetStreamContext,
+    topology: Topology,
+    duplicate_window_s: float,
+    replicas: int = 1,
+    *,
+    partitions: int = 1,
 ) -> None:
     """What a service does at start: create a missing stream, never change an existing one.
 
@@ -207,7 +231,7 @@ async def ensure_streams(
     stream's config; a service's NATS user may not even create one, and then a missing stream
     raises :class:`StreamMissing`. (A server without accounts, as in the tests, lets it.)
     """
-    for config in topology.stream_configs(duplicate_window_s, partitions=partitions):
+    for config in topology.stream_configs(duplicate_window_s, replicas, partitions=partitions):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
@@ -215,10 +239,16 @@ async def ensure_streams(
 
 
 async def declare_streams(
-    js: JetStreamContext, topology: Topology, duplicate_window_s: float, *, partitions: int = 1
+    js: JetStreamContext,
+    topology: Topology,
+    duplicate_window_s: float,
+    replicas: int = 1,
+    *,
+    partitions: int = 1,
 ) -> None:
-    """Create the streams, or bring an existing one's config up to date (the admin's job)."""
-    for config in topology.stream_configs(duplicate_window_s, partitions=partitions):
+    """Create the streams, or bring an existing one's config up to date (the admin's job):
+    nats-server scales an existing stream to ``replicas`` copies, its consumers with it."""
+    for config in topology.stream_configs(duplicate_window_s, replicas, partitions=partitions):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:

@@ -25,6 +25,7 @@ import nats
 from nats.aio.client import Client
 
 from shared.nats_auth import agent_inbox_prefix, agent_user
+from shared.nats_url import parse_nats_url
 from shared.private_files import write_private
 from shared.settings import AGENT_ID_PATTERN
 
@@ -182,7 +183,7 @@ def read_login(path: Path) -> AgentLogin:
 async def connect_agent(login: AgentLogin, **options: object) -> Client:
     """A NATS connection as the agent: its user, and replies on the only inbox it may read."""
     return await nats.connect(
-        login.nats_url,
+        servers=list(parse_nats_url(login.nats_url).servers),
         user=login.nats_user,
         password=login.nats_password,
         inbox_prefix=agent_inbox_prefix(login.agent_id),

@@ -18,6 +18,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from shared.nats_url import with_login
 from shared.private_files import new_password, write_private
 
 USERS = ("ingester", "writer", "projector", "operator", "admin")
@@ -73,6 +74,5 @@ def load_or_create_passwords(path: Path) -> dict[str, str]:
 
 
 def user_url(url: str, user: str, password: str) -> str:
-    """``nats://host:port`` with a user's credentials."""
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://{user}:{password}@{rest.rpartition('@')[2]}"
+    """``nats://host:port`` (or a comma list of a cluster's servers) with a user's credentials."""
+    return with_login(url, user, password)

@@ -1,4 +1,5 @@
-"""One way to connect to NATS: reconnect forever, log what the connection goes through."""
+"""One way to connect to NATS: reconnect forever, to any server NATS_URL names (or the cluster
+announces), and log what the connection goes through."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 import nats.errors
 from nats.aio.client import Client
 
+from shared.nats_url import parse_nats_url
 from shared.unreachable import CONNECT_FAILURES, RepeatedWarnings, describe, redacted_url
 
 log = logging.getLogger(__name__)
@@ -15,7 +17,8 @@ RECONNECT_WAIT_S = 0.5
 
 
 async def connect_nats(url: str, name: str) -> Client:
-    """Connected to ``url``, trying every RECONNECT_WAIT_S until it answers (at start too).
+    """Connected to a server of ``url`` (one, or a comma list of a cluster's), trying them in
+    turn every RECONNECT_WAIT_S until one answers (at start too), and again whenever it is lost.
 
     nats-py calls the error callback on every failed attempt, twice a second while the server is
     away: those become one line naming the server, repeated at most every 30 s with a count.
@@ -39,10 +42,11 @@ async def connect_nats(url: str, name: str) -> Client:
 
     async def reconnected_cb() -> None:
         warnings.clear()
-        log.info("NATS reconnected", extra={"url": where})
+        server = nc.connected_url.netloc.rpartition("@")[2] if nc.connected_url else "?"
+        log.info("NATS reconnected to %s", server, extra={"url": where})
 
     await nc.connect(
-        url,
+        **parse_nats_url(url).connect_options(),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=RECONNECT_WAIT_S,  # type: ignore[arg-type]  # an int in its stubs only

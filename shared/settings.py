@@ -68,6 +68,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str = "pflea"
     allow_default_passwords: bool = False
     duplicate_window_s: float = 120.0
+    # Copies of each stream (and its consumers) a JetStream cluster keeps: 3 in a 3-node cluster.
+    stream_replicas: int = 1
     writer_batch_size: int = 1000  # transactions per Postgres transaction
     writer_pull_batch: int | None = None  # see messages_per_writer_pull()
     writer_max_deliver: int = 10
@@ -125,6 +127,7 @@ ENV_NAMES: dict[str, str] = {
     "namespace": "PFLEA_NAMESPACE",
     "allow_default_passwords": "PFLEA_ALLOW_DEFAULT_PASSWORDS",
     "duplicate_window_s": "PFLEA_DUPLICATE_WINDOW_S",
+    "stream_replicas": "PFLEA_STREAM_REPLICAS",
     "writer_batch_size": "PFLEA_WRITER_BATCH_SIZE",
     "writer_pull_batch": "PFLEA_WRITER_PULL_BATCH",
     "writer_max_deliver": "PFLEA_WRITER_MAX_DELIVER",
@@ -226,7 +229,28 @@ def parse_writer_parts(text: str) -> tuple[str, ...]:
     return parts
 
 
+# JetStream keeps at most 5 copies of a stream (one per server, in a cluster of 5 or more).
+MAX_STREAM_REPLICAS = 5
+
+
+def parse_stream_replicas(text: str) -> int:
+    replicas = convert("PFLEA_STREAM_REPLICAS", text, int)
+    if not 1 <= replicas <= MAX_STREAM_REPLICAS:
+        raise SettingsError("PFLEA_STREAM_REPLICAS", f"must be 1 to {MAX_STREAM_REPLICAS}, got {text!r}")
+    return int(replicas)
+
+
+def parse_nats_url(text: str) -> str:
+    """NATS_URL as given, once it reads as one server or a comma list (shared/nats_url.py)."""
+    from shared.nats_url import parse_nats_url as servers  # it reports through SettingsError
+
+    servers(text)
+    return text
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
+    "nats_url": parse_nats_url,
+    "stream_replicas": parse_stream_replicas,
     "purpleflea_agents": parse_agents,
     "purpleflea_feeds": parse_feeds,
     "writer_parts": parse_writer_parts,

@@ -107,7 +107,9 @@ def generated_secrets(folder: Path) -> dict[str, str]:
 SECRETS = generated_secrets(Path(tempfile.mkdtemp(prefix="pflea-compose-")))
 
 
-def compose_config(*profiles: str, variables: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def compose_config(
+    *profiles: str, variables: dict[str, str], files: tuple[Path, ...] = (COMPOSE_FILE,)
+) -> subprocess.CompletedProcess[str]:
     """``docker-compose config`` in an environment that sets none of our variables but
     ``variables`` (and reads no ``.env``: the repository's, if a developer made one, is ignored)."""
     ours = _interpolated_variables()
@@ -115,7 +117,13 @@ def compose_config(*profiles: str, variables: dict[str, str]) -> subprocess.Comp
     env.update(variables)
     flags = [arg for profile in profiles for arg in ("--profile", profile)]
     return subprocess.run(
-        [str(_compose_binary()), "-f", str(COMPOSE_FILE), "--env-file", os.devnull, *flags]
+        [
+            str(_compose_binary()),
+            *(arg for f in files for arg in ("-f", str(f))),
+            "--env-file",
+            os.devnull,
+            *flags,
+        ]
         + ["config", "--format", "json"],
         cwd=ROOT,
         env=env,
@@ -126,9 +134,11 @@ def compose_config(*profiles: str, variables: dict[str, str]) -> subprocess.Comp
     )
 
 
-def render(*profiles: str, variables: dict[str, str] | None = None) -> Rendered:
+def render(
+    *profiles: str, variables: dict[str, str] | None = None, files: tuple[Path, ...] = (COMPOSE_FILE,)
+) -> Rendered:
     """``docker-compose config`` as JSON with the generated secrets and ``variables``."""
-    proc = compose_config(*profiles, variables={**SECRETS, **(variables or {})})
+    proc = compose_config(*profiles, variables={**SECRETS, **(variables or {})}, files=files)
     assert proc.returncode == 0, f"docker-compose config failed:\n{proc.stderr}"
     return Rendered(json.loads(proc.stdout), proc.stderr)
 

@@ -13,6 +13,7 @@ from services.cli import agent, agents, events, projections, queries, status, up
 from services.cli.connections import owner_settings
 from shared.logs import configure_logging
 from shared.settings import Settings, SettingsError, load_settings
+from shared.unreachable import redacted_url
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -34,7 +35,7 @@ def _migrate(args: argparse.Namespace) -> int:
         try:
             streams = asyncio.run(_declare_streams(explicit_nats, settings))
         except (OSError, TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
-            host = explicit_nats.rpartition("@")[2]
+            host = redacted_url(explicit_nats)
             print(f"pflea migrate: could not declare the streams at {host} ({exc!r})", file=sys.stderr)
             print("  NATS_URL must name the admin user (it creates and updates streams)", file=sys.stderr)
             return 3
@@ -61,12 +62,18 @@ def _bootstrap(args: argparse.Namespace) -> int:
 async def _declare_streams(url: str, settings: Settings) -> list[str]:
     """Create or update the JetStream streams, as the user in NATS_URL (the admin)."""
     from shared.jetstream import Topology, declare_streams
+    from shared.nats_url import parse_nats_url
 
-    nc = await nats.connect(url, name="pflea-migrate", connect_timeout=10, allow_reconnect=False)
+    servers = parse_nats_url(url).connect_options()
+    nc = await nats.connect(**servers, name="pflea-migrate", connect_timeout=10, allow_reconnect=False)
     try:
         topology = Topology(settings.namespace)
         await declare_streams(
-            nc.jetstream(), topology, settings.duplicate_window_s, partitions=settings.writer_partitions
+            nc.jetstream(),
+            topology,
+            settings.duplicate_window_s,
+            settings.stream_replicas,
+            partitions=settings.writer_partitions,
         )
         return [topology.tx_stream, topology.events_stream]
     finally:

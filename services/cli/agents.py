@@ -25,6 +25,7 @@ from shared.agent_logins import add_login, remove_login
 from shared.db import role_dsn
 from shared.nats_agents import AgentError, AgentLogin, AgentRegistry, connect_agent, read_login
 from shared.nats_agents import credential_path as credential_file
+from shared.nats_url import without_login
 from shared.private_files import new_password
 from shared.settings import Settings
 from shared.stack import read_stack
@@ -115,9 +116,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _agent_url(s: Settings) -> str:
     """Where agents reach NATS: NATS_URL or the running stack's, without the user in it."""
-    url = s.nats_url or f"nats://127.0.0.1:{s.embedded_nats_port}"
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
+    return without_login(s.nats_url or f"nats://127.0.0.1:{s.embedded_nats_port}")
 
 
 def _reload(s: Settings, login: AgentLogin | None, *, expect_login: bool) -> int:

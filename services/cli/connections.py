@@ -20,6 +20,7 @@ from services.cli.render import fail
 from shared.db import create_pool
 from shared.history import HistoryError, UnknownAgent
 from shared.jetstream import Topology
+from shared.nats_url import parse_nats_url
 from shared.service import require
 from shared.settings import Settings, load_settings
 from shared.stack import read_stack
@@ -77,7 +78,12 @@ async def reader_pool(s: Settings) -> asyncpg.Pool:
 async def connect_nats(s: Settings) -> Client:
     url = require(s.nats_url, "NATS_URL")
     try:
-        return await nats.connect(url, name="pflea-cli", connect_timeout=5, allow_reconnect=False)
+        return await nats.connect(
+            **parse_nats_url(url).connect_options(),
+            name="pflea-cli",
+            connect_timeout=5,
+            allow_reconnect=False,
+        )
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         raise Unreachable(f"cannot reach NATS at {redacted_url(url)} ({exc!r})") from None
 

@@ -39,6 +39,7 @@ from shared.jetstream import Topology, declare_streams
 from shared.migrate import migrate
 from shared.nats_agents import AgentRegistry
 from shared.nats_auth import USERS, load_or_create_passwords, render_accounts, user_url
+from shared.nats_url import parse_nats_url, without_login
 from shared.private_files import private_folder
 from shared.projections.registry import PROJECTIONS
 from shared.settings import Settings, load_settings
@@ -170,14 +171,17 @@ class Stack:
     async def _declare_streams(self, url: str) -> None:
         """Create or update the streams (as the admin user): the services may only use them."""
         try:
-            nc = await nats.connect(url, name="pflea-up", connect_timeout=10, allow_reconnect=False)
+            servers = parse_nats_url(url).connect_options()
+            nc = await nats.connect(**servers, name="pflea-up", connect_timeout=10, allow_reconnect=False)
             try:
-                js = nc.jetstream()
+                topology = Topology(self.settings.namespace)
+                s = self.settings
                 await declare_streams(
-                    js,
-                    Topology(self.settings.namespace),
-                    self.settings.duplicate_window_s,
-                    partitions=self.settings.writer_partitions,
+                    nc.jetstream(),
+                    topology,
+                    s.duplicate_window_s,
+                    s.stream_replicas,
+                    partitions=s.writer_partitions,
                 )
             finally:
                 await nc.close()
@@ -287,8 +291,7 @@ Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
 
 
 def _without_password(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
+    return without_login(url)
 
 
 def _psql() -> str:

@@ -132,7 +132,9 @@ class AgentPoller:
         """
         if self.reconnects() == self.seen_reconnects:
             return
-        await ensure_streams(self.js, self.topology, self.settings.duplicate_window_s)
+        await ensure_streams(
+            self.js, self.topology, self.settings.duplicate_window_s, self.settings.stream_replicas
+        )
         self.seen_reconnects = self.reconnects()
         self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
         self.recent.clear()
@@ -279,4 +281,9 @@ class AgentPoller:
                 if self.reconnects() != self.seen_reconnects:
                     # The server may have come back without the streams: declare them again.
                     with contextlib.suppress(*NATS_ERRORS):
-                        await ensure_streams(self.js, self.topology, self.settings.duplicate_window_s)
+                        await ensure_streams(
+                            self.js,
+                            self.topology,
+                            self.settings.duplicate_window_s,
+                            self.settings.stream_replicas,
+                        )

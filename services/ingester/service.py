@@ -47,7 +47,7 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
         if not agents:
             raise SettingsError("PURPLEFLEA_AGENTS", "no agents to poll")
         js = nc.jetstream()
-        await ensure_streams(js, topology, settings.duplicate_window_s)
+        await ensure_streams(js, topology, settings.duplicate_window_s, settings.stream_replicas)
         gate = asyncio.Semaphore(settings.ingest_concurrency)
         quarantine = Quarantine(pool, "ingester")
         recent = RecentIds(settings.ingest_page_limit, settings.ingest_recent_ids)

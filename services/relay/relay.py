@@ -56,6 +56,7 @@ class Relay:
         wakeup: asyncio.Event | None = None,
         reconnects: Callable[[], int] = lambda: 0,
         duplicate_window_s: float = 120.0,
+        stream_replicas: int = 1,
     ) -> None:
         self.store = store
         self.js = js
@@ -69,6 +70,7 @@ class Relay:
         self.reconnects = reconnects
         self.seen_reconnects = -1
         self.duplicate_window_s = duplicate_window_s
+        self.stream_replicas = stream_replicas
         self.stream_created: object = None
 
     async def run(self) -> None:
@@ -118,7 +120,7 @@ class Relay:
         """
         try:
             # A server that lost its store lost the streams too: declare them again.
-            await ensure_streams(self.js, self.topology, self.duplicate_window_s)
+            await ensure_streams(self.js, self.topology, self.duplicate_window_s, self.stream_replicas)
             info = await self.js.stream_info(self.topology.events_stream)
             held = 0
             recreated = self.stream_created is not None and info.created != self.stream_created

@@ -38,7 +38,7 @@ async def run_relay(settings: Settings, lifecycle: Lifecycle) -> None:
     pool = await service_pool(dsn, WRITER_ROLE, min_size=2, max_size=16)
     nc = await connect_nats(nats_url, "pflea-relay")
     try:
-        await ensure_streams(nc.jetstream(), topology, settings.duplicate_window_s)
+        await ensure_streams(nc.jetstream(), topology, settings.duplicate_window_s, settings.stream_replicas)
         jobs = tailers(PARTS, EventStore(pool), nc, topology, settings, lifecycle, dsn)
         log.info("running %s", ", ".join(PARTS))
         lifecycle.checks.append(lambda: nc.is_connected)
@@ -78,6 +78,7 @@ def tailers(
             wakeup=wakeup,
             reconnects=lambda: int(nc.stats["reconnects"]),
             duplicate_window_s=settings.duplicate_window_s,
+            stream_replicas=settings.stream_replicas,
         )
         jobs.append(relay.run())
     if "snapshots" in parts:

@@ -38,7 +38,13 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
     purpleflea = _purpleflea(settings)
     try:
         js = nc.jetstream()
-        await ensure_streams(js, topology, settings.duplicate_window_s, partitions=settings.writer_partitions)
+        await ensure_streams(
+            js,
+            topology,
+            settings.duplicate_window_s,
+            settings.stream_replicas,
+            partitions=settings.writer_partitions,
+        )
         store = EventStore(pool)
         parts = settings.writer_parts
         committed = asyncio.Event()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+from devstack.cluster import NatsCluster
 from devstack.servers import LocalServers
 from tests.conftest import SERVICE_PASSWORD
 
@@ -49,4 +50,33 @@ class ChaosServers(LocalServers):
         for which in list(self.paused):
             self.resume(which)  # a stopped process cannot act on SIGTERM
         self.nats.stop(signal.SIGTERM)
+        self.postgres.stop("immediate")
+
+
+class ClusterChaosServers(ChaosServers):
+    """One Postgres cluster and a 3-node JetStream cluster (NATS_URL names all three nodes),
+    so a scenario may SIGKILL a node, or the one leading a stream, and bring it back."""
+
+    def __init__(self, root: Path, *, durable_nats: bool = True, nodes: int = 3) -> None:
+        super().__init__(root, durable_nats=durable_nats)
+        self.cluster = NatsCluster(root / "cluster", nodes, durable=durable_nats)
+
+    @property
+    def nats_url(self) -> str:
+        return self.cluster.url
+
+    async def start(self) -> None:
+        self.postgres.start()
+        self.cluster.start()
+        await self.template.create()
+
+    def ensure_up(self) -> None:
+        for which in list(self.paused):
+            self.resume(which)
+        if self.postgres.proc is None or self.postgres.proc.poll() is not None:
+            self.postgres.start()
+        self.cluster.ensure_up()
+
+    def stop(self) -> None:
+        self.cluster.stop(signal.SIGTERM)
         self.postgres.stop("immediate")
