@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import catchup, cluster, end_to_end, limits, partitions, rebuild, time_travel, writer
+from bench import capacity, catchup, cluster, end_to_end, limits, partitions, rebuild, time_travel, writer
 from bench.harness import Harness, Sizes
 from bench.processes import ForeignLoad
 from bench.report import Figure, console_table, machine, write_json, write_markdown
@@ -39,9 +39,15 @@ SCENARIOS: dict[str, Scenario] = {
     "rebuild": rebuild.run,
     "time-travel": time_travel.run,
     "cluster": cluster.run,
+    "capacity": capacity.run,
 }
 # A figure is compared to limits measured in the same run, so a scenario brings its limits.
-REQUIRES = {"writer": ["limits"], "catchup": ["limits", "writer"], "e2e": ["limits"]}
+REQUIRES = {
+    "writer": ["limits"],
+    "catchup": ["limits", "writer"],
+    "e2e": ["limits"],
+    "capacity": ["limits", "writer", "e2e"],
+}
 ORDER = [
     "limits",
     "writer",
@@ -54,6 +60,7 @@ ORDER = [
     "verify",
     "time travel",
     "cluster",
+    "capacity",
 ]
 
 

@@ -101,6 +101,11 @@ async def run(h: Harness) -> None:
             f"(PFLEA_TX pre-filled with {batches:,} messages as the ingester batches them, "
             f"{total / fill_s:,.0f} transactions/s); {write_s:.1f} s from ready; "
             + batch_note(metrics, "pflea_writer_batch_seconds", "append + commit"),
+            detail={
+                "batches": metrics.get("pflea_writer_batch_seconds_count"),
+                "batch_seconds": metrics.get("pflea_writer_batch_seconds_sum"),
+                "transactions": total,
+            },
         )
     )
     h.add(
