@@ -28,7 +28,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from shared.js_adapter import connection
-from shared.settings import AGENT_ID_PATTERN
+from shared.settings import AGENT_ID_PATTERN, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,22 @@ MAX_TX_BYTES = 256 * 1024
 # What a publish can fail with when NATS is away or slow: retry these, let bugs surface.
 NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
 DAY = 86400.0
+
+
+class StreamLimits(msgspec.Struct, frozen=True):
+    """How much each stream may hold (-1: no limit): PFLEA_TX_MAX_MSGS, PFLEA_TX_MAX_BYTES,
+    PFLEA_EVENTS_MAX_MSGS, PFLEA_EVENTS_MAX_BYTES."""
+
+    tx_max_msgs: int
+    tx_max_bytes: int
+    events_max_msgs: int
+    events_max_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings | None = None) -> StreamLimits:
+        """The limits ``settings`` name; by default this process's environment's."""
+        s = settings or load_settings()
+        return cls(s.tx_max_msgs, s.tx_max_bytes, s.events_max_msgs, s.events_max_bytes)
 
 
 class Topology(msgspec.Struct, frozen=True):
@@ -84,20 +100,27 @@ class Topology(msgspec.Struct, frozen=True):
     def projector_durable(self, projection: str) -> str:
         return f"projector-{projection}"
 
-    def stream_configs(self, duplicate_window_s: float) -> list[StreamConfig]:
-        common = dict(
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD,
-            duplicate_window=duplicate_window_s,
-            num_replicas=1,
-        )
+    def stream_configs(
+        self, duplicate_window_s: float, limits: StreamLimits | None = None
+    ) -> list[StreamConfig]:
+        """PFLEA_TX is the queue of transactions not yet stored: work-queue retention (the
+        writer's ack, after its commit, removes a message), nothing expires, and a full stream
+        refuses new publishes (the ingester waits) instead of dropping the oldest. PFLEA_EVENTS
+        is derived from Postgres: limits retention, the oldest dropped when full; a projector
+        that never got them catches up from the events table (services/projectors/catch_up.py).
+        """
+        limits = limits or StreamLimits.of()
+        common = dict(storage=StorageType.FILE, duplicate_window=duplicate_window_s, num_replicas=1)
         return [
             StreamConfig(
                 name=self.tx_stream,
-                description="Purple Flea transactions as polled, before they are events",
+                description="Purple Flea transactions as polled, until the writer has stored them",
                 subjects=[self.tx_filter],
-                max_age=7 * DAY,
+                retention=RetentionPolicy.WORK_QUEUE,
+                discard=DiscardPolicy.NEW,
+                max_age=0,
+                max_msgs=limits.tx_max_msgs,
+                max_bytes=limits.tx_max_bytes,
                 max_msg_size=MAX_TX_BYTES + 4096,
                 **common,  # type: ignore[arg-type]
             ),
@@ -105,7 +128,11 @@ class Topology(msgspec.Struct, frozen=True):
                 name=self.events_stream,
                 description="Every committed event, relayed from Postgres in position order",
                 subjects=[self.events_filter],
+                retention=RetentionPolicy.LIMITS,
+                discard=DiscardPolicy.OLD,
                 max_age=30 * DAY,
+                max_msgs=limits.events_max_msgs,
+                max_bytes=limits.events_max_bytes,
                 **common,  # type: ignore[arg-type]
             ),
         ]
@@ -144,6 +171,30 @@ async def publish_in_order(
             future.cancel()  # frees its slot in the client's pending-publish limit
 
 
+async def publish_acked(
+    js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str], timeout: float
+) -> PubAck:
+    """Publish one message and wait for its ack; raise what the server answers instead.
+
+    For a stream that refuses publishes when full (PFLEA_TX): a caller that publishes a page's
+    messages one at a time, each acked before the next, never has a later message accepted
+    after an earlier one was refused. (nats-py 2.16's ``publish_async`` cannot report a refusal
+    anyway: its reply handler raises the server's error instead of setting it on the future,
+    which then waits out its timeout.) Raises :class:`AcksLost` as soon as the client has
+    reconnected, as :func:`publish_in_order` does.
+    """
+    nc = connection(js)
+    reconnects = nc.stats["reconnects"]
+    ack = asyncio.ensure_future(js.publish(subject, payload, timeout=timeout, headers=headers))
+    try:
+        while not (await asyncio.wait({ack}, timeout=0.25))[0]:
+            if nc.stats["reconnects"] != reconnects:
+                raise AcksLost("reconnected while a publish ack was outstanding")
+        return ack.result()
+    finally:
+        ack.cancel()
+
+
 class StreamMissing(RuntimeError):
     """A stream this service needs does not exist, and its NATS user may not create it."""
 
@@ -152,33 +203,55 @@ class StreamMissing(RuntimeError):
         self.stream = stream
 
 
-async def ensure_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:
+async def ensure_streams(
+    js: JetStreamContext, topology: Topology, duplicate_window_s: float, limits: StreamLimits | None = None
+) -> None:
     """What a service does at start: create a missing stream, never change an existing one.
 
     Only ``pflea migrate`` and ``pflea up`` (:func:`declare_streams`, as the admin user) change a
     stream's config; a service's NATS user may not even create one, and then a missing stream
     raises :class:`StreamMissing`. (A server without accounts, as in the tests, lets it.)
     """
-    for config in topology.stream_configs(duplicate_window_s):
+    for config in topology.stream_configs(duplicate_window_s, limits):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
             await _create(js, config)
 
 
-async def declare_streams(js: JetStreamContext, topology: Topology, duplicate_window_s: float) -> None:
-    """Create the streams, or bring an existing one's config up to date (the admin's job)."""
-    for config in topology.stream_configs(duplicate_window_s):
+async def declare_streams(
+    js: JetStreamContext,
+    topology: Topology,
+    duplicate_window_s: float,
+    limits: StreamLimits | None = None,
+    *,
+    drain_wait_s: float = 60.0,
+) -> list[str]:
+    """Create the streams, or bring an existing one's config up to date (the admin's job).
+
+    A stream whose retention must change (a PFLEA_TX from before work-queue retention) is
+    re-created once its consumers have stored everything (:mod:`shared.retention_change`).
+    Returns what could not be done yet, each a sentence saying what to do.
+    """
+    from shared.retention_change import change_retention
+
+    deferred: list[str] = []
+    for config in topology.stream_configs(duplicate_window_s, limits):
         try:
-            await js.stream_info(config.name)  # type: ignore[arg-type]
+            info = await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
             try:
                 await _create(js, config)
             except StreamMissing:
                 raise PermissionError(f"this NATS user may not create stream {config.name}") from None
-        else:
-            await js.update_stream(config)
-            log.info("declared stream %s", config.name)
+            continue
+        if info.config.retention != config.retention:
+            if note := await change_retention(js, info, config, drain_wait_s=drain_wait_s):
+                deferred.append(note)
+            continue
+        await js.update_stream(config)
+        log.info("declared stream %s", config.name)
+    return deferred
 
 
 async def _create(js: JetStreamContext, config: StreamConfig) -> None:
