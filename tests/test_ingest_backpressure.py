@@ -4,6 +4,7 @@ Postgres; PFLEA_TX limited to a handful of messages."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import asyncpg
@@ -107,7 +108,9 @@ async def test_a_full_tx_stream_holds_the_ingester_back_and_loses_nothing(
             assert log.count("has no room (maximum messages exceeded)") == 1, "logged once per incident"
             assert "publish failed" not in log, "a refusal is waited out, not logged per retry"
 
+            held_back = (await ingester.metrics()).get(REFUSED, 0)
             writer.start()
+            started = time.monotonic()
             db = settings.database_url
 
             async def all_accounted() -> bool:
@@ -115,6 +118,7 @@ async def test_a_full_tx_stream_holds_the_ingester_back_and_loses_nothing(
                 return found == total
 
             await wait_until(all_accounted, 120, "every transaction stored or quarantined", 0.5)
+            drained_s = time.monotonic() - started
             await assert_exactly_once(db, simulator)
             await _feed_order_kept(db, simulator)
             await wait_until(
@@ -123,6 +127,14 @@ async def test_a_full_tx_stream_holds_the_ingester_back_and_loses_nothing(
                 "the incident's end logged",
             )
             assert (await ingester.metrics()).get("pflea_ingester_backpressure_pollers", -1) == 0
+            ended = [
+                line for line in ingester.log_path.read_text().splitlines() if "takes publishes again" in line
+            ]
+            print(
+                f"\nbackpressure: {held_back:.0f} publishes refused before the writer started; "
+                f"{len(simulator.truth())} transactions through a {HELD}-message PFLEA_TX "
+                f"{drained_s:.1f} s after it started; {ended[-1]}"
+            )
             assert ingester.terminate() == 0, ingester.log_tail()
             assert writer.terminate() == 0, writer.log_tail()
         finally:
