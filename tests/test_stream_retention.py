@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import nats
@@ -14,8 +17,11 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from devstack.processes import wait_until
+from shared.db import OWNER_ROLE, role_dsn
 from shared.jetstream import DAY, NATS_ERRORS, StreamLimits, Topology, declare_streams, pull_consumer_config
 from shared.settings import Settings
+from tests.conftest import SERVICE_PASSWORD
+from tests.support import REPO
 
 TINY = StreamLimits(tx_max_msgs=3, tx_max_bytes=-1, events_max_msgs=-1, events_max_bytes=-1)
 
@@ -165,3 +171,44 @@ async def test_a_limits_tx_stream_holding_unstored_messages_is_kept_until_they_a
     assert await declare_streams(js, topology, 60, StreamLimits.of(Settings()), drain_wait_s=5) == []
     info = await js.stream_info(topology.tx_stream)
     assert (info.config.retention, info.state.messages) == (RetentionPolicy.WORK_QUEUE, 0)
+
+
+async def _pflea_migrate(settings: Settings, nats_url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PFLEA_", "PURPLEFLEA_"))}
+    environ.update(
+        DATABASE_URL=role_dsn(settings.database_url, OWNER_ROLE, SERVICE_PASSWORD),
+        NATS_URL=nats_url,
+        PFLEA_NAMESPACE=settings.namespace,
+        PFLEA_DATA_DIR=str(settings.data_dir),
+        **env,
+    )
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.cli", "migrate"],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_pflea_migrate_says_what_to_do_and_converts_once_the_writer_caught_up(
+    js: JetStreamContext, topology: Topology, settings: Settings, nats_url: str
+) -> None:
+    await _old_limits_tx_stream(js, topology)
+    sub = await _writer_sub(js, topology)
+    await js.publish(topology.tx_subject("agent-a"), b"tx-0")
+
+    first = await _pflea_migrate(settings, nats_url, PFLEA_TX_MAX_MSGS="1000")
+    assert first.returncode == 0, first.stderr  # the services may start: nothing is at risk
+    assert "streams declared" in first.stdout
+    assert "holds messages not yet stored (writer: 1 pending" in first.stderr
+    assert (await js.stream_info(topology.tx_stream)).config.retention == RetentionPolicy.LIMITS
+
+    [msg] = await sub.fetch(1, timeout=5)
+    await msg.ack_sync()
+    second = await _pflea_migrate(settings, nats_url, PFLEA_TX_MAX_MSGS="1000")
+    assert second.returncode == 0 and "not yet stored" not in second.stderr, second.stderr
+    config = (await js.stream_info(topology.tx_stream)).config
+    assert (config.retention, config.max_msgs) == (RetentionPolicy.WORK_QUEUE, 1000)
