@@ -4,6 +4,7 @@ Postgres; PFLEA_TX limited to a handful of messages."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import nats
 import pytest
 
 from devstack.processes import ServiceProcess, wait_until
-from services.ingester.backpressure import MAX_WAIT_S, no_room, wait_s
+from services.ingester.backpressure import MAX_WAIT_S, Backpressure, no_room, wait_s
 from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
 from shared.jetstream import StreamLimits, Topology, declare_streams
 from shared.settings import Settings
@@ -38,6 +39,27 @@ def test_only_a_want_of_room_is_a_refusal_to_wait_out() -> None:
     assert no_room(too_big) is None and no_room(TimeoutError()) is None
     waits = [wait_s(n) for n in range(1, 40)]
     assert all(0 < w <= MAX_WAIT_S for w in waits) and max(waits) > MAX_WAIT_S / 2
+
+
+def test_an_incident_is_logged_once_when_it_starts_and_once_when_every_poller_got_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    incident, a, b = Backpressure(), object(), object()
+    with caplog.at_level(logging.WARNING, logger="services.ingester.backpressure"):
+        for _ in range(5):
+            incident.refused(a, "maximum messages exceeded", "PFLEA_TX")
+            incident.refused(b, "maximum bytes exceeded", "PFLEA_TX")
+        incident.accepted(a, "PFLEA_TX")
+        assert [r.getMessage() for r in caplog.records] == [
+            "PFLEA_TX has no room (maximum messages exceeded): pollers hold their pages and retry with "
+            "back-off up to 10.0s; the writer is behind or stopped (logged once per incident; "
+            "pflea_ingester_publish_refused_total counts)"
+        ]
+        incident.accepted(b, "PFLEA_TX")
+        incident.accepted(b, "PFLEA_TX")  # a poller that was never refused again: nothing to say
+    assert len(caplog.records) == 2
+    assert caplog.records[1].getMessage().startswith("PFLEA_TX takes publishes again: 10 refused in ")
+    assert (incident.waiting, incident.started, incident.refusals) == (set(), None, 0)
 
 
 async def _feed_order_kept(url: str, sim: Simulator) -> None:
