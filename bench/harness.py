@@ -17,7 +17,7 @@ from bench.servers import SERVICE_PASSWORD
 from bench.workload import Workload, build_workload
 from devstack.processes import service_env
 from devstack.servers import LocalServers
-from shared.jetstream import Topology, ensure_streams
+from shared.jetstream import StreamSettings, Topology, ensure_streams
 from shared.nats_url import parse_nats_url
 
 
@@ -100,7 +100,7 @@ class Harness:
     async def nats(self, topology: Topology | None = None) -> Client:
         nc = await nats.connect(**parse_nats_url(self.servers.nats_url).connect_options())
         if topology is not None:
-            await ensure_streams(nc.jetstream(), topology, 120, self.replicas)
+            await ensure_streams(nc.jetstream(), topology, 120, StreamSettings(replicas=self.replicas))
         return nc
 
 

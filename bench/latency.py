@@ -6,8 +6,9 @@ The simulator generates ``latency_rate`` transactions a second across ``latency_
 
 For each event of the window:
 
-- **ingest publish** = the JetStream timestamp of its PFLEA_TX message (when the server stored the
-  ingester's publish; the writer records that message's sequence as ``metadata.tx_seq``). The
+- **ingest publish** = when the bench's own subscriber to ``<ns>.tx.>`` received the ingester's
+  PFLEA_TX message carrying it (a core subscription: PFLEA_TX is a work queue, so a message the
+  writer stored is gone from the stream, JetStream timestamp and all, when the bench reads). The
   time the transaction waited in the simulator for the next poll is not counted.
 - **written** = the commit time of the writer's transaction that inserted it
   (``pg_xact_commit_timestamp(events.xmin)``).
@@ -32,6 +33,8 @@ import time
 
 import asyncpg
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from bench.harness import Harness
@@ -39,8 +42,9 @@ from bench.pipeline import Pipeline, pipeline_state
 from bench.processes import RssSampler
 from bench.report import Figure, Target
 from devstack.processes import wait_until
+from shared.jetstream import Topology
 from shared.projections.registry import PROJECTIONS
-from shared.wire import HDR_POSITION
+from shared.wire import HDR_POSITION, decode_tx_message
 
 SETUP_SQL = """
 CREATE TABLE bench_commits (projection text NOT NULL, position bigint NOT NULL);
@@ -57,7 +61,8 @@ CREATE TRIGGER bench_log_commit AFTER UPDATE ON projection_positions
 
 
 async def stream_times(nc: Client, stream: str, subject: str, by_position: bool) -> dict[int, float]:
-    """Stream sequence (or the ``Pflea-Position`` header) → JetStream timestamp, for every message."""
+    """Stream sequence (or the ``Pflea-Position`` header) → JetStream timestamp, for every message
+    (of a limits stream: PFLEA_EVENTS)."""
     js = nc.jetstream()
     total = (await js.stream_info(stream)).state.messages
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL)
@@ -106,14 +111,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def _measure(p: Pipeline, nc: Client, window: tuple[float, float]) -> dict[str, list[float]]:
-    """Per-stage latencies (ms) of every event whose PFLEA_TX timestamp is inside ``window``."""
-    tx_times = await stream_times(nc, p.topology.tx_stream, p.topology.tx_filter, by_position=False)
+async def watch_publishes(nc: Client, topology: Topology) -> tuple[dict[str, float], Subscription]:
+    """Event id → when its PFLEA_TX message was published (seen by a subscriber), from now on."""
+    times: dict[str, float] = {}
+
+    async def seen(msg: Msg) -> None:
+        now = time.time()
+        for envelope in decode_tx_message(msg.data):
+            times.setdefault(str(envelope.event_id), now)
+
+    return times, await nc.subscribe(topology.tx_filter, cb=seen)
+
+
+async def _measure(
+    p: Pipeline, nc: Client, window: tuple[float, float], tx_times: dict[str, float]
+) -> dict[str, list[float]]:
+    """Per-stage latencies (ms) of every event published to PFLEA_TX inside ``window``."""
     relay_times = await stream_times(nc, p.topology.events_stream, p.topology.events_filter, by_position=True)
     conn = await asyncpg.connect(p.database_url)
     try:
         events = await conn.fetch(
-            """SELECT position, (metadata->>'tx_seq')::bigint AS tx_seq,
+            """SELECT position, event_id::text AS event_id,
                       pg_xact_commit_timestamp(xmin) AS written FROM events"""
         )
         commits = await _commit_times(conn)
@@ -122,7 +140,7 @@ async def _measure(p: Pipeline, nc: Client, window: tuple[float, float]) -> dict
     stages: dict[str, list[float]] = {"written": [], "relayed": [], "all read models": []}
     stages.update({name: [] for name in PROJECTIONS})
     for e in events:
-        ingested = tx_times.get(e["tx_seq"])
+        ingested = tx_times.get(e["event_id"])
         if ingested is None or not window[0] <= ingested < window[1]:
             continue
         found = [_first_commit(commits[name], e["position"]) for name in PROJECTIONS]
@@ -146,13 +164,15 @@ async def run(h: Harness, rss: RssSampler) -> None:
     try:
         await p.start_sinks()
         await p.start_simulator(s.latency_agents, 0, s.latency_rate)
+        tx_times, watching = await watch_publishes(nc, p.topology)
         await p.start_ingester()
         start = time.time() + s.latency_warmup_s
         window = (start, start + s.latency_window_s)
         await asyncio.sleep(s.latency_warmup_s + s.latency_window_s + 0.5)
         p.process("ingester").stop()
+        await watching.unsubscribe()
         await _wait_caught_up(p)
-        stages = await _measure(p, nc, window)
+        stages = await _measure(p, nc, window, tx_times)
     finally:
         p.stop()
         await nc.close()

@@ -27,7 +27,7 @@ from bench.servers import nats_with_default_sync
 from bench.workload import publish_tx
 from shared.consumer import PullStream
 from shared.db import connect
-from shared.jetstream import Topology, ack_all, ensure_streams, pull_consumer_config
+from shared.jetstream import StreamSettings, Topology, ack_all, ensure_streams, pull_consumer_config
 from shared.js_adapter import api_prefix
 from shared.nats_url import parse_nats_url
 from shared.settings import Settings
@@ -74,7 +74,7 @@ async def publish_and_consume(
     nc = await nats.connect(**parse_nats_url(url).connect_options())
     try:
         js = nc.jetstream()
-        await ensure_streams(js, topology, 120, replicas)
+        await ensure_streams(js, topology, 120, StreamSettings(replicas=replicas))
         published = len(messages) / await publish_tx(js, topology, messages)
         consumed = None
         if consume:

@@ -20,7 +20,7 @@ from bench.report import Figure
 from bench.workload import holds_events, publish_tx
 from bench.writer import batch_note
 from devstack.processes import wait_until
-from shared.jetstream import Topology, declare_streams
+from shared.jetstream import StreamSettings, Topology, declare_streams
 
 BATCHES = "pflea_writer_batch_seconds"
 
@@ -33,7 +33,9 @@ async def _drain(h: Harness, partitions: int) -> tuple[int, float, list[dict[str
     nc = await h.nats()
     try:
         js = nc.jetstream()
-        await declare_streams(js, topology, duplicate_window_s=120, partitions=partitions)
+        await declare_streams(
+            js, topology, duplicate_window_s=120, shape=StreamSettings(partitions=partitions)
+        )
         await publish_tx(js, topology, workload.messages)
         batches = len(workload.messages)
         await wait_until(

@@ -30,7 +30,7 @@ from nats.js.errors import NotFoundError
 
 from shared.js_adapter import connection
 from shared.partitions import partition
-from shared.settings import AGENT_ID_PATTERN
+from shared.settings import AGENT_ID_PATTERN, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,33 @@ MAX_TX_BYTES = 256 * 1024
 # What a publish can fail with when NATS is away or slow: retry these, let bugs surface.
 NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
 DAY = 86400.0
+
+
+class StreamSettings(msgspec.Struct, frozen=True):
+    """How the two streams are shaped, from the settings of one name each: how much each may
+    hold (-1: no limit; PFLEA_TX_MAX_MSGS, PFLEA_TX_MAX_BYTES, PFLEA_EVENTS_MAX_MSGS,
+    PFLEA_EVENTS_MAX_BYTES), their copies in a cluster (PFLEA_STREAM_REPLICAS) and PFLEA_TX's
+    partitions (PFLEA_WRITER_PARTITIONS)."""
+
+    tx_max_msgs: int = -1
+    tx_max_bytes: int = -1
+    events_max_msgs: int = -1
+    events_max_bytes: int = -1
+    replicas: int = 1
+    partitions: int = 1
+
+    @classmethod
+    def of(cls, settings: Settings | None = None) -> StreamSettings:
+        """What ``settings`` say; by default this process's environment's."""
+        s = settings or load_settings()
+        return cls(
+            s.tx_max_msgs,
+            s.tx_max_bytes,
+            s.events_max_msgs,
+            s.events_max_bytes,
+            replicas=s.stream_replicas,
+            partitions=s.writer_partitions,
+        )
 
 
 class Topology(msgspec.Struct, frozen=True):
@@ -130,25 +157,31 @@ class Topology(msgspec.Struct, frozen=True):
         return f"projector-{projection}"
 
     def stream_configs(
-        self, duplicate_window_s: float, replicas: int = 1, *, partitions: int = 1
+        self, duplicate_window_s: float, shape: StreamSettings | None = None
     ) -> list[StreamConfig]:
-        """Both streams; ``replicas`` copies of each in a cluster (PFLEA_STREAM_REPLICAS). Their
-        consumers leave ``num_replicas`` unset and so follow their stream's, scaled with it.
-        ``partitions``: PFLEA_TX's partition count (PFLEA_WRITER_PARTITIONS)."""
+        """PFLEA_TX is the queue of transactions not yet stored: work-queue retention (the
+        writer's ack, after its commit, removes a message), nothing expires, and a full stream
+        refuses new publishes (the ingester waits) instead of dropping the oldest. PFLEA_EVENTS
+        is derived from Postgres: limits retention, the oldest dropped when full; a projector
+        that never got them catches up from the events table (services/projectors/catch_up.py).
+        Each keeps ``shape.replicas`` copies in a cluster (consumers leave ``num_replicas``
+        unset and follow their stream's); PFLEA_TX stores ``shape.partitions`` partitions.
+        """
+        limits = shape or StreamSettings.of()
         common = dict(
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD,
-            duplicate_window=duplicate_window_s,
-            num_replicas=replicas,
+            storage=StorageType.FILE, duplicate_window=duplicate_window_s, num_replicas=limits.replicas
         )
         return [
             StreamConfig(
                 name=self.tx_stream,
-                description="Purple Flea transactions as polled, before they are events",
+                description="Purple Flea transactions as polled, until the writer has stored them",
                 subjects=[self.tx_filter],
-                subject_transform=self.tx_transform(partitions),
-                max_age=7 * DAY,
+                subject_transform=self.tx_transform(limits.partitions),
+                retention=RetentionPolicy.WORK_QUEUE,
+                discard=DiscardPolicy.NEW,
+                max_age=0,
+                max_msgs=limits.tx_max_msgs,
+                max_bytes=limits.tx_max_bytes,
                 max_msg_size=MAX_TX_BYTES + 4096,
                 **common,  # type: ignore[arg-type]
             ),
@@ -156,7 +189,11 @@ class Topology(msgspec.Struct, frozen=True):
                 name=self.events_stream,
                 description="Every committed event, relayed from Postgres in position order",
                 subjects=[self.events_filter],
+                retention=RetentionPolicy.LIMITS,
+                discard=DiscardPolicy.OLD,
                 max_age=30 * DAY,
+                max_msgs=limits.events_max_msgs,
+                max_bytes=limits.events_max_bytes,
                 **common,  # type: ignore[arg-type]
             ),
         ]
@@ -209,6 +246,30 @@ async def publish_in_order(
             future.cancel()  # frees its slot in the client's pending-publish limit
 
 
+async def publish_acked(
+    js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str], timeout: float
+) -> PubAck:
+    """Publish one message and wait for its ack; raise what the server answers instead.
+
+    For a stream that refuses publishes when full (PFLEA_TX): a caller that publishes a page's
+    messages one at a time, each acked before the next, never has a later message accepted
+    after an earlier one was refused. (nats-py 2.16's ``publish_async`` cannot report a refusal
+    anyway: its reply handler raises the server's error instead of setting it on the future,
+    which then waits out its timeout.) Raises :class:`AcksLost` as soon as the client has
+    reconnected, as :func:`publish_in_order` does.
+    """
+    nc = connection(js)
+    reconnects = nc.stats["reconnects"]
+    ack = asyncio.ensure_future(js.publish(subject, payload, timeout=timeout, headers=headers))
+    try:
+        while not (await asyncio.wait({ack}, timeout=0.25))[0]:
+            if nc.stats["reconnects"] != reconnects:
+                raise AcksLost("reconnected while a publish ack was outstanding")
+        return ack.result()
+    finally:
+        ack.cancel()
+
+
 class StreamMissing(RuntimeError):
     """A stream this service needs does not exist, and its NATS user may not create it."""
 
@@ -218,12 +279,7 @@ class StreamMissing(RuntimeError):
 
 
 async def ensure_streams(
-    js: JetStreamContext,
-    topology: Topology,
-    duplicate_window_s: float,
-    replicas: int = 1,
-    *,
-    partitions: int = 1,
+    js: JetStreamContext, topology: Topology, duplicate_window_s: float, shape: StreamSettings | None = None
 ) -> None:
     """What a service does at start: create a missing stream, never change an existing one.
 
@@ -231,7 +287,7 @@ async def ensure_streams(
     stream's config; a service's NATS user may not even create one, and then a missing stream
     raises :class:`StreamMissing`. (A server without accounts, as in the tests, lets it.)
     """
-    for config in topology.stream_configs(duplicate_window_s, replicas, partitions=partitions):
+    for config in topology.stream_configs(duplicate_window_s, shape):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
@@ -242,25 +298,38 @@ async def declare_streams(
     js: JetStreamContext,
     topology: Topology,
     duplicate_window_s: float,
-    replicas: int = 1,
+    shape: StreamSettings | None = None,
     *,
-    partitions: int = 1,
-) -> None:
-    """Create the streams, or bring an existing one's config up to date (the admin's job):
-    nats-server scales an existing stream to ``replicas`` copies, its consumers with it."""
-    for config in topology.stream_configs(duplicate_window_s, replicas, partitions=partitions):
+    drain_wait_s: float = 60.0,
+) -> list[str]:
+    """Create the streams, or bring an existing one's config up to date (the admin's job).
+
+    A stream whose retention must change (a PFLEA_TX from before work-queue retention) is
+    re-created once its consumers have stored everything (:mod:`shared.retention_change`).
+    Returns what could not be done yet, each a sentence saying what to do.
+    """
+    from shared.retention_change import change_retention
+
+    shape = shape or StreamSettings.of()
+    deferred: list[str] = []
+    for config in topology.stream_configs(duplicate_window_s, shape):
         try:
-            await js.stream_info(config.name)  # type: ignore[arg-type]
+            info = await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
             try:
                 await _create(js, config)
             except StreamMissing:
                 raise PermissionError(f"this NATS user may not create stream {config.name}") from None
-        else:
-            if config.name == topology.tx_stream:
-                await _keep_partitions_consumed(js, topology, partitions)
-            await js.update_stream(config)
-            log.info("declared stream %s", config.name)
+            continue
+        if info.config.retention != config.retention:
+            if note := await change_retention(js, info, config, drain_wait_s=drain_wait_s):
+                deferred.append(note)
+            continue
+        if config.name == topology.tx_stream:
+            await _keep_partitions_consumed(js, topology, shape.partitions)
+        await js.update_stream(config)
+        log.info("declared stream %s", config.name)
+    return deferred
 
 
 async def _keep_partitions_consumed(js: JetStreamContext, topology: Topology, partitions: int) -> None:

@@ -47,6 +47,10 @@ class Feed(msgspec.Struct, frozen=True):
     url: str
 
 
+# PFLEA_TX's default size bound. nats-server reserves a stream's max_bytes on its disk when the
+# stream is created, so this stays modest; the ingester just waits when it is reached.
+TX_MAX_BYTES_DEFAULT = 1024**3
+
 DEFAULT_CASINO_URL = "https://casino.purpleflea.com/api"
 DEFAULT_FAUCET_URL = "https://faucet.purpleflea.com/api"
 FEED_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -70,6 +74,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     duplicate_window_s: float = 120.0
     # Copies of each stream (and its consumers) a JetStream cluster keeps: 3 in a 3-node cluster.
     stream_replicas: int = 1
+    # Size limits of the two streams (-1: none). A full PFLEA_TX refuses publishes (the ingester
+    # waits); a full PFLEA_EVENTS drops its oldest (projectors catch up from Postgres).
+    tx_max_msgs: int = -1
+    tx_max_bytes: int = TX_MAX_BYTES_DEFAULT
+    events_max_msgs: int = -1
+    events_max_bytes: int = -1
     writer_batch_size: int = 1000  # transactions per Postgres transaction
     writer_pull_batch: int | None = None  # see messages_per_writer_pull()
     writer_max_deliver: int = 10
@@ -128,6 +138,10 @@ ENV_NAMES: dict[str, str] = {
     "allow_default_passwords": "PFLEA_ALLOW_DEFAULT_PASSWORDS",
     "duplicate_window_s": "PFLEA_DUPLICATE_WINDOW_S",
     "stream_replicas": "PFLEA_STREAM_REPLICAS",
+    "tx_max_msgs": "PFLEA_TX_MAX_MSGS",
+    "tx_max_bytes": "PFLEA_TX_MAX_BYTES",
+    "events_max_msgs": "PFLEA_EVENTS_MAX_MSGS",
+    "events_max_bytes": "PFLEA_EVENTS_MAX_BYTES",
     "writer_batch_size": "PFLEA_WRITER_BATCH_SIZE",
     "writer_pull_batch": "PFLEA_WRITER_PULL_BATCH",
     "writer_max_deliver": "PFLEA_WRITER_MAX_DELIVER",
@@ -177,6 +191,9 @@ _POSITIVE = {
     "faucet_claims",
     "faucet_window_s",
 }
+
+# Stream limits: a positive number, or -1 for none (nats-server's own convention).
+_LIMITS = ("tx_max_msgs", "tx_max_bytes", "events_max_msgs", "events_max_bytes")
 
 
 def parse_agents(text: str) -> tuple[AgentCredential, ...]:
@@ -333,6 +350,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         raise SettingsError(
             "PFLEA_WRITER_PARTITIONS", f"at most {MAX_PARTITIONS}, got {settings.writer_partitions}"
         )
+    for field in _LIMITS:
+        if (value := getattr(settings, field)) != -1 and value <= 0:
+            raise SettingsError(ENV_NAMES[field], f"must be positive, or -1 for no limit, got {value!r}")
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", settings.namespace):
         raise SettingsError(
             "PFLEA_NAMESPACE", f"must match [a-z][a-z0-9_]{{0,30}}, got {settings.namespace!r}"

@@ -48,7 +48,9 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
 async def stream_messages(
     js: JetStreamContext, stream: str, subjects: str, *, headers_only: bool = False
 ) -> list[Msg]:
-    """Every message ``stream`` holds now, in order, read with an ephemeral consumer."""
+    """Every message ``stream`` holds now, in order, read with an ephemeral consumer: a limits
+    stream (PFLEA_EVENTS). PFLEA_TX is a work queue: it keeps only what is not stored yet, and
+    refuses a second consumer whose filter overlaps the writer's."""
     total = int((await js.stream_info(stream)).state.messages)
     if total == 0:
         return []

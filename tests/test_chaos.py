@@ -37,7 +37,7 @@ async def test_the_pipeline_loses_and_doubles_nothing_under(
         scenario.prepare(run)
         await run.start_services(scenario.services)
         await run.play()
-        verdict = await run.finish()
+        verdict = await run.finish(measure=lambda: scenario.measure(run))
         assert verdict.ok, f"not so: {scenario.claim}\n{verdict.explain()}"
         await scenario.expect(run, verdict)
 

@@ -26,6 +26,7 @@ from shared.consumer import PullLoop
 from shared.jetstream import (
     NATS_ERRORS,
     AcksLost,
+    StreamSettings,
     Topology,
     ack_all,
     declare_streams,
@@ -97,7 +98,7 @@ async def test_a_client_of_the_cluster_keeps_publishing_and_consuming_when_its_n
     nc = await connect_nats(cluster.url, "pflea-failover-test")
     try:
         js = nc.jetstream()
-        await declare_streams(js, topology, 60.0, replicas=3)
+        await declare_streams(js, topology, 60.0, StreamSettings(replicas=3))
         info = await js.stream_info(topology.tx_stream)
         assert info.config.num_replicas == 3 and info.cluster is not None
         assert len(info.cluster.replicas or []) == 2, "the stream is not kept on three nodes"
@@ -153,11 +154,11 @@ async def test_streams_declared_again_with_more_replicas_are_scaled_with_their_c
     nc = await connect_nats(cluster_servers.nats_url, "pflea-scale-test")
     try:
         js = nc.jetstream()
-        await declare_streams(js, topology, 60.0, replicas=1)
+        await declare_streams(js, topology, 60.0, StreamSettings(replicas=1))
         config = pull_consumer_config("writer", topology.tx_filter, ack_wait_s=5, max_deliver=10)
         await js.add_consumer(topology.tx_stream, config)
         await publish(js, topology, range(10))
-        await declare_streams(js, topology, 60.0, replicas=3)
+        await declare_streams(js, topology, 60.0, StreamSettings(replicas=3))
 
         async def scaled() -> bool:
             stream = await js.stream_info(topology.tx_stream)

@@ -802,12 +802,13 @@ async def test_the_writer_consumes_transactions_and_relays_events(streams: None,
         config=config,
     )
     msg = await _fetch_until(sub, TOPOLOGY.tx_subject(agent))
-    await msg.ack_sync(timeout=5)  # the server confirms the ack: it was allowed
-    # Keeping an agent's order after a crash: the ack floor, then older messages by sequence.
-    info = await js.consumer_info(TOPOLOGY.tx_stream, TOPOLOGY.writer_durable)
-    assert info.ack_floor is not None
+    # Keeping an agent's order after a crash: older messages still held, by sequence (before the
+    # ack: PFLEA_TX is a work queue, an acked message is gone), then the ack floor.
     held = await js.get_msg(TOPOLOGY.tx_stream, msg.metadata.sequence.stream)
     assert held.subject == TOPOLOGY.tx_subject(agent)
+    await msg.ack_sync(timeout=5)  # the server confirms the ack: it was allowed
+    info = await js.consumer_info(TOPOLOGY.tx_stream, TOPOLOGY.writer_durable)
+    assert info.ack_floor is not None
 
     event_subject = TOPOLOGY.event_subject(agent, "Deposited")
     ack = await js.publish(event_subject, b"{}", headers={"Nats-Msg-Id": uuid.uuid4().hex}, timeout=5)

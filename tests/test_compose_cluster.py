@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from devstack.ports import free_port
-from shared.jetstream import Topology, declare_streams, ensure_streams
+from shared.jetstream import StreamSettings, Topology, declare_streams, ensure_streams
 from shared.nats_conn import connect_nats
 from shared.nats_url import parse_nats_url
 from tests.test_compose import (
@@ -156,12 +156,12 @@ async def test_migrate_declares_r3_streams_and_each_service_uses_them_through_an
         local_cluster.url(cluster.services["ingester"]["environment"]["NATS_URL"]), "ingester"
     )
     try:
-        await declare_streams(admin.jetstream(), TOPOLOGY, 120.0, replicas=3)
+        await declare_streams(admin.jetstream(), TOPOLOGY, 120.0, StreamSettings(replicas=3))
         info = await admin.jetstream().stream_info(TOPOLOGY.tx_stream)
         assert info.config.num_replicas == 3
         assert info.cluster is not None and len(info.cluster.replicas or []) == 2
         js = ingester.jetstream()
-        await ensure_streams(js, TOPOLOGY, 120.0, 3)  # they exist: only looked up
+        await ensure_streams(js, TOPOLOGY, 120.0, StreamSettings(replicas=3))  # they exist: only looked up
         ack = await js.publish(TOPOLOGY.tx_subject("agent-c1"), b"{}", timeout=10)
         assert ack.stream == TOPOLOGY.tx_stream
     finally:

@@ -36,6 +36,7 @@ from shared.commands import Code, RegisterAgent
 from shared.db import OWNER_ROLE, role_dsn
 from shared.jetstream import (
     StreamMissing,
+    StreamSettings,
     Topology,
     declare_streams,
     ensure_streams,
@@ -421,7 +422,7 @@ async def test_the_writer_may_consume_and_list_the_partitions_of_pflea_tx_and_no
     ledger: Ledger, login: Any, streams: None, settings: Settings
 ) -> None:
     admin = (await login("admin")).nc.jetstream()
-    await declare_streams(admin, TOPOLOGY, duplicate_window_s=60, partitions=3)
+    await declare_streams(admin, TOPOLOGY, duplicate_window_s=60, shape=StreamSettings(partitions=3))
     try:
         session = await login("writer")
         js = session.nc.jetstream()

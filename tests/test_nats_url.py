@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.db import refuse_default_password
-from shared.jetstream import Topology
+from shared.jetstream import StreamSettings, Topology
 from shared.nats_auth import user_url
 from shared.nats_url import parse_nats_url, without_login
 from shared.settings import SettingsError, load_settings
@@ -65,7 +65,7 @@ def test_an_old_default_password_is_refused_on_any_server_of_the_list() -> None:
 def test_streams_keep_as_many_copies_as_pflea_stream_replicas_says(raw: str | None, replicas: int) -> None:
     settings = load_settings({} if raw is None else {"PFLEA_STREAM_REPLICAS": raw})
     assert settings.stream_replicas == replicas
-    configs = Topology().stream_configs(60.0, settings.stream_replicas)
+    configs = Topology().stream_configs(60.0, StreamSettings.of(settings))
     assert [c.num_replicas for c in configs] == [replicas, replicas]
 
 

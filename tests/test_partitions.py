@@ -12,7 +12,7 @@ import pytest
 
 from devstack.processes import ServiceProcess, wait_until
 from services.writer.partitions import PartitionedAppends
-from shared.jetstream import Topology, declare_streams
+from shared.jetstream import StreamSettings, Topology, declare_streams
 from shared.partitions import fnv1a_32, partition
 from shared.settings import Settings
 from shared.wire import HDR_MSG_ID, tx_messages
@@ -42,7 +42,7 @@ async def test_nats_server_stores_each_agent_in_the_partition_the_hash_names(
     js_streams: nats.NATS, topology: Topology
 ) -> None:
     js = js_streams.jetstream()
-    await declare_streams(js, topology, duplicate_window_s=60, partitions=3)
+    await declare_streams(js, topology, duplicate_window_s=60, shape=StreamSettings(partitions=3))
     agents = [f"agent-{n}" for n in range(60)] + ["x", "Z_9", "a-b"]
     for agent in agents:
         await js.publish(topology.tx_subject(agent), b"{}")
@@ -71,7 +71,9 @@ def _leading(proc: ServiceProcess) -> set[int]:
 async def test_three_writers_share_three_partitions_and_a_standby_takes_over_a_killed_ones(
     settings: Settings, topology: Topology, js_streams: nats.NATS, tmp_path: Path
 ) -> None:
-    await declare_streams(js_streams.jetstream(), topology, duplicate_window_s=60, partitions=3)
+    await declare_streams(
+        js_streams.jetstream(), topology, duplicate_window_s=60, shape=StreamSettings(partitions=3)
+    )
     env = service_env(settings, PFLEA_WRITER_BATCH_SIZE="50", PFLEA_DELAY_AT="writer.append:0.1")
     writers = []
     for i in range(3):
@@ -127,7 +129,7 @@ async def test_changing_the_partition_count_while_writing_loses_and_doubles_noth
         for proc in writers:
             proc.start()
         for count, first in ((1, 0), (3, 40), (2, 80)):
-            await declare_streams(js, topology, duplicate_window_s=60, partitions=count)
+            await declare_streams(js, topology, duplicate_window_s=60, shape=StreamSettings(partitions=count))
             expected |= await _publish_range(js_streams, topology, first, first + 40)
             half = len(expected) // 2
             await wait_until(lambda n=half: _at_least(url, n), 60, "writing under way")
@@ -167,5 +169,7 @@ async def test_a_writer_reads_the_partition_count_off_the_stream(
 ) -> None:
     appends = PartitionedAppends(js_streams.jetstream(), None, None, topology, settings, None, "")  # type: ignore[arg-type]
     assert await appends.partitions() == 1
-    await declare_streams(js_streams.jetstream(), topology, duplicate_window_s=60, partitions=4)
+    await declare_streams(
+        js_streams.jetstream(), topology, duplicate_window_s=60, shape=StreamSettings(partitions=4)
+    )
     assert await appends.partitions() == 4

@@ -33,13 +33,16 @@ def _migrate(args: argparse.Namespace) -> int:
     print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
     if explicit_nats:
         try:
-            streams = asyncio.run(_declare_streams(explicit_nats, settings))
+            declared = asyncio.run(_declare_streams(explicit_nats, settings))
         except (OSError, TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
             host = redacted_url(explicit_nats)
             print(f"pflea migrate: could not declare the streams at {host} ({exc!r})", file=sys.stderr)
             print("  NATS_URL must name the admin user (it creates and updates streams)", file=sys.stderr)
             return 3
+        streams, deferred = declared
         print(f"streams declared: {', '.join(streams)}")
+        for note in deferred:
+            print(f"pflea migrate: {note}", file=sys.stderr)
     return 0
 
 
@@ -59,23 +62,20 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _declare_streams(url: str, settings: Settings) -> list[str]:
-    """Create or update the JetStream streams, as the user in NATS_URL (the admin)."""
-    from shared.jetstream import Topology, declare_streams
+async def _declare_streams(url: str, settings: Settings) -> tuple[list[str], list[str]]:
+    """Create or update the JetStream streams, as the user in NATS_URL (the admin): their names,
+    and what could not be done yet (see shared.retention_change)."""
+    from shared.jetstream import StreamSettings, Topology, declare_streams
     from shared.nats_url import parse_nats_url
 
     servers = parse_nats_url(url).connect_options()
     nc = await nats.connect(**servers, name="pflea-migrate", connect_timeout=10, allow_reconnect=False)
     try:
         topology = Topology(settings.namespace)
-        await declare_streams(
-            nc.jetstream(),
-            topology,
-            settings.duplicate_window_s,
-            settings.stream_replicas,
-            partitions=settings.writer_partitions,
+        deferred = await declare_streams(
+            nc.jetstream(), topology, settings.duplicate_window_s, StreamSettings.of(settings)
         )
-        return [topology.tx_stream, topology.events_stream]
+        return [topology.tx_stream, topology.events_stream], deferred
     finally:
         await nc.close()
 

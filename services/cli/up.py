@@ -35,7 +35,7 @@ from shared.db import (
     role_dsn,
     with_database,
 )
-from shared.jetstream import Topology, declare_streams
+from shared.jetstream import StreamSettings, Topology, declare_streams
 from shared.migrate import migrate
 from shared.nats_agents import AgentRegistry
 from shared.nats_auth import USERS, load_or_create_passwords, render_accounts, user_url
@@ -180,8 +180,7 @@ class Stack:
                     nc.jetstream(),
                     topology,
                     s.duplicate_window_s,
-                    s.stream_replicas,
-                    partitions=s.writer_partitions,
+                    StreamSettings.of(s),
                 )
             finally:
                 await nc.close()

@@ -12,11 +12,13 @@ import asyncpg
 from nats.js import JetStreamContext
 from prometheus_client import Counter
 
+from services.ingester.backpressure import INCIDENT, Backpressure, no_room
+from services.ingester.backpressure import wait_s as backpressure_wait_s
 from services.ingester.client import AuthFailed, CursorRejected, FeedClient, RateLimited, Transient
 from services.ingester.recent import RecentIds
 from shared.envelope import TxEnvelope
 from shared.faults import crash_point
-from shared.jetstream import NATS_ERRORS, Topology, ensure_streams, publish_in_order
+from shared.jetstream import NATS_ERRORS, StreamSettings, Topology, ensure_streams, publish_acked
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.settings import CASINO_FEED, AgentCredential, Settings
@@ -60,6 +62,7 @@ async def committed_cursor(pool: asyncpg.Pool, agent_id: str, feed: str = CASINO
 
 class AgentPoller:
     resets_in_a_row = 0  # cursor refusals since a poll with a cursor last succeeded
+    backpressure: Backpressure = INCIDENT  # a full PFLEA_TX: one incident for all pollers
 
     def __init__(
         self,
@@ -133,7 +136,7 @@ class AgentPoller:
         if self.reconnects() == self.seen_reconnects:
             return
         await ensure_streams(
-            self.js, self.topology, self.settings.duplicate_window_s, self.settings.stream_replicas
+            self.js, self.topology, self.settings.duplicate_window_s, StreamSettings.of(self.settings)
         )
         self.seen_reconnects = self.reconnects()
         self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
@@ -252,38 +255,50 @@ class AgentPoller:
         self.recent.add(tx_id)
 
     async def publish(self, envelopes: list[TxEnvelope]) -> None:
-        """Publish in order and wait for every ack; retry the lot until JetStream has it."""
+        """Publish in feed order, each message acked before the next; retry until JetStream
+        has them all. A full PFLEA_TX is waited out (:mod:`.backpressure`): the page is held,
+        the cursor does not move, nothing is skipped."""
         if not envelopes:
             return
-        attempt = 0
+        messages = [
+            (self.topology.tx_subject(m.agent_id), m.payload, {HDR_MSG_ID: m.msg_id})
+            for m in tx_messages(envelopes)
+        ]
+        acked = attempt = refusals = 0  # acked: messages of this page JetStream has
         while True:
             try:
-                messages = [
-                    (self.topology.tx_subject(m.agent_id), m.payload, {HDR_MSG_ID: m.msg_id})
-                    for m in tx_messages(envelopes)
-                ]
-                await publish_in_order(self.js, messages, timeout=10)
+                for subject, payload, headers in messages[acked:]:
+                    await publish_acked(self.js, subject, payload, headers, timeout=10)
+                    acked += 1
+                self.backpressure.accepted(self, self.topology.tx_stream)
                 PUBLISHED.inc(len(envelopes))
                 crash_point("ingester.after_publish")  # in PFLEA_TX, maybe nothing committed yet
                 return
             except NATS_ERRORS as exc:  # the cursor has not moved, so retry
-                attempt += 1
-                delay = min(0.2 * 2**attempt, 5.0)
-                log.warning(
-                    "publish failed (%r); retry %d in %.1fs",
-                    exc,
-                    attempt,
-                    delay,
-                    extra={"agent": self.agent.agent_id},
-                )
+                if reason := no_room(exc):
+                    refusals += 1
+                    self.backpressure.refused(self, reason, self.topology.tx_stream)
+                    delay = backpressure_wait_s(refusals)
+                else:
+                    attempt += 1
+                    delay = min(0.2 * 2**attempt, 5.0)
+                    log.warning(
+                        "publish failed (%r); retry %d in %.1fs",
+                        exc,
+                        attempt,
+                        delay,
+                        extra={"agent": self.agent.agent_id},
+                    )
                 if await self.lifecycle.sleep(delay):
                     raise
                 if self.reconnects() != self.seen_reconnects:
-                    # The server may have come back without the streams: declare them again.
+                    # The server may have come back without the streams, or without what it
+                    # acked: declare them again and publish the whole page again.
+                    acked = 0
                     with contextlib.suppress(*NATS_ERRORS):
                         await ensure_streams(
                             self.js,
                             self.topology,
                             self.settings.duplicate_window_s,
-                            self.settings.stream_replicas,
+                            StreamSettings.of(self.settings),
                         )

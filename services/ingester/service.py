@@ -9,7 +9,7 @@ from services.ingester.client import FeedClient
 from services.ingester.poller import AgentPoller
 from services.ingester.recent import RecentIds
 from shared.db import INGESTER_ROLE, service_pool
-from shared.jetstream import Topology, ensure_streams
+from shared.jetstream import StreamSettings, Topology, ensure_streams
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
@@ -47,7 +47,7 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
         if not agents:
             raise SettingsError("PURPLEFLEA_AGENTS", "no agents to poll")
         js = nc.jetstream()
-        await ensure_streams(js, topology, settings.duplicate_window_s, settings.stream_replicas)
+        await ensure_streams(js, topology, settings.duplicate_window_s, StreamSettings.of(settings))
         gate = asyncio.Semaphore(settings.ingest_concurrency)
         quarantine = Quarantine(pool, "ingester")
         recent = RecentIds(settings.ingest_page_limit, settings.ingest_recent_ids)

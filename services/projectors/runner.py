@@ -13,10 +13,11 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.projectors.apply import apply_batch
+from services.projectors.catch_up import CHECK_EVERY_S, CatchUp
 from shared.consumer import PullLoop
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.faults import crash_point, delay_s
-from shared.jetstream import Topology, ack_all, pull_consumer_config
+from shared.jetstream import NATS_ERRORS, Topology, ack_all, pull_consumer_config
 from shared.lag import report_projection_lag
 from shared.ops import Lifecycle
 from shared.projections.model import ReadModel
@@ -65,15 +66,18 @@ class ProjectorRunner:
         self.loop = PullLoop(
             js, topology.events_stream, config, lifecycle, batch=settings.projector_batch_size
         )
+        self.catch_up = CatchUp(model, pool, js, topology.events_stream, self.quarantine)
 
     async def run(self) -> None:
         lag = asyncio.create_task(self._report_lag())
         lag_seconds = asyncio.create_task(report_projection_lag(self.pool, self.model.name))
+        catch_up = asyncio.create_task(self._catch_up())
         try:
             await self.loop.run(self.handle)
         finally:
             lag.cancel()
             lag_seconds.cancel()
+            catch_up.cancel()
 
     async def handle(self, msgs: list[Msg]) -> None:
         name = self.model.name
@@ -111,6 +115,18 @@ class ProjectorRunner:
             APPLIED.labels(name).inc(applied)
             SKIPPED.labels(name).inc(max(len(delivered) - applied, 0))
             return True
+
+    async def _catch_up(self) -> None:
+        """At start and then periodically: apply from Postgres what PFLEA_EVENTS dropped before
+        delivering it (see :mod:`.catch_up`)."""
+        while True:
+            try:
+                await self.catch_up.check()
+            except (*NATS_ERRORS, *TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning(
+                    "catch-up check failed (%r); trying again", exc, extra={"projection": self.model.name}
+                )
+            await asyncio.sleep(CHECK_EVERY_S)
 
     async def _report_lag(self) -> None:
         while True:

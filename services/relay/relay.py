@@ -20,7 +20,7 @@ from prometheus_client import Counter, Gauge
 from shared import locks
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.faults import crash_point
-from shared.jetstream import NATS_ERRORS, Topology, ensure_streams, publish_in_order
+from shared.jetstream import NATS_ERRORS, StreamSettings, Topology, ensure_streams, publish_in_order
 from shared.lease import LeaderLease
 from shared.ops import Lifecycle
 from shared.store import EventStore, RecordedEvent
@@ -56,7 +56,7 @@ class Relay:
         wakeup: asyncio.Event | None = None,
         reconnects: Callable[[], int] = lambda: 0,
         duplicate_window_s: float = 120.0,
-        stream_replicas: int = 1,
+        stream_shape: StreamSettings | None = None,
     ) -> None:
         self.store = store
         self.js = js
@@ -70,7 +70,7 @@ class Relay:
         self.reconnects = reconnects
         self.seen_reconnects = -1
         self.duplicate_window_s = duplicate_window_s
-        self.stream_replicas = stream_replicas
+        self.stream_shape = stream_shape
         self.stream_created: object = None
 
     async def run(self) -> None:
@@ -120,7 +120,7 @@ class Relay:
         """
         try:
             # A server that lost its store lost the streams too: declare them again.
-            await ensure_streams(self.js, self.topology, self.duplicate_window_s, self.stream_replicas)
+            await ensure_streams(self.js, self.topology, self.duplicate_window_s, self.stream_shape)
             info = await self.js.stream_info(self.topology.events_stream)
             held = 0
             recreated = self.stream_created is not None and info.created != self.stream_created

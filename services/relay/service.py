@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from services.relay.relay import Relay
 from services.relay.snapshots import Snapshotter
 from shared.db import WRITER_ROLE, service_pool
-from shared.jetstream import Topology, ensure_streams
+from shared.jetstream import StreamSettings, Topology, ensure_streams
 from shared.lag import report_tailer_lag
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
@@ -38,7 +38,9 @@ async def run_relay(settings: Settings, lifecycle: Lifecycle) -> None:
     pool = await service_pool(dsn, WRITER_ROLE, min_size=2, max_size=16)
     nc = await connect_nats(nats_url, "pflea-relay")
     try:
-        await ensure_streams(nc.jetstream(), topology, settings.duplicate_window_s, settings.stream_replicas)
+        await ensure_streams(
+            nc.jetstream(), topology, settings.duplicate_window_s, StreamSettings.of(settings)
+        )
         jobs = tailers(PARTS, EventStore(pool), nc, topology, settings, lifecycle, dsn)
         log.info("running %s", ", ".join(PARTS))
         lifecycle.checks.append(lambda: nc.is_connected)
@@ -78,7 +80,7 @@ def tailers(
             wakeup=wakeup,
             reconnects=lambda: int(nc.stats["reconnects"]),
             duplicate_window_s=settings.duplicate_window_s,
-            stream_replicas=settings.stream_replicas,
+            stream_shape=StreamSettings.of(settings),
         )
         jobs.append(relay.run())
     if "snapshots" in parts:

@@ -18,7 +18,7 @@ from services.writer.commands import CommandHandler
 from services.writer.partitions import PartitionedAppends
 from services.writer.purpleflea import PurpleFleaCommands
 from shared.db import WRITER_ROLE, service_pool
-from shared.jetstream import Topology, ensure_streams
+from shared.jetstream import StreamSettings, Topology, ensure_streams
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
@@ -42,8 +42,7 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
             js,
             topology,
             settings.duplicate_window_s,
-            settings.stream_replicas,
-            partitions=settings.writer_partitions,
+            StreamSettings.of(settings),
         )
         store = EventStore(pool)
         parts = settings.writer_parts
