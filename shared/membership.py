@@ -37,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 import nats.js.errors
@@ -373,6 +374,7 @@ class Membership:
 
     def _see(self, entry: KeyValue.Entry) -> None:
         deleted = entry.operation in (KV_DEL, KV_PURGE)
-        at = entry.created.timestamp() if entry.created is not None and not deleted else time.time()
+        created: object = entry.created  # the message's server time (nats-py types it int)
+        at = created.timestamp() if isinstance(created, datetime) and not deleted else time.time()
         value = None if deleted else (entry.value or b"").decode()
         self._saw(entry.key, Seen(value, entry.revision or 0, at))

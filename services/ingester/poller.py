@@ -25,7 +25,8 @@ from shared.wire import HDR_MSG_ID, tx_messages
 
 log = logging.getLogger(__name__)
 
-RECEIVED = Counter("pflea_ingester_transactions_received_total", "Transactions fetched", ["agent"])
+# Labels stay bounded: feeds are few, agents may be 50,000 (a series each would be too many).
+RECEIVED = Counter("pflea_ingester_transactions_received_total", "Transactions fetched", ["feed"])
 PUBLISHED = Counter("pflea_ingester_transactions_published_total", "Transactions published to PFLEA_TX")
 FEED_ERRORS = Counter("pflea_ingester_feed_errors_total", "Failed polls", ["kind"])
 CURSOR_RESETS = Counter(
@@ -75,6 +76,7 @@ class AgentPoller:
         gate: asyncio.Semaphore,
         reconnects: Callable[[], int] = lambda: 0,
         recent: RecentIds | None = None,
+        may_publish: Callable[[], bool] = lambda: True,
     ) -> None:
         self.agent = agent
         self.feed = feed
@@ -85,7 +87,9 @@ class AgentPoller:
         self.settings = settings
         self.lifecycle = lifecycle
         self.gate = gate
+        self.may_publish = may_publish
         self.since: str | None = None
+        self.cursor_known = False  # since is what Postgres committed (or read on from it)
         # Shared by every poller of the service (one budget); a poller of its own in tests.
         if recent is None:
             recent = RecentIds(settings.ingest_page_limit, settings.ingest_recent_ids)
@@ -97,30 +101,45 @@ class AgentPoller:
         self.seen_reconnects = reconnects()
 
     async def run(self) -> None:
-        while True:  # a Postgres restart at start must not end this agent's polling
-            try:
-                self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
-                break
-            except (asyncpg.PostgresError, OSError) as exc:
-                if await self.lifecycle.sleep(self._next_backoff(f"reading the cursor: {exc!r}")):
-                    return
-        log.info("polling", extra={"agent": self.agent.agent_id, "feed": self.feed.name, "since": self.since})
+        """Poll this agent's feed until the service stops (a loop of its own: tests)."""
         while not self.lifecycle.stopping.is_set():
-            try:
-                await self._resync_after_nats_restart()
-                delay = await self.poll_once()
-            except (asyncpg.PostgresError, OSError) as exc:
-                # Quarantine writes need Postgres; the cursor has not moved, so just retry.
-                delay = self._next_backoff(f"database: {exc!r}")
-            except Exception as exc:
-                if self.lifecycle.stopping.is_set():
-                    return  # e.g. a publish given up because we are stopping
-                # A bug must not end this agent's polling silently (the service only looks at
-                # its pollers when it stops): say so loudly and retry from the same cursor.
-                log.exception("poll crashed", extra={"agent": self.agent.agent_id})
-                delay = self._next_backoff(f"unexpected {exc!r}")
+            delay = await self.step()
             if delay and await self.lifecycle.sleep(delay):
                 return
+
+    async def step(self) -> float:
+        """One turn: read the committed cursor first if not yet known, else poll a page; how
+        long until the next turn. Failures are retried with back-off, never raised: a Postgres
+        restart or a bug must not end this agent's polling."""
+        if not self.cursor_known:
+            try:
+                self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
+            except (asyncpg.PostgresError, OSError) as exc:
+                return self._next_backoff(f"reading the cursor: {exc!r}")
+            self.cursor_known = True
+            log.debug(
+                "polling", extra={"agent": self.agent.agent_id, "feed": self.feed.name, "since": self.since}
+            )
+        try:
+            await self._resync_after_nats_restart()
+            return await self.poll_once()
+        except (asyncpg.PostgresError, OSError) as exc:
+            # Quarantine writes need Postgres; the cursor has not moved, so just retry.
+            return self._next_backoff(f"database: {exc!r}")
+        except Exception as exc:
+            if self.lifecycle.stopping.is_set():
+                return 0.0  # e.g. a publish given up because we are stopping
+            # A bug must not end this agent's polling silently: say so loudly and retry from
+            # the same cursor.
+            log.exception("poll crashed", extra={"agent": self.agent.agent_id})
+            return self._next_backoff(f"unexpected {exc!r}")
+
+    def forget(self) -> None:
+        """Another replica polls this agent now: drop the cursor and the recent ids, so that a
+        return of the slot starts again from what Postgres committed."""
+        self.cursor_known = False
+        self.since = None
+        self.recent.clear()
 
     async def _resync_after_nats_restart(self) -> None:
         """After a NATS reconnect, poll again from what Postgres committed.
@@ -163,7 +182,9 @@ class AgentPoller:
         self.backoff = 0.5
         if self.since is not None:
             self.resets_in_a_row = 0
-        RECEIVED.labels(agent_id).inc(len(page.items))
+        RECEIVED.labels(self.feed.name).inc(len(page.items))
+        if not self.may_publish():
+            return 0.0  # the slot's lease is gone: the schedule drops this poller
         new = await self.handle(page.items)
         if len(page.items) < limit:
             self.caught_up.set()
