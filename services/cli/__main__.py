@@ -59,14 +59,16 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 async def _declare_streams(url: str, settings: Settings) -> list[str]:
-    """Create or update the JetStream streams, as the user in NATS_URL (the admin)."""
-    from shared.jetstream import Topology, declare_streams
+    """Create or update the JetStream streams and the ingesters' KV bucket, as the user in
+    NATS_URL (the admin)."""
+    from shared.jetstream import Topology, declare_ingest_bucket, declare_streams
 
     nc = await nats.connect(url, name="pflea-migrate", connect_timeout=10, allow_reconnect=False)
     try:
         topology = Topology(settings.namespace)
         await declare_streams(nc.jetstream(), topology, settings.duplicate_window_s)
-        return [topology.tx_stream, topology.events_stream]
+        bucket = await declare_ingest_bucket(nc.jetstream(), topology, settings.ingest_lease_ttl_s)
+        return [topology.tx_stream, topology.events_stream, bucket]
     finally:
         await nc.close()
 

@@ -35,7 +35,7 @@ from shared.db import (
     role_dsn,
     with_database,
 )
-from shared.jetstream import Topology, declare_streams
+from shared.jetstream import Topology, declare_ingest_bucket, declare_streams
 from shared.migrate import migrate
 from shared.nats_agents import AgentRegistry
 from shared.nats_auth import USERS, load_or_create_passwords, render_accounts, user_url
@@ -173,7 +173,9 @@ class Stack:
             nc = await nats.connect(url, name="pflea-up", connect_timeout=10, allow_reconnect=False)
             try:
                 js = nc.jetstream()
-                await declare_streams(js, Topology(self.settings.namespace), self.settings.duplicate_window_s)
+                topology = Topology(self.settings.namespace)
+                await declare_streams(js, topology, self.settings.duplicate_window_s)
+                await declare_ingest_bucket(js, topology, self.settings.ingest_lease_ttl_s)
             finally:
                 await nc.close()
         except (OSError, TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
