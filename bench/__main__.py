@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import catchup, end_to_end, limits, rebuild, time_travel, writer
+from bench import catchup, end_to_end, limits, rebuild, shards, time_travel, writer
 from bench.harness import Harness, Sizes
 from bench.processes import ForeignLoad
 from bench.report import Figure, console_table, machine, write_json, write_markdown
@@ -37,6 +37,7 @@ SCENARIOS: dict[str, Scenario] = {
     "e2e": end_to_end.run,
     "rebuild": rebuild.run,
     "time-travel": time_travel.run,
+    "shards": shards.run,
 }
 # A figure is compared to limits measured in the same run, so a scenario brings its limits.
 REQUIRES = {"writer": ["limits"], "catchup": ["limits", "writer"], "e2e": ["limits"]}
@@ -50,6 +51,7 @@ ORDER = [
     "rebuild",
     "verify",
     "time travel",
+    "shards",
 ]
 
 

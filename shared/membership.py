@@ -141,6 +141,7 @@ class Membership:
         self._synced = asyncio.Event()
         self._writing = asyncio.Lock()  # a renewal and a release of one lease never cross
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping: dict[int, asyncio.Task[None]] = {}  # slots lost, their work still stopping
 
     @property
     def kv(self) -> KeyValue:
@@ -275,6 +276,8 @@ class Membership:
                 if desired != self.member_id:
                     await self._release(slot)  # the desired owner takes it once it sees it free
                 continue
+            if slot in self._stopping:
+                continue  # its work is still winding down after a lost lease
             if self._holder(slot_key(slot)) is not None:
                 self._free_since.pop(slot, None)
                 continue
@@ -330,7 +333,18 @@ class Membership:
         if self.held.pop(slot, None) is None:
             return
         log.warning("slot %d lease lost: %s; stopping it", slot, why, extra={"member": self.member_id})
-        self._spawn(self.owner.slot_stopped(slot), f"membership-stop-{slot}")
+        # Not taken again before this stop is over: a late stop would end the new lease's work.
+        stopping = self._stopping[slot] = asyncio.get_running_loop().create_task(
+            self.owner.slot_stopped(slot)
+        )
+        self._tasks.add(stopping)
+        stopping.add_done_callback(lambda task: self._stopped(slot, task))
+
+    def _stopped(self, slot: int, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._stopping.get(slot) is task:
+            del self._stopping[slot]
+            self._changed.set()
 
     def _expire_local(self) -> None:
         now = time.monotonic()

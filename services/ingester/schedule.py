@@ -61,8 +61,8 @@ class _Slot:
 class PollSchedule:
     """Pollers by due time, run by ``workers`` tasks until the service stops.
 
-    ``may_poll(slot)`` is asked before every turn (the slot's lease is still ours); a slot that
-    is no longer held has its pollers dropped on the spot.
+    ``may_poll(slot)`` is asked before every turn (the slot's lease is still ours); a poller of
+    a slot no longer held is dropped on the spot (the membership stops the rest of the slot).
     """
 
     def __init__(self, workers: int, lifecycle: Lifecycle, may_poll: Callable[[int], bool] = lambda _: True):
@@ -119,7 +119,7 @@ class PollSchedule:
             if state is None or not entry.active:
                 continue
             if not self.may_poll(entry.slot):
-                await self.stop_slot(entry.slot)
+                entry.active = False  # the lease is gone; its owner is told and stops the slot
                 continue
             state.running += 1
             state.idle.clear()
