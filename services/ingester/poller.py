@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import asyncpg
 from nats.js import JetStreamContext
@@ -47,20 +47,52 @@ async def committed_cursor(pool: asyncpg.Pool, agent_id: str, feed: str = CASINO
     they are not a resume point; the poll reaches them later and finds them stored. Events
     ingested before feeds had names carry no ``feed``: they came from the casino's.
     """
-    value = await pool.fetchval(
-        """SELECT data->>'tx_id' FROM events
-           WHERE stream_id = $1 AND data ? 'tx_id' AND NOT metadata ? 'command_id'
-             AND coalesce(metadata->>'feed', $3) = $2
-           ORDER BY version DESC LIMIT 1""",
-        agent_id,
-        feed,
+    return (await committed_cursors(pool, [agent_id], [feed])).get((agent_id, feed))
+
+
+async def committed_cursors(
+    pool: asyncpg.Pool, agent_ids: Sequence[str], feeds: Sequence[str]
+) -> dict[tuple[str, str], str]:
+    """:func:`committed_cursor` of every (agent, feed) pair in one round trip (a slot's agents
+    when the slot is taken); pairs with nothing committed are left out."""
+    rows = await pool.fetch(
+        """SELECT a.agent_id, f.feed,
+                  (SELECT data->>'tx_id' FROM events
+                   WHERE stream_id = a.agent_id AND data ? 'tx_id' AND NOT metadata ? 'command_id'
+                     AND coalesce(metadata->>'feed', $3) = f.feed
+                   ORDER BY version DESC LIMIT 1) AS tx_id
+           FROM unnest($1::text[]) AS a(agent_id) CROSS JOIN unnest($2::text[]) AS f(feed)""",
+        list(agent_ids),
+        list(feeds),
         CASINO_FEED,
     )
-    return str(value) if value is not None else None
+    return {(r["agent_id"], r["feed"]): str(r["tx_id"]) for r in rows if r["tx_id"] is not None}
 
 
 class AgentPoller:
-    resets_in_a_row = 0  # cursor refusals since a poll with a cursor last succeeded
+    # One per (agent, feed) of the held slots: 120,000 with 20,000 agents on 6 feeds, so no
+    # __dict__ and nothing per poller that is not needed (an asyncio.Event was 760 bytes).
+    __slots__ = (
+        "agent",
+        "feed",
+        "js",
+        "pool",
+        "quarantine",
+        "topology",
+        "settings",
+        "lifecycle",
+        "gate",
+        "may_publish",
+        "since",
+        "cursor_known",
+        "recent",
+        "backoff",
+        "idle_polls",
+        "resets_in_a_row",
+        "reconnects",
+        "seen_reconnects",
+        "__dict__",  # subclasses in tests add attributes
+    )
 
     def __init__(
         self,
@@ -96,7 +128,7 @@ class AgentPoller:
         self.recent = recent.window((feed.name, agent.agent_id))
         self.backoff = 0.5
         self.idle_polls = 0  # polls in a row that brought nothing new
-        self.caught_up = asyncio.Event()
+        self.resets_in_a_row = 0  # cursor refusals since a poll with a cursor last succeeded
         self.reconnects = reconnects
         self.seen_reconnects = reconnects()
 
@@ -133,6 +165,11 @@ class AgentPoller:
             # the same cursor.
             log.exception("poll crashed", extra={"agent": self.agent.agent_id})
             return self._next_backoff(f"unexpected {exc!r}")
+
+    def resume_from(self, since: str | None) -> None:
+        """Start from ``since``, the committed cursor read for the whole slot at once."""
+        self.since = since
+        self.cursor_known = True
 
     def forget(self) -> None:
         """Another replica polls this agent now: drop the cursor and the recent ids, so that a
@@ -187,7 +224,6 @@ class AgentPoller:
             return 0.0  # the slot's lease is gone: the schedule drops this poller
         new = await self.handle(page.items)
         if len(page.items) < limit:
-            self.caught_up.set()
             return self._idle_interval(new)
         return 0.0
 

@@ -19,7 +19,7 @@ import heapq
 import itertools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,7 +78,7 @@ class PollSchedule:
     def __len__(self) -> int:
         return sum(len(s.entries) for s in self._slots.values())
 
-    def add(self, slot: int, pollers: list[Pollable], spread_s: float = 0.0) -> None:
+    def add(self, slot: int, pollers: Sequence[Pollable], spread_s: float = 0.0) -> None:
         """Schedule ``pollers`` of ``slot``, due now or spread over ``spread_s`` seconds."""
         now = asyncio.get_running_loop().time()
         state = self._slots.setdefault(slot, _Slot())

@@ -4,7 +4,9 @@ in one schedule run by a bounded set of workers."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Callable
 
 from prometheus_client import Gauge
 
@@ -66,7 +68,14 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
             settings.ingest_concurrency, lifecycle, may_poll=lambda slot: membership.holds(slot)
         )
 
+        def reconnects() -> int:
+            return int(nc.stats["reconnects"])
+
+        lease_of: dict[int, Callable[[], bool]] = {}  # one per slot, shared by its pollers
+
         def make_poller(agent: AgentCredential, feed: FeedClient, slot: int) -> AgentPoller:
+            if slot not in lease_of:
+                lease_of[slot] = functools.partial(membership.holds, slot)
             return AgentPoller(
                 agent,
                 feed=feed,
@@ -77,9 +86,9 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
                 settings=settings,
                 lifecycle=lifecycle,
                 gate=gate,
-                reconnects=lambda: int(nc.stats["reconnects"]),
+                reconnects=reconnects,
                 recent=recent,
-                may_publish=lambda: membership.holds(slot),
+                may_publish=lease_of[slot],
             )
 
         shards = AgentShards(
@@ -89,6 +98,7 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
             schedule,
             make_poller,
             spread_s=settings.ingest_poll_interval_s,
+            pool=pool,
         )
         membership = Membership(
             js, ingest_bucket(topology), shards, slots=settings.ingest_slots, on_overlap=shards.overlap

@@ -8,14 +8,17 @@ the lease goes, so one agent is polled by one replica at a time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+import asyncpg
 from prometheus_client import Counter
 
 from services.ingester.client import FeedClient
-from services.ingester.schedule import Pollable, PollSchedule
+from services.ingester.poller import AgentPoller, committed_cursors
+from services.ingester.schedule import PollSchedule
 from shared.partitions import partition
 from shared.settings import AgentCredential
 
@@ -26,7 +29,8 @@ OVERLAPS = Counter(
     "Polls of a slot this replica found leased to another replica (both may have polled its agents)",
 )
 
-MakePoller = Callable[[AgentCredential, FeedClient, int], Pollable]
+MakePoller = Callable[[AgentCredential, FeedClient, int], AgentPoller]
+CURSORS_TIMEOUT_S = 30.0
 
 
 class AgentShards:
@@ -41,7 +45,9 @@ class AgentShards:
         make_poller: MakePoller,
         *,
         spread_s: float = 1.0,
+        pool: asyncpg.Pool | None = None,
     ) -> None:
+        self.pool = pool
         self.feeds = list(feeds)
         self.schedule = schedule
         self.make_poller = make_poller
@@ -51,11 +57,27 @@ class AgentShards:
             self.agents[partition(agent.agent_id, slots)].append(agent)
 
     async def slot_started(self, slot: int) -> None:
-        pollers = [
-            self.make_poller(agent, feed, slot) for agent in self.agents.get(slot, ()) for feed in self.feeds
-        ]
+        agents = self.agents.get(slot, [])
+        pollers = [self.make_poller(agent, feed, slot) for agent in agents for feed in self.feeds]
+        await self._resume(slot, agents, pollers)
         self.schedule.add(slot, pollers, self.spread_s)
-        log.info("polling slot %d: %d agents", slot, len(self.agents.get(slot, ())), extra={"slot": slot})
+        log.info("polling slot %d: %d agents", slot, len(agents), extra={"slot": slot})
+
+    async def _resume(self, slot: int, agents: list[AgentCredential], pollers: list[AgentPoller]) -> None:
+        """Read the slot's cursors in one query; if Postgres does not answer, each poller reads
+        its own on its first turn (with back-off), as before."""
+        if self.pool is None or not pollers:
+            return
+        try:
+            async with asyncio.timeout(CURSORS_TIMEOUT_S):
+                cursors = await committed_cursors(
+                    self.pool, [a.agent_id for a in agents], [f.name for f in self.feeds]
+                )
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            log.warning("slot %d: cursors not read at once (%r); each poller reads its own", slot, exc)
+            return
+        for poller in pollers:
+            poller.resume_from(cursors.get((poller.agent.agent_id, poller.feed.name)))
 
     async def slot_stopped(self, slot: int) -> None:
         await self.schedule.stop_slot(slot)
