@@ -142,6 +142,7 @@ class Membership:
         self._writing = asyncio.Lock()  # a renewal and a release of one lease never cross
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: dict[int, asyncio.Task[None]] = {}  # slots lost, their work still stopping
+        self._closing = False
 
     @property
     def kv(self) -> KeyValue:
@@ -193,9 +194,13 @@ class Membership:
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        self._closing = True
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Python 3.11's wait_for (inside nats-py) can swallow a cancellation: the loops also
+        # end on _closing, and a task that still does not end is not waited for.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
         for slot in sorted(self.held):
             await self._release(slot)
         with contextlib.suppress(*NATS_ERRORS):
@@ -216,7 +221,7 @@ class Membership:
     async def _keep_alive(self) -> None:
         """Heartbeat, then renew every lease, each TTL/3; apart from rebalancing, which may
         wait for a slot's work to stop, so that nothing ever holds a renewal up."""
-        while True:
+        while not self._closing:
             started = time.monotonic()
             try:
                 await self._heartbeat()
@@ -254,7 +259,7 @@ class Membership:
 
     async def _balance(self) -> None:
         await self._synced.wait()
-        while True:
+        while not self._closing:
             self._changed.clear()
             try:
                 await self._rebalance()
@@ -369,11 +374,13 @@ class Membership:
             self.seen[key] = seen
 
     async def _watch(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 watcher = await self.kv.watchall()
                 try:
                     async for entry in watcher:
+                        if self._closing:
+                            break
                         if entry is None:
                             self._synced.set()
                         else:
