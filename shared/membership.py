@@ -35,7 +35,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -121,6 +121,7 @@ class Membership:
         member_id: str | None = None,
         grace_s: float | None = None,
         on_overlap: Callable[[int], None] | None = None,
+        recreate: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
@@ -131,6 +132,9 @@ class Membership:
         self.member_id = member_id or new_member_id()
         self.grace_s = grace_s
         self.on_overlap = on_overlap
+        self.recreate = recreate  # declares the bucket again if it is missing (a lost store)
+        self._watch_task: asyncio.Task[None] | None = None
+        self._watched_at = 0.0
         self.ttl_s = 0.0
         self.held: dict[int, Lease] = {}
         self.overlaps = 0  # times a held slot was found leased to another member
@@ -188,7 +192,8 @@ class Membership:
         if self.grace_s is None:
             self.grace_s = self.ttl_s / 2
         await self._heartbeat()  # announce first: the others start giving up our slots
-        self._spawn(self._watch(), "membership-watch")
+        self._watched_at = time.monotonic()
+        self._watch_task = self._spawn(self._watch(), "membership-watch")
         self._spawn(self._keep_alive(), "membership-keep-alive")
         self._spawn(self._balance(), "membership-balance")
         return self
@@ -211,10 +216,11 @@ class Membership:
         async with asyncio.timeout(timeout):
             await self._synced.wait()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- keeping the membership and the leases -------------------------------------------------
 
@@ -227,8 +233,31 @@ class Membership:
                 await self._heartbeat()
             except NATS_ERRORS as exc:
                 log.warning("membership heartbeat failed: %r", exc)
+                await self._recover()
+            else:
+                self._check_watch()
             await self._renew()
             await asyncio.sleep(max(0.0, self.renew_s - (time.monotonic() - started)))
+
+    async def _recover(self) -> None:
+        """After a failed heartbeat: the bucket may be gone with the server's store; have it
+        declared again (``recreate``, when given)."""
+        if self.recreate is None:
+            return
+        try:
+            await self.recreate()
+        except Exception as exc:  # NATS away, or a user that may not create it: try again later
+            log.warning("membership bucket %s not declared again: %r", self.bucket, exc)
+
+    def _check_watch(self) -> None:
+        """Our heartbeat went through, so the watcher should have seen something within a TTL;
+        if not, it died with its consumer (a server restart, a lost store): watch again."""
+        if time.monotonic() - self._watched_at > self.ttl_s and self._watch_task is not None:
+            log.warning("membership watch silent for %.1fs; watching again", self.ttl_s)
+            self._watch_task.cancel()
+            self._watch_task = None
+            self._watched_at = time.monotonic()
+            self._watch_task = self._spawn(self._watch(), "membership-watch")
 
     async def _heartbeat(self) -> None:
         await self.kv.put(member_key(self.member_id), self.member_id.encode())
@@ -265,6 +294,8 @@ class Membership:
                 await self._rebalance()
             except NATS_ERRORS as exc:
                 log.warning("membership: %r; trying again", exc)
+            except Exception:  # a bug in the owner's start or stop must not end the balancing
+                log.exception("membership: rebalancing failed; trying again")
             self._expire_local()
             # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation.
             with contextlib.suppress(TimeoutError):
@@ -272,6 +303,8 @@ class Membership:
                     await self._changed.wait()
 
     async def _rebalance(self) -> None:
+        if not self._synced.is_set():
+            return
         members = self.members()
         now = time.monotonic()
         assert self.grace_s is not None
@@ -377,8 +410,13 @@ class Membership:
         while not self._closing:
             try:
                 watcher = await self.kv.watchall()
+                # A new watch replays the bucket as it is now: what it does not say is gone
+                # (and a bucket declared again counts revisions from 1).
+                self.seen.clear()
+                self._synced.clear()  # no rebalancing on a half-read view
                 try:
                     async for entry in watcher:
+                        self._watched_at = time.monotonic()
                         if self._closing:
                             break
                         if entry is None:
@@ -391,6 +429,9 @@ class Membership:
                         await watcher.stop()
             except NATS_ERRORS as exc:
                 log.warning("membership watch: %r; watching again", exc)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("membership watch failed; watching again")
                 await asyncio.sleep(1.0)
 
     def _see(self, entry: KeyValue.Entry) -> None:

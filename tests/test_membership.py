@@ -171,3 +171,30 @@ async def test_a_renewal_refused_by_cas_stops_the_slot_and_a_foreign_lease_count
         # Slot 5 is found at the next renewal: its compare-and-set is refused.
         await wait_until(lambda: 5 not in worker.running and 3 not in worker.running, 5, "both stopped")
         assert not member.holds(5)
+
+
+async def test_a_bucket_lost_with_the_servers_store_is_declared_again_and_every_slot_leased_again(
+    bucket: str, namespace: str, connect: Callable[[], Awaitable[Client]]
+) -> None:
+    nc, admin = await connect(), await connect()
+    worker = Worker()
+    topology = Topology(namespace)
+
+    async def recreate() -> None:
+        await ensure_ingest_bucket(nc.jetstream(), topology, TTL_S)
+
+    async with Membership(nc.jetstream(), bucket, worker, slots=SLOTS, member_id="m", recreate=recreate):
+        await wait_until(lambda: worker.running == set(range(SLOTS)), 10, "every slot running")
+        await admin.jetstream().delete_stream(f"KV_{bucket}")  # as a server that lost its store
+        await wait_until(lambda: len(worker.stopped) >= SLOTS, 4 * TTL_S, "the lost leases stopped")
+        await wait_until(
+            lambda: _leased_to(admin, bucket, "m"), 8 * TTL_S, "every slot leased again in the new bucket"
+        )
+        assert worker.running == set(range(SLOTS))
+
+
+async def _leased_to(nc: Client, bucket: str, member: str) -> bool:
+    try:
+        return await leases(nc, bucket) == dict.fromkeys(range(SLOTS), member)
+    except nats.js.errors.BucketNotFoundError:
+        return False

@@ -101,7 +101,12 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
             pool=pool,
         )
         membership = Membership(
-            js, ingest_bucket(topology), shards, slots=settings.ingest_slots, on_overlap=shards.overlap
+            js,
+            ingest_bucket(topology),
+            shards,
+            slots=settings.ingest_slots,
+            on_overlap=shards.overlap,
+            recreate=lambda: ensure_ingest_bucket(js, topology, settings.ingest_lease_ttl_s),
         )
         async with membership:
             SLOTS_HELD.set_function(lambda: len(membership.held))
