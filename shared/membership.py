@@ -147,6 +147,7 @@ class Membership:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: dict[int, asyncio.Task[None]] = {}  # slots lost, their work still stopping
         self._closing = False
+        self._disagreeing: set[str] = set()  # members seen with another number of slots
 
     @property
     def kv(self) -> KeyValue:
@@ -260,7 +261,8 @@ class Membership:
             self._watch_task = self._spawn(self._watch(), "membership-watch")
 
     async def _heartbeat(self) -> None:
-        await self.kv.put(member_key(self.member_id), self.member_id.encode())
+        # The value is how many slots this member cuts the work into: all must agree.
+        await self.kv.put(member_key(self.member_id), str(self.slots).encode())
 
     async def _renew(self) -> None:
         for slot in list(self.held):
@@ -440,3 +442,18 @@ class Membership:
         at = created.timestamp() if isinstance(created, datetime) and not deleted else time.time()
         value = None if deleted else (entry.value or b"").decode()
         self._saw(entry.key, Seen(value, entry.revision or 0, at))
+        if value and entry.key.startswith(MEMBER_PREFIX) and value != str(self.slots):
+            self._disagrees(entry.key.removeprefix(MEMBER_PREFIX), value)
+
+    def _disagrees(self, member: str, slots: str) -> None:
+        if member in self._disagreeing:
+            return
+        self._disagreeing.add(member)
+        log.error(
+            "member %s cuts the work into %s slots, this one into %d: a slot number means other "
+            "agents to each, so some are polled twice and some by nobody; give every replica the "
+            "same number of slots",
+            member,
+            slots,
+            self.slots,
+        )

@@ -198,3 +198,18 @@ async def _leased_to(nc: Client, bucket: str, member: str) -> bool:
         return await leases(nc, bucket) == dict.fromkeys(range(SLOTS), member)
     except nats.js.errors.BucketNotFoundError:
         return False
+
+
+async def test_a_member_cutting_the_work_into_another_number_of_slots_is_reported(
+    bucket: str, connect: Callable[[], Awaitable[Client]], caplog: pytest.LogCaptureFixture
+) -> None:
+    nc, other = await connect(), await connect()
+    sixteen = Membership(nc.jetstream(), bucket, Worker(), slots=SLOTS, member_id="sixteen")
+    thirty_two = Membership(other.jetstream(), bucket, Worker(), slots=SLOTS * 2, member_id="thirty-two")
+    async with sixteen, thirty_two:
+        await wait_until(lambda: "thirty-two" in sixteen.members(), 10, "the other member seen")
+        await wait_until(
+            lambda: "member thirty-two cuts the work into 32 slots, this one into 16" in caplog.text,
+            5,
+            "the disagreement reported",
+        )
