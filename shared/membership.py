@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Protocol
 
 import nats.js.errors
@@ -45,11 +43,9 @@ from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
 from shared.jetstream import NATS_ERRORS
+from shared.membership_view import MembershipView, Seen, member_key, rendezvous_owner, slot_key
 
 log = logging.getLogger(__name__)
-
-MEMBER_PREFIX = "member."
-SLOT_PREFIX = "slot."
 
 
 class SlotOwner(Protocol):
@@ -66,34 +62,6 @@ def new_member_id() -> str:
     """A member id unique to this process start: ``<host>-<pid>-<random>``, a valid KV key token."""
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def rendezvous_owner(slot: int, members: Iterable[str]) -> str | None:
-    """The member with the highest rendezvous hash for ``slot`` (None when there is none)."""
-    best, best_score = None, -1
-    for member in members:
-        digest = hashlib.blake2b(f"{member}/{slot}".encode(), digest_size=8).digest()
-        score = int.from_bytes(digest, "big")
-        if score > best_score or (score == best_score and best is not None and member > best):
-            best, best_score = member, score
-    return best
-
-
-def slot_key(slot: int) -> str:
-    return f"{SLOT_PREFIX}{slot}"
-
-
-def member_key(member: str) -> str:
-    return f"{MEMBER_PREFIX}{member}"
-
-
-@dataclass(slots=True)
-class Seen:
-    """The newest message of a key as the watcher saw it."""
-
-    value: str | None  # None: deleted, purged or expired
-    revision: int
-    at: float  # time.time() when it was written (the server's stamp) or seen deleted
 
 
 @dataclass(slots=True)
@@ -138,7 +106,7 @@ class Membership:
         self.ttl_s = 0.0
         self.held: dict[int, Lease] = {}
         self.overlaps = 0  # times a held slot was found leased to another member
-        self.seen: dict[str, Seen] = {}
+        self.view = MembershipView(0.0, slots)
         self._kv: KeyValue | None = None
         self._free_since: dict[int, float] = {}
         self._changed = asyncio.Event()
@@ -147,7 +115,6 @@ class Membership:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: dict[int, asyncio.Task[None]] = {}  # slots lost, their work still stopping
         self._closing = False
-        self._disagreeing: set[str] = set()  # members seen with another number of slots
 
     @property
     def kv(self) -> KeyValue:
@@ -168,7 +135,7 @@ class Membership:
         if time.monotonic() >= lease.valid_until:
             self._lost(slot, "not renewed within the TTL")
             return False
-        holder = self._holder(slot_key(slot))
+        holder = self.view.holder(slot_key(slot))
         if holder is not None and holder != self.member_id:
             self.overlaps += 1
             if self.on_overlap is not None:
@@ -179,15 +146,13 @@ class Membership:
 
     def members(self) -> list[str]:
         """The live members, this one included."""
-        live = {k.removeprefix(MEMBER_PREFIX) for k in self.seen if k.startswith(MEMBER_PREFIX)}
-        live = {m for m in live if self._holder(member_key(m)) is not None}
-        return sorted(live | {self.member_id})
+        return sorted(self.view.members() | {self.member_id})
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def __aenter__(self) -> Membership:
         self._kv = await self.js.key_value(self.bucket)
-        self.ttl_s = float((await self._kv.status()).ttl or 0)
+        self.ttl_s = self.view.ttl_s = float((await self._kv.status()).ttl or 0)
         if self.ttl_s <= 0:
             raise ValueError(f"bucket {self.bucket} has no TTL (max_age): leases would never expire")
         if self.grace_s is None:
@@ -284,7 +249,7 @@ class Membership:
                     continue
                 if slot in self.held:
                     self.held[slot] = Lease(revision, sent + self.ttl_s)
-                    self._saw(slot_key(slot), Seen(self.member_id, revision, time.time()))
+                    self.view.saw(slot_key(slot), Seen(self.member_id, revision, time.time()))
 
     # --- taking and giving up slots ------------------------------------------------------------
 
@@ -318,7 +283,7 @@ class Membership:
                 continue
             if slot in self._stopping:
                 continue  # its work is still winding down after a lost lease
-            if self._holder(slot_key(slot)) is not None:
+            if self.view.holder(slot_key(slot)) is not None:
                 self._free_since.pop(slot, None)
                 continue
             free_since = self._free_since.setdefault(slot, now)
@@ -327,10 +292,9 @@ class Membership:
 
     async def _take(self, slot: int) -> None:
         key = slot_key(slot)
-        seen = self.seen.get(key)
         sent = time.monotonic()
         try:
-            revision = await self.kv.update(key, self.member_id.encode(), last=seen.revision if seen else 0)
+            revision = await self.kv.update(key, self.member_id.encode(), last=self.view.revision(key))
         except nats.js.errors.KeyWrongLastSequenceError:
             # Our view is behind (a marker aged out, or someone took it): ask the server.
             current = await self._free_revision(key)
@@ -341,7 +305,7 @@ class Membership:
             except nats.js.errors.KeyWrongLastSequenceError:
                 return
         self.held[slot] = Lease(revision, sent + self.ttl_s)
-        self._saw(key, Seen(self.member_id, revision, time.time()))
+        self.view.saw(key, Seen(self.member_id, revision, time.time()))
         self._free_since.pop(slot, None)
         log.info("slot %d taken", slot, extra={"slot": slot, "member": self.member_id})
         await self.owner.slot_started(slot)
@@ -392,29 +356,13 @@ class Membership:
             if now >= lease.valid_until:
                 self._lost(slot, "not renewed within the TTL")
 
-    # --- the view ------------------------------------------------------------------------------
-
-    def _holder(self, key: str) -> str | None:
-        seen = self.seen.get(key)
-        if seen is None or seen.value is None:
-            return None
-        # A value older than twice the TTL is gone whatever we were told (a marker missed).
-        if time.time() - seen.at > 2 * self.ttl_s:
-            return None
-        return seen.value
-
-    def _saw(self, key: str, seen: Seen) -> None:
-        known = self.seen.get(key)
-        if known is None or seen.revision >= known.revision:
-            self.seen[key] = seen
-
     async def _watch(self) -> None:
         while not self._closing:
             try:
                 watcher = await self.kv.watchall()
                 # A new watch replays the bucket as it is now: what it does not say is gone
                 # (and a bucket declared again counts revisions from 1).
-                self.seen.clear()
+                self.view.clear()
                 self._synced.clear()  # no rebalancing on a half-read view
                 try:
                     async for entry in watcher:
@@ -424,7 +372,7 @@ class Membership:
                         if entry is None:
                             self._synced.set()
                         else:
-                            self._see(entry)
+                            self.view.see(entry)
                         self._changed.set()
                 finally:
                     with contextlib.suppress(*NATS_ERRORS):
@@ -435,25 +383,3 @@ class Membership:
             except Exception:
                 log.exception("membership watch failed; watching again")
                 await asyncio.sleep(1.0)
-
-    def _see(self, entry: KeyValue.Entry) -> None:
-        deleted = entry.operation in (KV_DEL, KV_PURGE)
-        created: object = entry.created  # the message's server time (nats-py types it int)
-        at = created.timestamp() if isinstance(created, datetime) and not deleted else time.time()
-        value = None if deleted else (entry.value or b"").decode()
-        self._saw(entry.key, Seen(value, entry.revision or 0, at))
-        if value and entry.key.startswith(MEMBER_PREFIX) and value != str(self.slots):
-            self._disagrees(entry.key.removeprefix(MEMBER_PREFIX), value)
-
-    def _disagrees(self, member: str, slots: str) -> None:
-        if member in self._disagreeing:
-            return
-        self._disagreeing.add(member)
-        log.error(
-            "member %s cuts the work into %s slots, this one into %d: a slot number means other "
-            "agents to each, so some are polled twice and some by nobody; give every replica the "
-            "same number of slots",
-            member,
-            slots,
-            self.slots,
-        )

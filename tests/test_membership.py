@@ -14,7 +14,8 @@ from nats.aio.client import Client
 
 from devstack.processes import wait_until
 from shared.jetstream import Topology, ensure_ingest_bucket, ingest_bucket
-from shared.membership import Membership, rendezvous_owner, slot_key
+from shared.membership import Membership
+from shared.membership_view import rendezvous_owner, slot_key
 
 TTL_S = 2.0
 SLOTS = 16
@@ -165,7 +166,9 @@ async def test_a_renewal_refused_by_cas_stops_the_slot_and_a_foreign_lease_count
         kv = await thief.jetstream().key_value(bucket)
         await kv.put(slot_key(3), b"intruder")  # a write that ignores the lease
         await kv.put(slot_key(5), b"intruder")
-        await wait_until(lambda: member.seen[slot_key(3)].value == "intruder", 5, "the watcher seeing it")
+        await wait_until(
+            lambda: member.view.seen[slot_key(3)].value == "intruder", 5, "the watcher seeing it"
+        )
         assert not member.holds(3), "a slot leased to another member is not worked on"
         assert overlaps == [3] and member.overlaps == 1
         # Slot 5 is found at the next renewal: its compare-and-set is refused.
