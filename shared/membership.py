@@ -309,6 +309,8 @@ class Membership:
         self._free_since.pop(slot, None)
         log.info("slot %d taken", slot, extra={"slot": slot, "member": self.member_id})
         await self.owner.slot_started(slot)
+        if slot not in self.held:  # lost while starting: the stop may have come before the start
+            await self.owner.slot_stopped(slot)
 
     async def _free_revision(self, key: str) -> int | None:
         """The revision to compare against to take ``key``: 0 if it has no message, its
