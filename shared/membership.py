@@ -111,6 +111,7 @@ class Membership:
         self._free_since: dict[int, float] = {}
         self._changed = asyncio.Event()
         self._synced = asyncio.Event()
+        self._settled = asyncio.Event()  # once: every slot this member should own was held
         self._writing = asyncio.Lock()  # a renewal and a release of one lease never cross
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: dict[int, asyncio.Task[None]] = {}  # slots lost, their work still stopping
@@ -181,6 +182,16 @@ class Membership:
         """Wait until the watcher has read the bucket's current state."""
         async with asyncio.timeout(timeout):
             await self._synced.wait()
+
+    async def settled(self, timeout: float) -> bool:
+        """Wait until this member holds every slot it should own (its share is at work: after a
+        restart, its predecessor's leases must expire first); False if ``timeout`` came first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -289,6 +300,12 @@ class Membership:
             free_since = self._free_since.setdefault(slot, now)
             if desired == self.member_id or now - free_since >= self.grace_s:
                 await self._take(slot)
+        if all(
+            slot in self.held
+            for slot in range(self.slots)
+            if rendezvous_owner(slot, members) == self.member_id
+        ):
+            self._settled.set()
 
     async def _take(self, slot: int) -> None:
         key = slot_key(slot)

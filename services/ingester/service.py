@@ -111,6 +111,10 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
         async with membership:
             SLOTS_HELD.set_function(lambda: len(membership.held))
             await membership.synced(timeout=30)
+            # Ready once polling its share: after a SIGKILL, the leases of this replica's
+            # previous life must expire first (a TTL at most).
+            if not await membership.settled(timeout=4 * membership.ttl_s):
+                log.warning("not holding every slot this replica should own yet; ready anyway")
             lifecycle.ready = True
             names = ",".join(f"{f.name}={f.url}" for f in configured)
             log.info(
