@@ -19,7 +19,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import capacity, catchup, cluster, end_to_end, limits, partitions, rebuild, time_travel, writer
+from bench import (
+    capacity,
+    catchup,
+    cluster,
+    end_to_end,
+    limits,
+    partitions,
+    rebuild,
+    shards,
+    time_travel,
+    writer,
+)
 from bench.harness import Harness, Sizes
 from bench.processes import ForeignLoad
 from bench.report import Figure, console_table, machine, write_json, write_markdown
@@ -40,6 +51,7 @@ SCENARIOS: dict[str, Scenario] = {
     "time-travel": time_travel.run,
     "cluster": cluster.run,
     "capacity": capacity.run,
+    "shards": shards.run,
 }
 # A figure is compared to limits measured in the same run, so a scenario brings its limits.
 REQUIRES = {
@@ -61,6 +73,7 @@ ORDER = [
     "time travel",
     "cluster",
     "capacity",
+    "shards",
 ]
 
 
@@ -95,9 +108,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Run only when named with --only: minutes of its own, and a figure of sizing, not of the pipeline.
+OPT_IN = {"shards"}
+
+
 def chosen(only: list[str] | None) -> list[str]:
     if not only:
-        return list(SCENARIOS)
+        return [name for name in SCENARIOS if name not in OPT_IN]
     wanted = {dep for name in only for dep in REQUIRES.get(name, [])} | set(only)
     return [name for name in SCENARIOS if name in wanted]
 

@@ -35,6 +35,8 @@ class Sizes:
     rebuild_events: int = 1_000_000
     time_travel_events: int = 100_000
     time_travel_queries: int = 10
+    shards_agents: int = 20_000  # one ingester, nearly all of them idle
+    shards_window_s: float = 30.0
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -50,6 +52,8 @@ class Sizes:
             rebuild_events=30_000,
             time_travel_events=5_000,
             time_travel_queries=5,
+            shards_agents=2_000,
+            shards_window_s=10.0,
         )
 
 

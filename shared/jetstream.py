@@ -425,3 +425,66 @@ async def ack_all(msgs: list[Msg]) -> None:
             await msg.ack()
         except NATS_ERRORS:
             pass
+
+
+# --- the ingesters' membership bucket (shared/membership.py) -------------------------------------
+
+
+def ingest_bucket(topology: Topology) -> str:
+    """The KV bucket where ingester replicas lease their slots: ``<NAMESPACE>_INGEST``."""
+    return f"{topology.namespace.upper()}_INGEST"
+
+
+def ingest_bucket_config(topology: Topology, lease_ttl_s: float, replicas: int = 1) -> StreamConfig:
+    """The bucket's stream, as nats-py's ``create_key_value`` makes one, with ``max_age`` = the
+    lease TTL and subject delete markers, so that a watcher sees a lease or a member expire;
+    ``replicas`` copies in a cluster, as the streams (PFLEA_STREAM_REPLICAS)."""
+    bucket = ingest_bucket(topology)
+    return StreamConfig(
+        name=f"KV_{bucket}",
+        description="Ingester replicas: member heartbeats and slot leases (expire after max_age)",
+        subjects=[f"$KV.{bucket}.>"],
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=min(lease_ttl_s, 120.0),
+        max_age=lease_ttl_s,
+        max_msgs_per_subject=1,
+        max_msgs=-1,
+        max_consumers=-1,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        subject_delete_marker_ttl=max(1.0, lease_ttl_s),
+    )
+
+
+async def ensure_ingest_bucket(
+    js: JetStreamContext, topology: Topology, lease_ttl_s: float, replicas: int = 1
+) -> None:
+    """Create the bucket when it is missing, never change it (as :func:`ensure_streams`)."""
+    config = ingest_bucket_config(topology, lease_ttl_s, replicas)
+    try:
+        await js.stream_info(config.name)  # type: ignore[arg-type]
+    except NotFoundError:
+        await _create(js, config)
+
+
+async def declare_ingest_bucket(
+    js: JetStreamContext, topology: Topology, lease_ttl_s: float, replicas: int = 1
+) -> str:
+    """Create the bucket or bring its config up to date (the admin's job); its stream's name."""
+    config = ingest_bucket_config(topology, lease_ttl_s, replicas)
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await _create(js, config)
+        except StreamMissing:
+            raise PermissionError(f"this NATS user may not create stream {config.name}") from None
+    else:
+        await js.update_stream(config)
+        log.info("declared stream %s", config.name)
+    return config.name

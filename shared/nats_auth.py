@@ -54,6 +54,7 @@ def render_accounts(namespace: str, passwords: dict[str, str]) -> str:
         text = re.sub(r"\bpflea\.", f"{namespace}.", text)
         text = text.replace("PFLEA_TX", f"{namespace.upper()}_TX")
         text = text.replace("PFLEA_EVENTS", f"{namespace.upper()}_EVENTS")
+        text = text.replace("PFLEA_INGEST", f"{namespace.upper()}_INGEST")
     for user in USERS:
         # Quoted, so that NATS reads a literal and not a variable or a number.
         text = text.replace(f"${password_variable(user)}", json.dumps(passwords[user]))

@@ -98,6 +98,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Recently published ids the ingester keeps to skip repeated pages, over all agents and
     # feeds (each keeps at most a page of them); see services/ingester/recent.py.
     ingest_recent_ids: int = 100_000
+    # Agents hash to this many slots, which ingester replicas lease (shared/membership.py);
+    # the same on every replica. The lease TTL is the bucket's max_age (`pflea migrate` sets it).
+    ingest_slots: int = 64
+    ingest_lease_ttl_s: float = 6.0
     relay_poll_s: float = 1.0
     snapshot_every: int = 100
     metrics_port: int = 0
@@ -156,6 +160,8 @@ ENV_NAMES: dict[str, str] = {
     "ingest_timeout_s": "PFLEA_INGEST_TIMEOUT_S",
     "ingest_max_page_bytes": "PFLEA_INGEST_MAX_PAGE_BYTES",
     "ingest_recent_ids": "PFLEA_INGEST_RECENT_IDS",
+    "ingest_slots": "PFLEA_INGEST_SLOTS",
+    "ingest_lease_ttl_s": "PFLEA_INGEST_LEASE_TTL_S",
     "relay_poll_s": "PFLEA_RELAY_POLL_S",
     "snapshot_every": "PFLEA_SNAPSHOT_EVERY",
     "metrics_port": "PFLEA_METRICS_PORT",
@@ -185,6 +191,8 @@ _POSITIVE = {
     "ingest_timeout_s",
     "ingest_max_page_bytes",
     "ingest_recent_ids",
+    "ingest_slots",
+    "ingest_lease_ttl_s",
     "snapshot_every",
     "command_concurrency",
     "command_timeout_s",

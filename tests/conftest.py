@@ -22,7 +22,7 @@ import pytest
 from devstack.databases import DatabaseTemplate
 from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError
 from shared.db import WRITER_ROLE, create_pool, role_dsn
-from shared.jetstream import Topology, ensure_streams
+from shared.jetstream import Topology, ensure_streams, ingest_bucket
 from shared.settings import Settings, load_settings
 from shared.store import EventStore
 
@@ -167,7 +167,7 @@ async def js_streams(nats_url: str, topology: Topology) -> AsyncIterator[nats.ai
     try:
         yield nc
     finally:
-        for name in (topology.tx_stream, topology.events_stream):
+        for name in (topology.tx_stream, topology.events_stream, f"KV_{ingest_bucket(topology)}"):
             with contextlib.suppress(Exception):
                 await js.delete_stream(name)
         await nc.close()

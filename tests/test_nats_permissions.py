@@ -38,12 +38,16 @@ from shared.jetstream import (
     StreamMissing,
     StreamSettings,
     Topology,
+    declare_ingest_bucket,
     declare_streams,
+    ensure_ingest_bucket,
     ensure_streams,
+    ingest_bucket,
     pull_consumer_config,
     writer_consumer_config,
 )
 from shared.ledger_client import CommandNotPermitted, LedgerClient
+from shared.membership import Membership
 from shared.nats_agents import (
     AgentLogin,
     AgentRegistry,
@@ -177,6 +181,7 @@ async def streams(ledger: Ledger) -> None:
     admin = await nats.connect(ledger.url("admin"))
     try:
         await declare_streams(admin.jetstream(), TOPOLOGY, duplicate_window_s=60)
+        await declare_ingest_bucket(admin.jetstream(), TOPOLOGY, lease_ttl_s=6)
     finally:
         await admin.close()
 
@@ -445,6 +450,63 @@ async def test_the_writer_may_consume_and_list_the_partitions_of_pflea_tx_and_no
         await declare_streams(admin, TOPOLOGY, duplicate_window_s=60)
 
 
+class Slots:
+    """A SlotOwner that only records which slots it runs."""
+
+    def __init__(self) -> None:
+        self.running: set[int] = set()
+
+    async def slot_started(self, slot: int) -> None:
+        self.running.add(slot)
+
+    async def slot_stopped(self, slot: int) -> None:
+        self.running.discard(slot)
+
+
+async def test_the_ingester_leases_slots_in_its_bucket_and_may_not_manage_it_or_touch_another(
+    ledger: Ledger, login: Any, streams: None
+) -> None:
+    session = await login("ingester")
+    bucket = ingest_bucket(TOPOLOGY)
+    slots = Slots()
+    async with Membership(session.nc.jetstream(), bucket, slots, slots=8) as member:
+        await wait_until(lambda: slots.running == set(range(8)), 15, "the ingester holding every slot")
+        await asyncio.sleep(member.renew_s * 1.5)  # a heartbeat and a renewal of every lease
+        assert all(member.holds(slot) for slot in range(8))
+    assert slots.running == set()
+    assert session.errors.empty(), f"the KV protocol needed more: {session.errors.get_nowait()}"
+    kv = await (await login("admin")).nc.jetstream().key_value(bucket)
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get("slot.0")  # released on leaving: deleted
+
+    other = f"{TOPOLOGY.namespace.upper()}_OTHER"
+    for forbidden in (
+        f"$JS.API.STREAM.DELETE.KV_{bucket}",
+        f"$JS.API.STREAM.PURGE.KV_{bucket}",
+        f"$JS.API.STREAM.UPDATE.KV_{bucket}",
+        f"$JS.API.STREAM.CREATE.KV_{other}",
+        f"$KV.{other}.slot.0",
+        f"$JS.API.DIRECT.GET.KV_{other}.$KV.{other}.slot.0",
+        f"$JS.API.CONSUMER.CREATE.{TOPOLOGY.tx_stream}",
+    ):
+        await session.nc.publish(forbidden, b"{}", reply=session.nc.new_inbox())
+        await session.nc.flush()
+        await session.violation(forbidden)
+
+
+async def test_an_ingester_without_its_bucket_names_the_fix(
+    ledger: Ledger, login: Any, streams: None
+) -> None:
+    admin = (await login("admin")).nc.jetstream()
+    await admin.delete_stream(f"KV_{ingest_bucket(TOPOLOGY)}")
+    try:
+        ingester = (await login("ingester")).nc.jetstream()
+        with pytest.raises(StreamMissing, match=r"stream KV_PFLEA_INGEST is missing: run `pflea migrate`"):
+            await ensure_ingest_bucket(ingester, TOPOLOGY, lease_ttl_s=6)
+    finally:
+        await declare_ingest_bucket(admin, TOPOLOGY, lease_ttl_s=6)
+
+
 # --- the CLI ------------------------------------------------------------------------------------
 
 
@@ -560,7 +622,12 @@ async def test_pflea_migrate_declares_the_streams_as_the_admin_only(
     assert f"streams declared: {topology.tx_stream}, {topology.events_stream}" in result.stdout
     admin = await nats.connect(ledger.url("admin"))
     try:
-        for stream in (topology.tx_stream, topology.events_stream):
+        kv_stream = f"KV_{ingest_bucket(topology)}"
+        assert (
+            f"streams declared: {topology.tx_stream}, {topology.events_stream}, {kv_stream}" in result.stdout
+        )
+        assert (await admin.jetstream().stream_info(kv_stream)).config.max_age == 6.0
+        for stream in (topology.tx_stream, topology.events_stream, kv_stream):
             assert (await admin.jetstream().stream_info(stream)).config.name == stream
             await admin.jetstream().delete_stream(stream)
     finally:

@@ -63,9 +63,10 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 async def _declare_streams(url: str, settings: Settings) -> tuple[list[str], list[str]]:
-    """Create or update the JetStream streams, as the user in NATS_URL (the admin): their names,
-    and what could not be done yet (see shared.retention_change)."""
-    from shared.jetstream import StreamSettings, Topology, declare_streams
+    """Create or update the JetStream streams and the ingesters' KV bucket, as the user in
+    NATS_URL (the admin): their names, and what could not be done yet (see
+    shared.retention_change)."""
+    from shared.jetstream import StreamSettings, Topology, declare_ingest_bucket, declare_streams
     from shared.nats_url import parse_nats_url
 
     servers = parse_nats_url(url).connect_options()
@@ -75,7 +76,10 @@ async def _declare_streams(url: str, settings: Settings) -> tuple[list[str], lis
         deferred = await declare_streams(
             nc.jetstream(), topology, settings.duplicate_window_s, StreamSettings.of(settings)
         )
-        return [topology.tx_stream, topology.events_stream], deferred
+        bucket = await declare_ingest_bucket(
+            nc.jetstream(), topology, settings.ingest_lease_ttl_s, settings.stream_replicas
+        )
+        return [topology.tx_stream, topology.events_stream, bucket], deferred
     finally:
         await nc.close()
 

@@ -35,7 +35,7 @@ from shared.db import (
     role_dsn,
     with_database,
 )
-from shared.jetstream import StreamSettings, Topology, declare_streams
+from shared.jetstream import StreamSettings, Topology, declare_ingest_bucket, declare_streams
 from shared.migrate import migrate
 from shared.nats_agents import AgentRegistry
 from shared.nats_auth import USERS, load_or_create_passwords, render_accounts, user_url
@@ -174,14 +174,11 @@ class Stack:
             servers = parse_nats_url(url).connect_options()
             nc = await nats.connect(**servers, name="pflea-up", connect_timeout=10, allow_reconnect=False)
             try:
+                js = nc.jetstream()
                 topology = Topology(self.settings.namespace)
                 s = self.settings
-                await declare_streams(
-                    nc.jetstream(),
-                    topology,
-                    s.duplicate_window_s,
-                    StreamSettings.of(s),
-                )
+                await declare_streams(js, topology, s.duplicate_window_s, StreamSettings.of(s))
+                await declare_ingest_bucket(js, topology, s.ingest_lease_ttl_s, s.stream_replicas)
             finally:
                 await nc.close()
         except (OSError, TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:

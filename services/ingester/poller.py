@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import asyncpg
 from nats.js import JetStreamContext
@@ -27,7 +27,8 @@ from shared.wire import HDR_MSG_ID, tx_messages
 
 log = logging.getLogger(__name__)
 
-RECEIVED = Counter("pflea_ingester_transactions_received_total", "Transactions fetched", ["agent"])
+# Labels stay bounded: feeds are few, agents may be 50,000 (a series each would be too many).
+RECEIVED = Counter("pflea_ingester_transactions_received_total", "Transactions fetched", ["feed"])
 PUBLISHED = Counter("pflea_ingester_transactions_published_total", "Transactions published to PFLEA_TX")
 FEED_ERRORS = Counter("pflea_ingester_feed_errors_total", "Failed polls", ["kind"])
 CURSOR_RESETS = Counter(
@@ -48,21 +49,53 @@ async def committed_cursor(pool: asyncpg.Pool, agent_id: str, feed: str = CASINO
     they are not a resume point; the poll reaches them later and finds them stored. Events
     ingested before feeds had names carry no ``feed``: they came from the casino's.
     """
-    value = await pool.fetchval(
-        """SELECT data->>'tx_id' FROM events
-           WHERE stream_id = $1 AND data ? 'tx_id' AND NOT metadata ? 'command_id'
-             AND coalesce(metadata->>'feed', $3) = $2
-           ORDER BY version DESC LIMIT 1""",
-        agent_id,
-        feed,
+    return (await committed_cursors(pool, [agent_id], [feed])).get((agent_id, feed))
+
+
+async def committed_cursors(
+    pool: asyncpg.Pool, agent_ids: Sequence[str], feeds: Sequence[str]
+) -> dict[tuple[str, str], str]:
+    """:func:`committed_cursor` of every (agent, feed) pair in one round trip (a slot's agents
+    when the slot is taken); pairs with nothing committed are left out."""
+    rows = await pool.fetch(
+        """SELECT a.agent_id, f.feed,
+                  (SELECT data->>'tx_id' FROM events
+                   WHERE stream_id = a.agent_id AND data ? 'tx_id' AND NOT metadata ? 'command_id'
+                     AND coalesce(metadata->>'feed', $3) = f.feed
+                   ORDER BY version DESC LIMIT 1) AS tx_id
+           FROM unnest($1::text[]) AS a(agent_id) CROSS JOIN unnest($2::text[]) AS f(feed)""",
+        list(agent_ids),
+        list(feeds),
         CASINO_FEED,
     )
-    return str(value) if value is not None else None
+    return {(r["agent_id"], r["feed"]): str(r["tx_id"]) for r in rows if r["tx_id"] is not None}
 
 
 class AgentPoller:
-    resets_in_a_row = 0  # cursor refusals since a poll with a cursor last succeeded
     backpressure: Backpressure = INCIDENT  # a full PFLEA_TX: one incident for all pollers
+    # One per (agent, feed) of the held slots: 120,000 with 20,000 agents on 6 feeds, so no
+    # __dict__ and nothing per poller that is not needed (an asyncio.Event was 760 bytes).
+    __slots__ = (
+        "agent",
+        "feed",
+        "js",
+        "pool",
+        "quarantine",
+        "topology",
+        "settings",
+        "lifecycle",
+        "gate",
+        "may_publish",
+        "since",
+        "cursor_known",
+        "recent",
+        "backoff",
+        "idle_polls",
+        "resets_in_a_row",
+        "reconnects",
+        "seen_reconnects",
+        "__dict__",  # subclasses in tests add attributes
+    )
 
     def __init__(
         self,
@@ -78,6 +111,7 @@ class AgentPoller:
         gate: asyncio.Semaphore,
         reconnects: Callable[[], int] = lambda: 0,
         recent: RecentIds | None = None,
+        may_publish: Callable[[], bool] = lambda: True,
     ) -> None:
         self.agent = agent
         self.feed = feed
@@ -88,42 +122,64 @@ class AgentPoller:
         self.settings = settings
         self.lifecycle = lifecycle
         self.gate = gate
+        self.may_publish = may_publish
         self.since: str | None = None
+        self.cursor_known = False  # since is what Postgres committed (or read on from it)
         # Shared by every poller of the service (one budget); a poller of its own in tests.
         if recent is None:
             recent = RecentIds(settings.ingest_page_limit, settings.ingest_recent_ids)
         self.recent = recent.window((feed.name, agent.agent_id))
         self.backoff = 0.5
         self.idle_polls = 0  # polls in a row that brought nothing new
-        self.caught_up = asyncio.Event()
+        self.resets_in_a_row = 0  # cursor refusals since a poll with a cursor last succeeded
         self.reconnects = reconnects
         self.seen_reconnects = reconnects()
 
     async def run(self) -> None:
-        while True:  # a Postgres restart at start must not end this agent's polling
-            try:
-                self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
-                break
-            except (asyncpg.PostgresError, OSError) as exc:
-                if await self.lifecycle.sleep(self._next_backoff(f"reading the cursor: {exc!r}")):
-                    return
-        log.info("polling", extra={"agent": self.agent.agent_id, "feed": self.feed.name, "since": self.since})
+        """Poll this agent's feed until the service stops (a loop of its own: tests)."""
         while not self.lifecycle.stopping.is_set():
-            try:
-                await self._resync_after_nats_restart()
-                delay = await self.poll_once()
-            except (asyncpg.PostgresError, OSError) as exc:
-                # Quarantine writes need Postgres; the cursor has not moved, so just retry.
-                delay = self._next_backoff(f"database: {exc!r}")
-            except Exception as exc:
-                if self.lifecycle.stopping.is_set():
-                    return  # e.g. a publish given up because we are stopping
-                # A bug must not end this agent's polling silently (the service only looks at
-                # its pollers when it stops): say so loudly and retry from the same cursor.
-                log.exception("poll crashed", extra={"agent": self.agent.agent_id})
-                delay = self._next_backoff(f"unexpected {exc!r}")
+            delay = await self.step()
             if delay and await self.lifecycle.sleep(delay):
                 return
+
+    async def step(self) -> float:
+        """One turn: read the committed cursor first if not yet known, else poll a page; how
+        long until the next turn. Failures are retried with back-off, never raised: a Postgres
+        restart or a bug must not end this agent's polling."""
+        if not self.cursor_known:
+            try:
+                self.since = await committed_cursor(self.pool, self.agent.agent_id, self.feed.name)
+            except (asyncpg.PostgresError, OSError) as exc:
+                return self._next_backoff(f"reading the cursor: {exc!r}")
+            self.cursor_known = True
+            log.debug(
+                "polling", extra={"agent": self.agent.agent_id, "feed": self.feed.name, "since": self.since}
+            )
+        try:
+            await self._resync_after_nats_restart()
+            return await self.poll_once()
+        except (asyncpg.PostgresError, OSError) as exc:
+            # Quarantine writes need Postgres; the cursor has not moved, so just retry.
+            return self._next_backoff(f"database: {exc!r}")
+        except Exception as exc:
+            if self.lifecycle.stopping.is_set():
+                return 0.0  # e.g. a publish given up because we are stopping
+            # A bug must not end this agent's polling silently: say so loudly and retry from
+            # the same cursor.
+            log.exception("poll crashed", extra={"agent": self.agent.agent_id})
+            return self._next_backoff(f"unexpected {exc!r}")
+
+    def resume_from(self, since: str | None) -> None:
+        """Start from ``since``, the committed cursor read for the whole slot at once."""
+        self.since = since
+        self.cursor_known = True
+
+    def forget(self) -> None:
+        """Another replica polls this agent now: drop the cursor and the recent ids, so that a
+        return of the slot starts again from what Postgres committed."""
+        self.cursor_known = False
+        self.since = None
+        self.recent.clear()
 
     async def _resync_after_nats_restart(self) -> None:
         """After a NATS reconnect, poll again from what Postgres committed.
@@ -168,10 +224,11 @@ class AgentPoller:
         self.backoff = 0.5
         if self.since is not None:
             self.resets_in_a_row = 0
-        RECEIVED.labels(agent_id).inc(len(page.items))
+        RECEIVED.labels(self.feed.name).inc(len(page.items))
+        if not self.may_publish():
+            return 0.0  # the slot's lease is gone: the schedule drops this poller
         new = await self.handle(page.items)
         if len(page.items) < limit:
-            self.caught_up.set()
             return self._idle_interval(new)
         return 0.0
 

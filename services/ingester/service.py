@@ -1,22 +1,34 @@
-"""Wire the ingester: a client per feed, a poller per (agent, feed), bounded concurrency."""
+"""Wire the ingester: a client per feed, the slots this replica leases, their agents' pollers
+in one schedule run by a bounded set of workers."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Callable
+
+from prometheus_client import Gauge
 
 from services.ingester.client import FeedClient
 from services.ingester.poller import AgentPoller
 from services.ingester.recent import RecentIds
+from services.ingester.schedule import PollSchedule
+from services.ingester.shards import AgentShards
 from shared.db import INGESTER_ROLE, service_pool
-from shared.jetstream import StreamSettings, Topology, ensure_streams
+from shared.jetstream import StreamSettings, Topology, ensure_ingest_bucket, ensure_streams, ingest_bucket
+from shared.membership import Membership
 from shared.nats_conn import connect_nats
 from shared.ops import Lifecycle
 from shared.quarantine import Quarantine
 from shared.service import require
-from shared.settings import Settings, SettingsError
+from shared.settings import AgentCredential, Settings, SettingsError
 
 log = logging.getLogger(__name__)
+
+SLOTS_HELD = Gauge(
+    "pflea_ingester_slots_held", "Slots (shares of the agents) this replica holds the lease of"
+)
 
 
 async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
@@ -48,11 +60,23 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
             raise SettingsError("PURPLEFLEA_AGENTS", "no agents to poll")
         js = nc.jetstream()
         await ensure_streams(js, topology, settings.duplicate_window_s, StreamSettings.of(settings))
+        await ensure_ingest_bucket(js, topology, settings.ingest_lease_ttl_s, settings.stream_replicas)
         gate = asyncio.Semaphore(settings.ingest_concurrency)
         quarantine = Quarantine(pool, "ingester")
         recent = RecentIds(settings.ingest_page_limit, settings.ingest_recent_ids)
-        pollers = [
-            AgentPoller(
+        schedule = PollSchedule(
+            settings.ingest_concurrency, lifecycle, may_poll=lambda slot: membership.holds(slot)
+        )
+
+        def reconnects() -> int:
+            return int(nc.stats["reconnects"])
+
+        lease_of: dict[int, Callable[[], bool]] = {}  # one per slot, shared by its pollers
+
+        def make_poller(agent: AgentCredential, feed: FeedClient, slot: int) -> AgentPoller:
+            if slot not in lease_of:
+                lease_of[slot] = functools.partial(membership.holds, slot)
+            return AgentPoller(
                 agent,
                 feed=feed,
                 js=js,
@@ -62,19 +86,49 @@ async def run_ingester(settings: Settings, lifecycle: Lifecycle) -> None:
                 settings=settings,
                 lifecycle=lifecycle,
                 gate=gate,
-                reconnects=lambda: int(nc.stats["reconnects"]),
+                reconnects=reconnects,
                 recent=recent,
+                may_publish=lease_of[slot],
             )
-            for agent in agents
-            for feed in feeds
-        ]
-        lifecycle.ready = True
-        names = ",".join(f"{f.name}={f.url}" for f in configured)
-        log.info("ingesting", extra={"agents": len(agents), "feeds": names})
-        results = await asyncio.gather(*(p.run() for p in pollers), return_exceptions=True)
-        for poller, result in zip(pollers, results, strict=True):
-            if isinstance(result, BaseException) and not lifecycle.stopping.is_set():
-                log.error("poller stopped: %r", result, extra={"agent": poller.agent.agent_id})
+
+        shards = AgentShards(
+            agents,
+            feeds,
+            settings.ingest_slots,
+            schedule,
+            make_poller,
+            spread_s=settings.ingest_poll_interval_s,
+            pool=pool,
+        )
+        membership = Membership(
+            js,
+            ingest_bucket(topology),
+            shards,
+            slots=settings.ingest_slots,
+            on_overlap=shards.overlap,
+            recreate=lambda: ensure_ingest_bucket(
+                js, topology, settings.ingest_lease_ttl_s, settings.stream_replicas
+            ),
+        )
+        async with membership:
+            SLOTS_HELD.set_function(lambda: len(membership.held))
+            await membership.synced(timeout=30)
+            # Ready once polling its share: after a SIGKILL, the leases of this replica's
+            # previous life must expire first (a TTL at most).
+            if not await membership.settled(timeout=4 * membership.ttl_s):
+                log.warning("not holding every slot this replica should own yet; ready anyway")
+            lifecycle.ready = True
+            names = ",".join(f"{f.name}={f.url}" for f in configured)
+            log.info(
+                "ingesting",
+                extra={
+                    "agents": len(agents),
+                    "feeds": names,
+                    "member": membership.member_id,
+                    "slots": settings.ingest_slots,
+                },
+            )
+            await schedule.run()  # until SIGTERM; then the leases are given up as the block ends
     finally:
         await nc.drain()
         for client in (casino, *feeds):
