@@ -431,7 +431,7 @@ async def test_the_writer_may_consume_and_list_the_partitions_of_pflea_tx_and_no
     try:
         session = await login("writer")
         js = session.nc.jetstream()
-        appends = PartitionedAppends(js, None, None, TOPOLOGY, settings, None, "")  # type: ignore[arg-type]
+        appends = PartitionedAppends(js, TOPOLOGY, Lifecycle(), "", consumer=None)  # type: ignore[arg-type]
         assert await appends.partitions() == 3
         config = writer_consumer_config(TOPOLOGY, 3, 2, ack_wait_s=30)
         sub = await js.pull_subscribe(

@@ -13,16 +13,15 @@ import pytest
 from devstack.processes import ServiceProcess, wait_until
 from services.writer.partitions import PartitionedAppends
 from shared.jetstream import StreamSettings, Topology, declare_streams
+from shared.ops import Lifecycle
 from shared.partitions import fnv1a_32, partition
 from shared.settings import Settings
-from shared.wire import HDR_MSG_ID, tx_messages
 from tests.support import service_env
 from tests.test_writer_relay import (
     _at_least,
     assert_log_is_clean,
     assert_source_order,
     count_events,
-    envelope,
     publish_transactions,
 )
 
@@ -59,6 +58,15 @@ async def test_nats_server_stores_each_agent_in_the_partition_the_hash_names(
     assert topology.tx_partitions((await js.stream_info(topology.tx_stream)).config) == 3
 
 
+def _writers(n: int, env: dict[str, str], tmp_path: Path) -> list[ServiceProcess]:
+    """``n`` writer processes (not started), each logging in a folder of its own."""
+    writers = []
+    for i in range(n):
+        (tmp_path / f"w{i}").mkdir()
+        writers.append(ServiceProcess("services.writer", env, tmp_path / f"w{i}"))
+    return writers
+
+
 def _leading(proc: ServiceProcess) -> set[int]:
     """The partitions of three that ``proc`` appends now, by its log."""
     held: set[int] = set()
@@ -75,10 +83,7 @@ async def test_three_writers_share_three_partitions_and_a_standby_takes_over_a_k
         js_streams.jetstream(), topology, duplicate_window_s=60, shape=StreamSettings(partitions=3)
     )
     env = service_env(settings, PFLEA_WRITER_BATCH_SIZE="50", PFLEA_DELAY_AT="writer.append:0.1")
-    writers = []
-    for i in range(3):
-        (tmp_path / f"w{i}").mkdir()
-        writers.append(ServiceProcess("services.writer", env, tmp_path / f"w{i}"))
+    writers = _writers(3, env, tmp_path)
     url = settings.database_url
     try:
         for proc in writers:
@@ -119,10 +124,7 @@ async def test_changing_the_partition_count_while_writing_loses_and_doubles_noth
     still waiting: each agent keeps its order across the changes, nothing lost or doubled."""
     js = js_streams.jetstream()
     env = service_env(settings, PFLEA_WRITER_BATCH_SIZE="50", PFLEA_DELAY_AT="writer.append:0.02")
-    writers = []
-    for i in range(2):
-        (tmp_path / f"w{i}").mkdir()
-        writers.append(ServiceProcess("services.writer", env, tmp_path / f"w{i}"))
+    writers = _writers(2, env, tmp_path)
     url = settings.database_url
     expected: set = set()
     try:
@@ -130,7 +132,7 @@ async def test_changing_the_partition_count_while_writing_loses_and_doubles_noth
             proc.start()
         for count, first in ((1, 0), (3, 40), (2, 80)):
             await declare_streams(js, topology, duplicate_window_s=60, shape=StreamSettings(partitions=count))
-            expected |= await _publish_range(js_streams, topology, first, first + 40)
+            expected |= await publish_transactions(js_streams, topology, agents=20, per_agent=40, first=first)
             half = len(expected) // 2
             await wait_until(lambda n=half: _at_least(url, n), 60, "writing under way")
         await wait_until(lambda: _at_least(url, len(expected)), 120, "every transaction written")
@@ -147,27 +149,10 @@ async def test_changing_the_partition_count_while_writing_loses_and_doubles_noth
     assert {"writer", "writer-3-0", "writer-3-1", "writer-3-2", "writer-2-0", "writer-2-1"} <= consumers
 
 
-async def _publish_range(nc: nats.NATS, topology: Topology, first: int, last: int) -> set:
-    """Transactions ``first``..``last - 1`` of 20 agents (their order is their tx number)."""
-
-    js = nc.jetstream()
-    ids = set()
-    for n in range(first, last):
-        for a in range(20):
-            env = envelope(f"agent-{a}", n)
-            ids.add(env.event_id)
-            [message] = tx_messages([env])
-            await js.publish_async(
-                topology.tx_subject(env.agent_id), message.payload, headers={HDR_MSG_ID: message.msg_id}
-            )
-    await js.publish_async_completed()
-    return ids
-
-
 async def test_a_writer_reads_the_partition_count_off_the_stream(
     js_streams: nats.NATS, topology: Topology, settings: Settings
 ) -> None:
-    appends = PartitionedAppends(js_streams.jetstream(), None, None, topology, settings, None, "")  # type: ignore[arg-type]
+    appends = PartitionedAppends(js_streams.jetstream(), topology, Lifecycle(), "", consumer=None)  # type: ignore[arg-type]
     assert await appends.partitions() == 1
     await declare_streams(
         js_streams.jetstream(), topology, duplicate_window_s=60, shape=StreamSettings(partitions=4)

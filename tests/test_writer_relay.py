@@ -39,11 +39,13 @@ def envelope(agent: str, n: int) -> TxEnvelope:
 
 
 async def publish_transactions(
-    nc: nats.NATS, topology: Topology, agents: int, per_agent: int
+    nc: nats.NATS, topology: Topology, agents: int, per_agent: int, first: int = 0
 ) -> set[uuid.UUID]:
+    """Transactions ``first`` .. ``first + per_agent - 1`` of each agent (their order is their
+    tx number), published round-robin over the agents."""
     js = nc.jetstream()
     ids = set()
-    for n in range(per_agent):
+    for n in range(first, first + per_agent):
         for a in range(agents):
             env = envelope(f"agent-{a}", n)
             ids.add(env.event_id)

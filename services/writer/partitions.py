@@ -22,6 +22,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 
 import asyncpg
 from nats.js import JetStreamContext
@@ -32,9 +33,6 @@ from shared.db import TRANSIENT_DB_ERRORS, connect
 from shared.jetstream import NATS_ERRORS, Topology
 from shared.lease import LeaderLease
 from shared.ops import Lifecycle
-from shared.quarantine import Quarantine
-from shared.settings import Settings
-from shared.store import EventStore
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +107,16 @@ class PartitionedAppends:
     def __init__(
         self,
         js: JetStreamContext,
-        store: EventStore,
-        quarantine: Quarantine,
         topology: Topology,
-        settings: Settings,
         lifecycle: Lifecycle,
         dsn: str,
-        on_commit: asyncio.Event | None = None,
+        consumer: Callable[[int, int], TxConsumer],
     ) -> None:
         self.js = js
-        self.store = store
-        self.quarantine = quarantine
         self.topology = topology
-        self.settings = settings
         self.lifecycle = lifecycle
         self.dsn = dsn
-        self.on_commit = on_commit or asyncio.Event()
+        self.consumer = consumer  # (partition count, partition) -> the appending consumer
 
     async def run(self) -> None:
         members = WriterMembers(self.dsn)
@@ -214,18 +206,7 @@ class PartitionedAppends:
             log.info("appending (this writer holds the append lock)")
         else:
             log.info("appending partition %d of %d (this writer holds its lock)", part, count)
-        consumer = TxConsumer(
-            self.js,
-            self.store,
-            self.quarantine,
-            self.topology,
-            self.settings,
-            self.lifecycle,
-            self.dsn,
-            on_commit=self.on_commit,
-            partitions=count,
-            part=part,
-        )
+        consumer = self.consumer(count, part)
         leave = asyncio.Event()
         watch = asyncio.create_task(self._watch(count, part, members, lease, over, leave))
         try:

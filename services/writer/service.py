@@ -15,6 +15,7 @@ from typing import Any
 from services.relay.service import PARTS as RELAY_PARTS
 from services.relay.service import tailers
 from services.writer.commands import CommandHandler
+from services.writer.consumer import TxConsumer
 from services.writer.partitions import PartitionedAppends
 from services.writer.purpleflea import PurpleFleaCommands
 from shared.db import WRITER_ROLE, service_pool
@@ -51,7 +52,22 @@ async def run_writer(settings: Settings, lifecycle: Lifecycle) -> None:
         if "append" in parts:
             quarantine = Quarantine(pool, "writer")
             appends = PartitionedAppends(
-                js, store, quarantine, topology, settings, lifecycle, dsn, on_commit=committed
+                js,
+                topology,
+                lifecycle,
+                dsn,
+                lambda count, part: TxConsumer(
+                    js,
+                    store,
+                    quarantine,
+                    topology,
+                    settings,
+                    lifecycle,
+                    dsn,
+                    on_commit=committed,
+                    partitions=count,
+                    part=part,
+                ),
             )
             jobs.append(appends.run())
         if "commands" in parts:
