@@ -28,6 +28,7 @@ from bench import (
     partitions,
     rebuild,
     shards,
+    soak,
     time_travel,
     writer,
 )
@@ -52,6 +53,7 @@ SCENARIOS: dict[str, Scenario] = {
     "cluster": cluster.run,
     "capacity": capacity.run,
     "shards": shards.run,
+    "soak": soak.run,
 }
 # A figure is compared to limits measured in the same run, so a scenario brings its limits.
 REQUIRES = {
@@ -74,6 +76,7 @@ ORDER = [
     "cluster",
     "capacity",
     "shards",
+    "soak",
 ]
 
 
@@ -105,11 +108,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             metavar="N",
             help=f"default {f.default:,} ({Sizes.quick().__dict__[f.name]:,} with --quick)",
         )
+    # The soak's two knobs by their short names (README): --minutes N --rate R.
+    parser.add_argument("--minutes", dest="soak_minutes", type=float, metavar="N", help="soak: minutes")
+    parser.add_argument("--rate", dest="soak_rate", type=float, metavar="R", help="soak: transactions/s")
     return parser.parse_args(argv)
 
 
 # Run only when named with --only: minutes of its own, and a figure of sizing, not of the pipeline.
-OPT_IN = {"shards"}
+OPT_IN = {"shards", "soak"}
 
 
 def chosen(only: list[str] | None) -> list[str]:

@@ -37,6 +37,10 @@ class Sizes:
     time_travel_queries: int = 10
     shards_agents: int = 20_000  # one ingester, nearly all of them idle
     shards_window_s: float = 30.0
+    soak_minutes: float = 20.0  # --minutes
+    soak_rate: float = 1_000.0  # --rate: transactions/s offered by the simulator
+    soak_agents: int = 500
+    soak_sample_s: float = 30.0
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -54,6 +58,10 @@ class Sizes:
             time_travel_queries=5,
             shards_agents=2_000,
             shards_window_s=10.0,
+            soak_minutes=1.0,
+            soak_rate=200.0,
+            soak_agents=50,
+            soak_sample_s=10.0,
         )
 
 
