@@ -37,6 +37,8 @@ class Sizes:
     time_travel_queries: int = 10
     shards_agents: int = 20_000  # one ingester, nearly all of them idle
     shards_window_s: float = 30.0
+    ingest_agents: int = 200  # the ingester alone, pages of 200
+    ingest_per_agent: int = 1_000
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -54,6 +56,8 @@ class Sizes:
             time_travel_queries=5,
             shards_agents=2_000,
             shards_window_s=10.0,
+            ingest_agents=20,
+            ingest_per_agent=1_000,
         )
 
 

@@ -188,7 +188,31 @@ def schema_version_of(event_type: str) -> int:
 
 def encode_data(event: Event) -> bytes:
     """The JSON stored in ``events.data``: amounts as strings, defaults omitted."""
+    if _written_plainly(event):
+        return _encoder.encode(event)  # the same bytes, without the detour through a dict
     return _encoder.encode(plain_json(msgspec.to_builtins(event, builtin_types=(Decimal,))))
+
+
+_PLAIN_TYPES = (str, int, bool, type(None))
+
+
+def _written_plainly(event: Event) -> bool:
+    """Whether msgspec writes ``event`` as :func:`plain_json` would have it: each Decimal is one
+    ``str()`` writes without an exponent, and its JSON objects (``extra``, ``raw``) hold only
+    strings, integers, booleans and nulls."""
+    for name in event.__struct_fields__:
+        value = getattr(event, name)
+        kind = type(value)
+        if kind is Decimal:
+            if not (value.is_finite() and value.as_tuple().exponent <= 0 and value.adjusted() >= -6):
+                return False
+        elif kind is dict:
+            for item in value.values():
+                if type(item) not in _PLAIN_TYPES:
+                    return False
+        elif kind not in _PLAIN_TYPES:
+            return False
+    return True
 
 
 def decode_data(event_type: str, data: bytes | str | dict[str, Any]) -> Event:
