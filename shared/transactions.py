@@ -117,6 +117,7 @@ def decode_item(raw: bytes) -> dict[str, Any]:
 # path's parse_float does; integers stay int in both.
 PLAIN_FLOAT_HOOK = Decimal
 _plain_decoder = msgspec.json.Decoder(dict[str, Any], float_hook=PLAIN_FLOAT_HOOK)
+_exact_decoder = msgspec.json.Decoder(float_hook=PLAIN_FLOAT_HOOK)
 # Writes a decoded plain item back byte for byte: a Decimal as its str(), which is its source text.
 PLAIN_ENCODER = msgspec.json.Encoder(decimal_format="number")
 _SCALARS = (str, int, Decimal, bool, type(None))
@@ -138,6 +139,16 @@ def _plain_item(raw: bytes) -> dict[str, Any] | None:
     if not flat(item) or not written_plainly(PLAIN_ENCODER.encode(item), raw):
         return None
     return item
+
+
+def _exact_json(raw: bytes) -> Any:
+    """``raw`` decoded by msgspec, if the stdlib parser would decode it to the same value (any
+    depth: a duplicate key anywhere would not write back to ``raw``); else None."""
+    try:
+        value = _exact_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return value if written_plainly(PLAIN_ENCODER.encode(value), raw) else None
 
 
 def flat(item: object) -> bool:
@@ -172,6 +183,8 @@ def _strict_json(raw: bytes, what: str) -> Any:
 
 
 def _checked_item(obj: Any) -> dict[str, Any]:
+    if type(obj) is dict and _plain_text(obj):
+        return obj  # nothing for the walk below to find
     if not isinstance(obj, dict):
         raise Rejected(f"transaction: expected a JSON object, got {type(obj).__name__}")
     try:
@@ -179,6 +192,21 @@ def _checked_item(obj: Any) -> dict[str, Any]:
     except Rejected as exc:
         raise Rejected(exc.reason, _tx_id_or_none(obj)) from None
     return obj
+
+
+def _plain_text(item: dict[str, Any]) -> bool:
+    """Whether ``item`` is flat and all its text ASCII without NUL: what :func:`_check_text`
+    passes without a look (it would refuse no key or value of it)."""
+    for key, value in item.items():
+        if not key.isascii() or "\x00" in key:
+            return False
+        kind = type(value)
+        if kind is str:
+            if not value.isascii() or "\x00" in value:
+                return False
+        elif kind not in _SCALARS:
+            return False
+    return True
 
 
 def _text(tx: dict[str, Any], field: str, *, required: bool = True, limit: int = 200) -> str | None:
@@ -410,7 +438,10 @@ def source_item(envelope: TxEnvelope) -> dict[str, Any]:
     """The feed item ``envelope`` was made from, as far as its event keeps it: the inverse of
     :func:`to_event` (an UnknownTransaction keeps the item whole; any other event its fields,
     ``extra`` and ``created_at`` as ``occurred_at``, unless it was first seen without one)."""
-    data = _strict_json(bytes(envelope.data), "data")
+    raw = bytes(envelope.data)
+    data = _exact_json(raw)
+    if data is None:
+        data = _strict_json(raw, "data")
     if not isinstance(data, dict):
         raise Rejected(f"data: expected a JSON object, got {type(data).__name__}", envelope.tx_id)
     if envelope.event_type == "UnknownTransaction":

@@ -20,7 +20,7 @@ from services.simulator.config import FaultKnobs
 from shared import transactions
 from shared.envelope import INGESTED_EVENT_NAMESPACE, TxEnvelope, bet_event_id, ingested_event_id
 from shared.events import BetPlaced, FundsDeposited, UnknownTransaction, encode_data, plain_json
-from shared.transactions import Rejected, parse_transaction
+from shared.transactions import Rejected, parse_transaction, reparse
 from tests.test_ingest_validation import POISON
 
 AGENT, FEED = "agent-0001", "casino"
@@ -179,3 +179,34 @@ def test_event_ids_are_uuid5_in_the_ingested_namespace(name: str) -> None:
     assert bet_event_id(agent, "b1", won=True) == uuid.uuid5(
         INGESTED_EVENT_NAMESPACE, f"casino:{agent}:bet:b1:won"
     )
+
+
+def reparse_outcome(envelope: TxEnvelope) -> Outcome:
+    try:
+        return reparse(envelope)
+    except Rejected as exc:
+        return f"rejected: {exc.reason} (tx {exc.tx_id})"
+
+
+def test_the_writer_reparses_alike_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = Simulator(
+        SimulatorConfig(seed=5, agents=3, backlog=300, rate=0, history=1000, numeric_amount_rate=0.5)
+    )
+    envelopes = [parse_transaction(tx.raw, tx.agent_id, tx.feed) for tx in sim.truth()]
+    forged = [
+        msgspec.structs.replace(envelopes[1], data=msgspec.Raw(data))
+        for data in (
+            b'{"tx_id":"x","amount":"1","amount":"2","asset":"USDC"}',
+            b'{"tx_id":"x","amount":"1","asset":"USDC","extra":{"memo":"a\\u0000b"}}',
+            b'{"tx_id":"x","amount":"1","asset":"USDC","extra":{"memo":"\\u00e9"}}',
+            b'{"tx_id":"x","amount":1.5,"asset":"USDC"}',
+        )
+    ]
+    for envelope in envelopes + forged:
+        fast = reparse_outcome(envelope)
+        with monkeypatch.context() as m:
+            m.setattr(transactions, "_exact_json", lambda raw: None)
+            m.setattr(transactions, "_plain_text", lambda item: False)
+            slow = reparse_outcome(envelope)
+        assert same(fast, slow), bytes(envelope.data)[:200]
+    assert all(isinstance(reparse_outcome(e), TxEnvelope) for e in envelopes)
