@@ -37,8 +37,8 @@ class Sizes:
     time_travel_queries: int = 10
     shards_agents: int = 20_000  # one ingester, nearly all of them idle
     shards_window_s: float = 30.0
-    ingest_agents: int = 200  # the ingester alone, pages of 200
-    ingest_per_agent: int = 1_000
+    ingest_agents: int = 40  # the ingester alone: 5,000 transactions each, so mostly full pages of 200
+    ingest_per_agent: int = 5_000
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -56,8 +56,8 @@ class Sizes:
             time_travel_queries=5,
             shards_agents=2_000,
             shards_window_s=10.0,
-            ingest_agents=20,
-            ingest_per_agent=1_000,
+            ingest_agents=10,
+            ingest_per_agent=2_000,
         )
 
 

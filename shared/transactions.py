@@ -270,79 +270,80 @@ def _occurred_at(tx: dict[str, Any]) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _money(cls: type[Event], *extra: str) -> Callable[[dict[str, Any]], Event]:
-    def build(tx: dict[str, Any]) -> Event:
-        fields: dict[str, Any] = {"amount": _amount(tx), "asset": _asset(tx)}
+Fields = dict[str, Any]
+
+
+def _money(*extra: str) -> Callable[[dict[str, Any]], Fields]:
+    def fields(tx: dict[str, Any]) -> Fields:
+        found: Fields = {"amount": _amount(tx), "asset": _asset(tx)}
         for name in extra:
-            fields[name] = _text(tx, name, required=False)
-        return cls(**fields)
+            found[name] = _text(tx, name, required=False)
+        return found
 
-    return build
-
-
-def _domain(cls: type[DomainPurchased | DomainRenewed | DomainSold]) -> Callable[[dict[str, Any]], Event]:
-    def build(tx: dict[str, Any]) -> Event:
-        amount, asset, domain = _amount(tx), _asset(tx), _text(tx, "domain")
-        assert domain is not None
-        return cls(amount=amount, asset=asset, domain=domain)
-
-    return build
+    return fields
 
 
-def _trade(tx: dict[str, Any]) -> Event:
+def _domain(tx: dict[str, Any]) -> Fields:
+    amount, asset, domain = _amount(tx), _asset(tx), _text(tx, "domain")
+    assert domain is not None
+    return {"amount": amount, "asset": asset, "domain": domain}
+
+
+def _trade(tx: dict[str, Any]) -> Fields:
     side = tx.get("side")
     if side not in ("buy", "sell"):
         raise Rejected(f"side: expected 'buy' or 'sell', got {side!r}", _tx_id_or_none(tx))
     price = _amount(tx, "price") if tx.get("price") is not None else None
-    return TradeExecuted(
-        amount=_amount(tx),
-        asset=_asset(tx),
-        side=side,
-        instrument=_asset(tx, "instrument", None),
-        quantity=_amount(tx, "quantity"),
-        price=price,
-    )
+    return {
+        "amount": _amount(tx),
+        "asset": _asset(tx),
+        "side": side,
+        "instrument": _asset(tx, "instrument", None),
+        "quantity": _amount(tx, "quantity"),
+        "price": price,
+    }
 
 
-def _swap(tx: dict[str, Any]) -> Event:
-    return AssetSwapped(
-        amount=_amount(tx),
-        asset=_asset(tx),
-        to_amount=_amount(tx, "to_amount"),
-        to_asset=_asset(tx, "to_asset", None),
-    )
+def _swap(tx: dict[str, Any]) -> Fields:
+    return {
+        "amount": _amount(tx),
+        "asset": _asset(tx),
+        "to_amount": _amount(tx, "to_amount"),
+        "to_asset": _asset(tx, "to_asset", None),
+    }
 
 
-def _register(tx: dict[str, Any]) -> Event:
-    return AgentRegistered(name=_text(tx, "name", required=False))
+def _register(tx: dict[str, Any]) -> Fields:
+    return {"name": _text(tx, "name", required=False)}
 
 
-# Each source type: the event it becomes, how, and the fields that event keeps (not in extra).
-BUILDERS: dict[str, tuple[type[Event], Callable[[dict[str, Any]], Event], frozenset[str]]] = {
+# Each source type: the event it becomes, its fields read from the transaction, and the
+# transaction's fields that event keeps (not in extra).
+BUILDERS: dict[str, tuple[type[Event], Callable[[dict[str, Any]], Fields], frozenset[str]]] = {
     "register": (AgentRegistered, _register, frozenset({"name", "amount", "asset"})),
-    "deposit": (FundsDeposited, _money(FundsDeposited), frozenset()),
-    "withdraw": (FundsWithdrawn, _money(FundsWithdrawn, "address"), frozenset({"address"})),
-    "bet": (BetPlaced, _money(BetPlaced, "game", "bet_id"), frozenset({"game", "bet_id"})),
-    "win": (BetWon, _money(BetWon, "game", "bet_id"), frozenset({"game", "bet_id"})),
-    "fee": (FeeCharged, _money(FeeCharged, "reason"), frozenset({"reason"})),
-    "faucet": (FaucetClaimed, _money(FaucetClaimed), frozenset()),
-    "escrow": (EscrowLocked, _money(EscrowLocked, "escrow_id"), frozenset({"escrow_id"})),
-    "escrow_release": (EscrowReleased, _money(EscrowReleased, "escrow_id"), frozenset({"escrow_id"})),
+    "deposit": (FundsDeposited, _money(), frozenset()),
+    "withdraw": (FundsWithdrawn, _money("address"), frozenset({"address"})),
+    "bet": (BetPlaced, _money("game", "bet_id"), frozenset({"game", "bet_id"})),
+    "win": (BetWon, _money("game", "bet_id"), frozenset({"game", "bet_id"})),
+    "fee": (FeeCharged, _money("reason"), frozenset({"reason"})),
+    "faucet": (FaucetClaimed, _money(), frozenset()),
+    "escrow": (EscrowLocked, _money("escrow_id"), frozenset({"escrow_id"})),
+    "escrow_release": (EscrowReleased, _money("escrow_id"), frozenset({"escrow_id"})),
     "trade": (TradeExecuted, _trade, frozenset({"side", "instrument", "quantity", "price"})),
     "transfer_in": (
         WalletTransferIn,
-        _money(WalletTransferIn, "address", "chain"),
+        _money("address", "chain"),
         frozenset({"address", "chain"}),
     ),
     "transfer_out": (
         WalletTransferOut,
-        _money(WalletTransferOut, "address", "chain"),
+        _money("address", "chain"),
         frozenset({"address", "chain"}),
     ),
     "swap": (AssetSwapped, _swap, frozenset({"to_amount", "to_asset"})),
-    "domain_purchase": (DomainPurchased, _domain(DomainPurchased), frozenset({"domain"})),
-    "domain_renewal": (DomainRenewed, _domain(DomainRenewed), frozenset({"domain"})),
-    "domain_sale": (DomainSold, _domain(DomainSold), frozenset({"domain"})),
+    "domain_purchase": (DomainPurchased, _domain, frozenset({"domain"})),
+    "domain_renewal": (DomainRenewed, _domain, frozenset({"domain"})),
+    "domain_sale": (DomainSold, _domain, frozenset({"domain"})),
 }
 # The source type each catalogue event comes from (UnknownTransaction keeps its own).
 SOURCE_TYPES: dict[str, str] = {cls.__name__: source for source, (cls, _, _) in BUILDERS.items()}
@@ -361,17 +362,21 @@ def to_event(tx: dict[str, Any]) -> Event:
     tx_type = _text(tx, "type", limit=64)
     assert tx_type is not None
     tx_id = _text(tx, "id")
+    return _event(tx, tx_type, tx_id)
+
+
+def _event(tx: dict[str, Any], tx_type: str, tx_id: str | None) -> Event:
     built = BUILDERS.get(tx_type)
     if built is None:
         if tx.get("amount") is not None:
             _amount(tx)  # an unknown type still may not carry an amount we could not store
         raw = {k: plain_json(v) for k, v in tx.items()}
         return UnknownTransaction(tx_id=tx_id, source_type=tx_type, raw=raw, extra=_marks(tx))
-    _, build, own_fields = built
-    event = build(tx)
+    cls, read, own_fields = built
+    fields = read(tx)
     extra = {k: plain_json(v) for k, v in tx.items() if k not in _COMMON and k not in own_fields}
     extra.update(_marks(tx))
-    return msgspec.structs.replace(event, tx_id=tx_id, extra=extra)
+    return cls(tx_id=tx_id, extra=extra, **fields)
 
 
 def transaction_event_id(feed: str, agent_id: str, tx_id: str, event: Event) -> uuid.UUID:
@@ -401,7 +406,9 @@ def _envelope(tx: dict[str, Any], agent_id: str, feed: str) -> TxEnvelope:
     if owner is not None and owner != agent_id:
         raise Rejected(f"agent_id: transaction belongs to {owner!r}, polled for {agent_id!r}", tx_id)
     occurred_at = _occurred_at(tx)
-    event = to_event(tx)
+    tx_type = _text(tx, "type", limit=64)
+    assert tx_type is not None
+    event = _event(tx, tx_type, tx_id)
     event_type = event_type_of(event)
     return TxEnvelope(
         event_id=transaction_event_id(feed, agent_id, tx_id, event),
