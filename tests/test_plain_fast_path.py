@@ -179,6 +179,10 @@ def test_event_ids_are_uuid5_in_the_ingested_namespace(name: str) -> None:
     assert bet_event_id(agent, "b1", won=True) == uuid.uuid5(
         INGESTED_EVENT_NAMESPACE, f"casino:{agent}:bet:b1:won"
     )
+    for n in range(2000):  # every bit the version and variant touch, on many digests
+        made = ingested_event_id(feed, agent, f"{tx_id}{n}")
+        assert made == uuid.uuid5(INGESTED_EVENT_NAMESPACE, f"{feed}:{agent}:{tx_id}{n}")
+        assert (made.version, made.variant, hash(made)) == (5, uuid.RFC_4122, hash(uuid.UUID(str(made))))
 
 
 def reparse_outcome(envelope: TxEnvelope) -> Outcome:
