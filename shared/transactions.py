@@ -211,6 +211,8 @@ def _plain_text(item: dict[str, Any]) -> bool:
 
 def _text(tx: dict[str, Any], field: str, *, required: bool = True, limit: int = 200) -> str | None:
     value = tx.get(field)
+    if type(value) is str and 0 < len(value) <= limit:
+        return value  # the common case, decided as below
     if value is None:
         if required:
             raise Rejected(f"{field}: missing", _tx_id_or_none(tx))

@@ -19,7 +19,15 @@ from services.simulator import Simulator, SimulatorConfig, rawjson
 from services.simulator.config import FaultKnobs
 from shared import transactions
 from shared.envelope import INGESTED_EVENT_NAMESPACE, TxEnvelope, bet_event_id, ingested_event_id
-from shared.events import BetPlaced, FundsDeposited, UnknownTransaction, encode_data, plain_json
+from shared.events import (
+    AssetSwapped,
+    BetPlaced,
+    FundsDeposited,
+    TradeExecuted,
+    UnknownTransaction,
+    encode_data,
+    plain_json,
+)
 from shared.transactions import Rejected, parse_transaction, reparse
 from tests.test_ingest_validation import POISON
 
@@ -160,6 +168,18 @@ def outcome_of(raw: bytes, agent_id: str, feed: str, plain: dict[str, Any] | Non
         FundsDeposited(amount=Decimal("0E-7"), asset="USDC"),
         FundsDeposited(amount=Decimal("5"), asset="USDC", extra={"fee": Decimal("0.0000001")}),
         BetPlaced(amount=Decimal("1"), asset="PFLEA", extra={"nested": {"a": [Decimal("1E-9")]}}),
+        TradeExecuted(
+            amount=Decimal("3"), asset="USDC", side="buy", instrument="BTC", quantity=Decimal("1E-7")
+        ),
+        TradeExecuted(
+            amount=Decimal("3.5"),
+            asset="USDC",
+            side="sell",
+            instrument="BTC",
+            quantity=Decimal("2"),
+            price=Decimal("1.75"),
+        ),
+        AssetSwapped(amount=Decimal("1"), asset="USDC", to_amount=Decimal("1E+1"), to_asset="PFLEA"),
         UnknownTransaction(source_type="airdrop", raw={"id": "a", "amount": Decimal("2E+2")}),
         UnknownTransaction(source_type="airdrop", raw={"id": "a", "amount": "1", "ok": True, "n": None}),
     ],
