@@ -24,6 +24,7 @@ from bench import (
     catchup,
     cluster,
     end_to_end,
+    ingest,
     limits,
     partitions,
     rebuild,
@@ -45,6 +46,7 @@ Scenario = Callable[[Harness], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "limits": limits.run,
     "writer": writer.run,
+    "ingest": ingest.run,
     "partitions": partitions.run,
     "catchup": catchup.run,
     "e2e": end_to_end.run,
@@ -65,6 +67,7 @@ REQUIRES = {
 ORDER = [
     "limits",
     "writer",
+    "ingest",
     "partitions",
     "catch-up",
     "end-to-end",

@@ -41,6 +41,8 @@ class Sizes:
     soak_rate: float = 1_000.0  # --rate: transactions/s offered by the simulator
     soak_agents: int = 500
     soak_sample_s: float = 30.0
+    ingest_agents: int = 40  # the ingester alone: 5,000 transactions each, so mostly full pages of 200
+    ingest_per_agent: int = 5_000
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -62,6 +64,8 @@ class Sizes:
             soak_rate=200.0,
             soak_agents=50,
             soak_sample_s=10.0,
+            ingest_agents=10,
+            ingest_per_agent=2_000,
         )
 
 

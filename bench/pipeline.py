@@ -75,13 +75,14 @@ class Pipeline:
         )
         await sim.wait_ready()
 
-    async def start_ingester(self) -> float:
+    async def start_ingester(self, **env: str) -> float:
         """Start polling; returns ``time.monotonic()`` when the ingester is ready."""
         ingester = self._start(
             "ingester",
             "services.ingester",
             PURPLEFLEA_API_URL=f"http://127.0.0.1:{self.sim_port}",
             PFLEA_AGENTS_FROM_SIMULATOR="1",
+            **env,
         )
         return await ingester.wait_ready()
 
