@@ -23,7 +23,7 @@ from services.importer.run import QUARANTINE_SOURCE, ImportReport, LedgerSink, i
 from services.importer.sqlite_file import ArticleFile, NotAnArticleStore
 from shared.db import WRITER_ROLE, role_dsn, service_pool
 from shared.quarantine import Quarantine
-from shared.service import require
+from shared.service import require, tune_gc
 from shared.settings import CASINO_FEED, load_settings
 from shared.stack import read_stack
 from shared.store import EventStore
@@ -57,6 +57,7 @@ def _import_sqlite(args: argparse.Namespace) -> int:
     except NotAnArticleStore as exc:
         return fail(str(exc), USAGE)
     origin = Origin(file=args.path.name, feed=args.feed)
+    tune_gc()  # a row builds many small objects, as a service's message does
     reports: list[ImportReport] = []
 
     async def body() -> int:

@@ -12,6 +12,7 @@ finds it stored; any other row keeps the article's event id.
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -33,7 +34,7 @@ from shared.events import (
 from shared.money import MoneyError, check_amount
 from shared.settings import AGENT_ID_PATTERN
 from shared.store import NewEvent, StreamEvent
-from shared.transactions import Rejected, check_text, transaction_event_id
+from shared.transactions import MAX_DEPTH, Rejected, check_text, transaction_event_id
 from shared.upcasting import UnreadableEvent, decode_event
 
 # Numbers with a fraction or exponent become Decimal from their text; written back as numbers.
@@ -43,6 +44,7 @@ _MONEY_FIELDS = ("amount", "quantity", "to_amount", "price")
 MAX_STREAM_TYPE = 64
 # Beyond this, a JSON number is no amount and would not fit Postgres' numeric: refused, not stored.
 MAX_EXPONENT = 1000
+_LONG_NUMBER = re.compile(r"[eE][+-]?\d{4,}|\d{1000,}")
 
 
 class Unreadable(ValueError):
@@ -134,13 +136,17 @@ def _json_object(value: Any, column: str) -> dict[str, Any]:
         raise Unreadable(f"{column}: not JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise Unreadable(f"{column}: expected a JSON object, got {type(obj).__name__}")
-    try:
-        check_text(obj, column)
-    except Rejected as exc:
-        raise Unreadable(exc.reason) from None
-    for number in _numbers(obj):
-        if not number.is_finite() or abs(number.adjusted()) > MAX_EXPONENT:
-            raise Unreadable(f"{column}: {number:.6} is not a number a ledger can store")
+    # The walks below are the slow part of a row: run only when the text could fail them (the
+    # decoder already refused raw control characters, lone surrogates, NaN and Infinity).
+    if "\\u0000" in value or value.count("{") + value.count("[") > MAX_DEPTH:
+        try:
+            check_text(obj, column)
+        except Rejected as exc:
+            raise Unreadable(exc.reason) from None
+    if _LONG_NUMBER.search(value):
+        for number in _numbers(obj):
+            if not number.is_finite() or abs(number.adjusted()) > MAX_EXPONENT:
+                raise Unreadable(f"{column}: {number:.6} is not a number a ledger can store")
     return obj
 
 

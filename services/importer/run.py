@@ -11,6 +11,7 @@ import goes on.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from shared.quarantine import Quarantine
 from shared.store import EventStore, StreamEvent, StreamHeads
 
 BATCH_SIZE = 5_000
+YIELD_EVERY = 200  # rows read between two turns of the event loop
 QUARANTINE_SOURCE = "import"
 
 
@@ -86,18 +88,32 @@ async def import_file(article: ArticleFile, origin: Origin, sink: Sink | None) -
     started = time.perf_counter()
     report = ImportReport(file=origin.file, dry_run=sink is None, snapshots=article.snapshots())
     batch: list[tuple[ArticleRow, StreamEvent]] = []
-    for row, outcome in _read(article, origin):
-        report.rows += 1
-        if isinstance(outcome, str):
-            report.quarantined.append(_quarantined(row, outcome))
-            if sink is not None:
-                await sink.quarantine(row, outcome)
-            continue
-        report.counts.setdefault(outcome.stream_id, Counter())[str(row.event_type)] += 1
-        batch.append((row, outcome))
-        if len(batch) >= BATCH_SIZE:
-            await _flush(batch, sink, report)
-    await _flush(batch, sink, report)
+    # One batch is appended while the next is read: Postgres works on one core, we on the other.
+    # The next append starts only once the previous one committed, so batches commit in order.
+    appending: asyncio.Task[None] | None = None
+    try:
+        for row, outcome in _read(article, origin):
+            report.rows += 1
+            if report.rows % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let the append in flight send its rows
+            if isinstance(outcome, str):
+                report.quarantined.append(_quarantined(row, outcome))
+                if sink is not None:
+                    await sink.quarantine(row, outcome)
+                continue
+            report.counts.setdefault(outcome.stream_id, Counter())[str(row.event_type)] += 1
+            batch.append((row, outcome))
+            if len(batch) >= BATCH_SIZE:
+                if appending is not None:
+                    await appending
+                appending = asyncio.create_task(_flush(batch, sink, report))
+                batch = []
+        if appending is not None:
+            await appending
+        await _flush(batch, sink, report)
+    finally:
+        if appending is not None and not appending.done():
+            appending.cancel()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -114,7 +130,6 @@ async def _flush(
     batch: list[tuple[ArticleRow, StreamEvent]], sink: Sink | None, report: ImportReport
 ) -> None:
     if not batch or sink is None:
-        batch.clear()
         return
     outcome = await sink.append([item for _, item in batch])
     report.appended += outcome.appended
@@ -124,7 +139,6 @@ async def _flush(
         row = rows[id(item)]
         report.quarantined.append(_quarantined(row, reason))
         await sink.quarantine(row, reason)
-    batch.clear()
 
 
 def _quarantined(row: ArticleRow, reason: str) -> QuarantinedRow:
