@@ -166,9 +166,14 @@ def render(report: ImportReport) -> str:
             f"  {report.snapshots} snapshot(s) in the file not imported: the relay's snapshotter "
             "takes this ledger's own from the imported events"
         )
-    for stream in sorted(report.counts):
-        counts = ", ".join(f"{t} {n:,}" for t, n in sorted(report.counts[stream].items()))
-        lines.append(f"  {stream}: {counts}")
+    totals: Counter[str] = Counter()
+    for counts in report.counts.values():
+        totals.update(counts)
+    lines.append("  by type: " + ", ".join(f"{t} {n:,}" for t, n in sorted(totals.items())))
+    if report.dry_run:  # per stream too: what a person checks before the real run
+        for stream in sorted(report.counts):
+            counts = ", ".join(f"{t} {n:,}" for t, n in sorted(report.counts[stream].items()))
+            lines.append(f"  {stream}: {counts}")
     for q in report.quarantined:
         lines.append(f"  quarantine: row {q.row_id} ({q.stream_id} v{q.version} {q.event_type}): {q.reason}")
     return "\n".join(lines)
