@@ -167,13 +167,13 @@ def render(report: ImportReport) -> str:
             "takes this ledger's own from the imported events"
         )
     totals: Counter[str] = Counter()
-    for counts in report.counts.values():
-        totals.update(counts)
+    for per_stream in report.counts.values():
+        totals.update(per_stream)
     lines.append("  by type: " + ", ".join(f"{t} {n:,}" for t, n in sorted(totals.items())))
     if report.dry_run:  # per stream too: what a person checks before the real run
         for stream in sorted(report.counts):
-            counts = ", ".join(f"{t} {n:,}" for t, n in sorted(report.counts[stream].items()))
-            lines.append(f"  {stream}: {counts}")
+            shown = ", ".join(f"{t} {n:,}" for t, n in sorted(report.counts[stream].items()))
+            lines.append(f"  {stream}: {shown}")
     for q in report.quarantined:
         lines.append(f"  quarantine: row {q.row_id} ({q.stream_id} v{q.version} {q.event_type}): {q.reason}")
     return "\n".join(lines)
