@@ -314,6 +314,10 @@ async def test_unreadable_rows_are_quarantined_with_their_raw_text_and_the_rest_
     assert await count(settings.database_url, "SELECT count(*) FROM quarantine") == 5  # counted, not copied
 
 
+class Killed(Exception):
+    pass
+
+
 class CrashingSink(importer.LedgerSink):
     """Dies (as a SIGKILL would leave it) after ``batches`` committed batches."""
 
@@ -323,7 +327,7 @@ class CrashingSink(importer.LedgerSink):
 
     async def append(self, items: list[Any]) -> importer.Appended:
         if self.batches == 0:
-            raise KeyboardInterrupt("killed half-way")
+            raise Killed("half-way")
         self.batches -= 1
         return await super().append(items)
 
@@ -335,7 +339,7 @@ async def test_an_import_run_again_after_a_crash_half_way_doubles_nothing(
     monkeypatch.setattr(importer, "BATCH_SIZE", 10)
     origin = Origin(path.name, "casino")
     quarantine = Quarantine(writer_pool, importer.QUARANTINE_SOURCE)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         await importer.import_file(
             ArticleFile(path), origin, CrashingSink(store, quarantine, path.name, batches=3)
         )
