@@ -374,3 +374,18 @@ async def test_the_import_runs_only_as_the_writer_role(settings: Settings, tmp_p
     code, _, err = await pflea(settings, "import", "sqlite", str(path), database_url=settings.database_url)
     assert code == 2 and "runs only as its own role pflea_writer" in err, err
     assert await count(settings.database_url, "SELECT count(*) FROM events") == 0
+
+
+def test_beside_pflea_up_the_import_logs_in_as_the_writer_with_the_stacks_secret(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    from services.cli.imports import writer_url
+    from shared.private_files import write_private
+    from shared.stack import StackInfo, write_stack
+
+    for name in ("DATABASE_URL", "NATS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PFLEA_DATA_DIR", str(tmp_path))
+    write_stack(tmp_path, StackInfo("postgresql://pflea_reader:r@127.0.0.1:15432/pflea", "nats://x", 1))
+    write_private(tmp_path / "secrets" / "postgres.json", json.dumps({WRITER_ROLE: "w s/cret"}))
+    assert writer_url() == "postgresql://pflea_writer:w%20s%2Fcret@127.0.0.1:15432/pflea"
