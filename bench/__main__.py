@@ -24,6 +24,7 @@ from bench import (
     catchup,
     cluster,
     end_to_end,
+    importer,
     ingest,
     limits,
     partitions,
@@ -52,6 +53,7 @@ SCENARIOS: dict[str, Scenario] = {
     "e2e": end_to_end.run,
     "rebuild": rebuild.run,
     "time-travel": time_travel.run,
+    "import": importer.run,
     "cluster": cluster.run,
     "capacity": capacity.run,
     "shards": shards.run,
@@ -62,6 +64,7 @@ REQUIRES = {
     "writer": ["limits"],
     "catchup": ["limits", "writer"],
     "e2e": ["limits"],
+    "import": ["limits"],
     "capacity": ["limits", "writer", "e2e"],
 }
 ORDER = [
@@ -76,6 +79,7 @@ ORDER = [
     "rebuild",
     "verify",
     "time travel",
+    "import",
     "cluster",
     "capacity",
     "shards",

@@ -34,6 +34,7 @@ class Sizes:
     latency_window_s: float = 20.0
     rebuild_events: int = 1_000_000
     time_travel_events: int = 100_000
+    import_events: int = 100_000  # rows of the article's SQLite file `pflea import sqlite` reads
     time_travel_queries: int = 10
     shards_agents: int = 20_000  # one ingester, nearly all of them idle
     shards_window_s: float = 30.0
@@ -57,6 +58,7 @@ class Sizes:
             latency_window_s=5.0,
             rebuild_events=30_000,
             time_travel_events=5_000,
+            import_events=10_000,
             time_travel_queries=5,
             shards_agents=2_000,
             shards_window_s=10.0,

@@ -38,6 +38,9 @@ import msgspec
 # Bumped when an event's stored shape changes; ``shared/upcasting.py`` lifts older shapes on
 # read and must hold an upcaster for every step below these numbers (a test checks it).
 CURRENT_SCHEMA_VERSION: dict[str, int] = {"BetPlaced": 2}
+# The shape of the article's SQLite EventStore (events brought in by ``pflea import sqlite``):
+# stored as the article wrote it, lifted to the current shape on read like any older version.
+ARTICLE_SCHEMA_VERSION = 0
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

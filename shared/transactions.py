@@ -84,7 +84,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _check_text(value: Any, path: str, depth: int = 0) -> None:
+def check_text(value: Any, path: str, depth: int = 0) -> None:
+    """Refuse text Postgres cannot store (NUL, lone surrogates) and nesting past ``MAX_DEPTH``."""
     if depth > MAX_DEPTH:
         raise Rejected(f"{path}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, str):
@@ -96,11 +97,11 @@ def _check_text(value: Any, path: str, depth: int = 0) -> None:
             raise Rejected(f"{path}: contains a lone surrogate, which is not valid Unicode") from None
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_text(key, path, depth + 1)
-            _check_text(item, f"{path}.{key}", depth + 1)
+            check_text(key, path, depth + 1)
+            check_text(item, f"{path}.{key}", depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _check_text(item, f"{path}[{i}]", depth + 1)
+            check_text(item, f"{path}[{i}]", depth + 1)
 
 
 def decode_item(raw: bytes) -> dict[str, Any]:
@@ -188,7 +189,7 @@ def _checked_item(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise Rejected(f"transaction: expected a JSON object, got {type(obj).__name__}")
     try:
-        _check_text(obj, "transaction")
+        check_text(obj, "transaction")
     except Rejected as exc:
         raise Rejected(exc.reason, _tx_id_or_none(obj)) from None
     return obj
