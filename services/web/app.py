@@ -36,7 +36,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # form posts then carry their Origin (checked)
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 PUBLIC = ("/login", "/static/")
