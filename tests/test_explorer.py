@@ -129,19 +129,27 @@ async def test_the_leaderboard_lists_the_read_models_ranking(
         assert shown == [r["agent_id"] for r in ranked if r["asset"] == asset][: len(shown)]
 
 
-async def test_explaining_a_balance_lists_events_whose_parts_sum_to_it(
+async def test_explaining_a_figure_lists_the_events_whose_parts_make_it(
     stack: ExplorerStack, operator: aiohttp.ClientSession
 ) -> None:
     text = await page(operator, f"/agents/{AGENT}/explain?asset=PFLEA&figure=balance")
     assert re.search(r'id="explained-total">109.75<', text)
-    parts = re.findall(r'class="num part">([^<]+)<', text)
-    assert sorted(parts) == sorted(["100.50", "-10", "19.25"])
+    assert re.findall(r'class="num part">([^<]+)<', text) == ["19.25", "-10", "100.50"]
+    assert re.findall(r'class="num running">([^<]+)<', text) == ["109.75", "90.50", "100.50"]
+    text = await page(operator, f"/agents/{AGENT}/explain?asset=PFLEA&figure=net_pnl")
+    assert re.findall(r'class="num part">([^<]+)<', text) == ["19.25", "-10"]
+    # Every balance of a generated history: the parts add up to the read model's figure.
     for agent_id, asset, balance in await stack.reader_pool.fetch(
         "SELECT agent_id, asset, balance FROM balances"
     ):
         text = await page(operator, f"/agents/{agent_id}/explain?asset={asset}&figure=balance")
         total = re.search(r'id="explained-total">([^<]+)<', text)
         assert total is not None and Decimal(total.group(1)) == balance
+        parts = [Decimal(p) for p in re.findall(r'class="num part">([^<]+)<', text)]
+        running = [Decimal(r) for r in re.findall(r'class="num running">([^<]+)<', text)]
+        assert "Older events" not in text and sum(parts) == balance
+        assert running[0] == balance if running else balance == 0
+    await page(operator, f"/agents/{AGENT}/explain?asset=PFLEA&figure=bogus", status=400)
 
 
 async def test_time_travel_shows_the_state_history_computes_for_that_version(

@@ -95,18 +95,10 @@ async def explain(request: web.Request) -> web.Response:
     asset, figure = request.query.get("asset", ""), request.query.get("figure", "balance")
     if figure not in FIGURES:
         raise HistoryError(f"figure: choose one of {', '.join(FIGURES)}, got {figure!r}")
-    contributions = await explain_figure(request.app[EXPLORER].pool, agent_id, asset, figure)
-    shown = contributions[-PAGE * 4 :]
-    return render(
-        request,
-        "explain.html",
-        agent_id=agent_id,
-        asset=asset,
-        figure=figure,
-        total=contributions[-1].running if contributions else 0,
-        count=len(contributions),
-        contributions=list(reversed(shown)),
+    explained = await explain_figure(
+        request.app[EXPLORER].pool, agent_id, asset, figure, PAGE * 4, _int(request, "before")
     )
+    return render(request, "explain.html", agent_id=agent_id, asset=asset, figure=figure, explained=explained)
 
 
 def _as_of(request: web.Request) -> AsOf:

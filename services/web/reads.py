@@ -16,11 +16,11 @@ from typing import Any
 
 import asyncpg
 
-from shared.events import Event, money_effect
-from shared.history import current_state, decoded, stream_head
+from shared.events import Event
+from shared.history import AsOf, UnknownAgent, current_state, decoded, stream_head, view
 from shared.projections import pnl, portfolio
 from shared.projections.agent import SNAPSHOT_SCHEMA_VERSION, SNAPSHOT_TYPE, AgentFold, from_json
-from shared.store import fetch_stream
+from shared.store import RecordedEvent, fetch_stream
 
 Rows = dict[str, dict[str, Any]]
 PNL_COLUMNS = tuple(pnl.MODEL.column_names)
@@ -132,58 +132,88 @@ class Contribution:
     event_type: str
     occurred_at: datetime
     amount: Decimal  # this event's part of the figure
-    running: Decimal  # the figure after this event (over the events listed, oldest first)
+    running: Decimal  # the figure after this event
 
 
-# What each explainable figure sums, per event, from the folds' own definitions.
-def _balance_part(event: Event, asset: str) -> Decimal:
-    return sum((d for a, d in money_effect(event).balance if a == asset), Decimal(0))
+@dataclass(frozen=True)
+class Explanation:
+    figure: Decimal  # the figure now, folded from the events
+    contributions: list[Contribution]  # newest first
+    older: int | None  # the ``before`` of the next page, None when the first event is shown
 
 
-def _escrow_part(event: Event, asset: str) -> Decimal:
-    return sum((d for a, d in money_effect(event).escrow if a == asset), Decimal(0))
+# What each explainable figure is in the agent fold, and what one event alone adds to it (the
+# figure's own fold applied to that event): one definition for "now", "then" and "this event".
+def _balance(state: AgentFold, asset: str) -> Decimal:
+    return state.balance.get(asset, Decimal(0))
 
 
-def _pnl_part(figure: str) -> Any:
-    def part(event: Event, asset: str) -> Decimal:
-        one: dict[str, pnl.Pnl] = {}
-        pnl.apply(one, event)
-        row = one.get(asset)
+def _escrow(state: AgentFold, asset: str) -> Decimal:
+    return state.in_escrow(asset)
+
+
+def _pnl_figure(figure: str) -> Any:
+    def value(state: AgentFold, asset: str) -> Decimal:
+        row = state.pnl.get(asset)
         return Decimal(getattr(row, figure)) if row is not None else Decimal(0)
 
-    return part
+    return value
 
 
 FIGURES = {
-    "balance": _balance_part,
-    "available": _balance_part,
-    "in_escrow": _escrow_part,
-    "net_pnl": _pnl_part("net_pnl"),
-    "total_wagered": _pnl_part("total_wagered"),
-    "total_won": _pnl_part("total_won"),
-    "total_fees": _pnl_part("total_fees"),
-    "bet_count": _pnl_part("bet_count"),
-    "win_count": _pnl_part("win_count"),
+    "balance": _balance,
+    "available": _balance,
+    "in_escrow": _escrow,
+    **{name: _pnl_figure(name) for name in ("net_pnl", "total_wagered", "total_won", "total_fees")},
+    "bet_count": _pnl_figure("bet_count"),
+    "win_count": _pnl_figure("win_count"),
 }
+_SCAN = 2000  # versions read per step, newest first
 
 
-async def explain(pool: asyncpg.Pool, agent_id: str, asset: str, figure: str) -> list[Contribution]:
-    """Every event that moved ``figure`` of ``asset``, oldest first, with its part and the running sum.
+def part_of(figure: str, event: Event, asset: str) -> Decimal:
+    """What ``event`` alone adds to ``figure`` of ``asset``."""
+    alone = AgentFold()
+    alone.apply(event)
+    return FIGURES[figure](alone, asset)
+
+
+async def explain(
+    pool: asyncpg.Pool, agent_id: str, asset: str, figure: str, limit: int, before: int | None = None
+) -> Explanation:
+    """The newest ``limit`` events (below version ``before``) that moved ``figure`` of ``asset``,
+    each with its part and the figure after it.
 
     The candidates are the events naming the asset (as ``asset``, ``instrument`` or
-    ``to_asset``); each one's part is what the figure's own fold makes of it alone.
+    ``to_asset``), read backwards a window at a time; the running figure is anchored on the
+    fold's state just before the oldest one shown (``shared.history``, snapshot-assisted), so
+    a long history costs a page, not a full scan.
     """
-    part = FIGURES[figure]
-    async with pool.acquire() as conn:
-        events = await fetch_stream(conn, agent_id, naming_asset=asset)
-    running = Decimal(0)
-    result = []
-    for recorded in events:
-        event = decoded(recorded)
-        if event is None or (amount := part(event, asset)) == 0:
-            continue
+    value = FIGURES[figure]
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        head = await stream_head(conn, agent_id)
+        if head == 0:
+            raise UnknownAgent(agent_id)
+        found: list[tuple[RecordedEvent, Decimal]] = []
+        top = min(head, (before or head + 1) - 1)
+        low = top + 1
+        while low > 1 and len(found) < limit:
+            low = max(1, low - _SCAN)
+            window = await fetch_stream(conn, agent_id, low, min(top, low + _SCAN - 1), naming_asset=asset)
+            for recorded in reversed(window):
+                event = decoded(recorded)
+                if event is not None and (amount := part_of(figure, event, asset)) != 0:
+                    found.append((recorded, amount))
+            top = low - 1
+        found = found[:limit]
+        first = found[-1][0].version if found else top + 1
+        anchor = await view(conn, agent_id, AsOf(version=max(0, first - 1)))
+        now = await view(conn, agent_id)
+    running = value(anchor.state, asset)
+    contributions = []
+    for recorded, amount in reversed(found):
         running += amount
-        result.append(
+        contributions.append(
             Contribution(
                 recorded.version,
                 recorded.event_id,
@@ -193,7 +223,9 @@ async def explain(pool: asyncpg.Pool, agent_id: str, asset: str, figure: str) ->
                 running,
             )
         )
-    return result
+    contributions.reverse()
+    older = first if found and len(found) == limit and first > 1 else None
+    return Explanation(value(now.state, asset), contributions, older)
 
 
 @dataclass(frozen=True)
