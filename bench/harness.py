@@ -37,6 +37,8 @@ class Sizes:
     time_travel_queries: int = 10
     shards_agents: int = 20_000  # one ingester, nearly all of them idle
     shards_window_s: float = 30.0
+    explorer_events: int = 100_000  # one agent's history, for the web explorer's pages
+    explorer_requests: int = 20  # per page
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -54,6 +56,8 @@ class Sizes:
             time_travel_queries=5,
             shards_agents=2_000,
             shards_window_s=10.0,
+            explorer_events=5_000,
+            explorer_requests=5,
         )
 
 
