@@ -18,27 +18,33 @@ function liveUpdates() {
     // Many events in a burst: one refresh.
     pending = setTimeout(async () => {
       pending = null;
-      await refresh(status);
-      status.textContent = `live · ${status.dataset.lastType} v${status.dataset.lastVersion}`;
-    }, 300);
+      const shown = await refresh(status);
+      const last = `${status.dataset.lastType} v${status.dataset.lastVersion}`;
+      status.textContent = shown ? `live · ${last}` : `live · ${last} arrived: reload to see it`;
+    }, REFRESH_MS);
   });
 }
 
+const REFRESH_MS = 300;
+
+// Whether the page now shows the latest state; false when the person is busy with it (an event
+// opened, events ticked for a what-if), which a refresh would undo.
 async function refresh(status) {
   if (status.dataset.refresh) {
     const response = await fetch(status.dataset.refresh, { credentials: "same-origin" });
     if (response.ok) document.getElementById(status.dataset.target).innerHTML = await response.text();
-    return;
+    return response.ok;
   }
-  if (document.querySelector("input[name=without]:checked")) return;  // keep what the user ticked
+  if (document.querySelector("input[name=without]:checked, details[open]")) return false;
   const response = await fetch(window.location.href, { credentials: "same-origin" });
-  if (!response.ok) return;
+  if (!response.ok) return false;
   const page = new DOMParser().parseFromString(await response.text(), "text/html");
   const fresh = page.querySelector("main");
   const statusNow = fresh && fresh.querySelector("#live-status");
-  if (!fresh || !statusNow) return;
+  if (!fresh || !statusNow) return false;
   statusNow.replaceWith(status);  // keep the open connection's element
   document.querySelector("main").replaceWith(fresh);
+  return true;
 }
 
 function timeSlider() {
