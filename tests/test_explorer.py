@@ -82,6 +82,10 @@ async def test_every_page_but_the_login_asks_for_one_and_every_answer_carries_a_
             assert "<script>" not in await r.text()  # no inline script anywhere
         async with anonymous.post("/login", data={"secret": "wrong"}) as r:
             assert r.status == 401
+        for elsewhere in ("//evil.example/", "/\\evil.example/", "https://evil.example/"):
+            form = {"secret": TOKEN, "next": elsewhere}
+            async with anonymous.post("/login", data=form, allow_redirects=False) as r:
+                assert r.status == 303 and r.headers["Location"] == "/"  # never off this site
         async with anonymous.post(
             "/login", data={"secret": TOKEN}, headers={"Origin": "https://evil.example"}
         ) as r:

@@ -196,8 +196,8 @@ async def logout(request: web.Request) -> web.Response:
 
 
 def _safe_next(target: str | None) -> str:
-    """Only a path on this site (``//host`` would leave it)."""
-    if not target or not target.startswith("/") or target.startswith("//"):
+    """Only a path on this site: ``//host`` (and ``/\\host``, which browsers read alike) would leave it."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return "/"
     return target
 

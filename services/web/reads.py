@@ -25,7 +25,6 @@ from shared.store import RecordedEvent, fetch_stream
 Rows = dict[str, dict[str, Any]]
 PNL_COLUMNS = tuple(pnl.MODEL.column_names)
 PORTFOLIO_COLUMNS = tuple(portfolio.MODEL.column_names)
-LEADERBOARD_COLUMNS = ("rank", "agent_id", "net_pnl", "roi", "win_rate", "volume", "bet_count")
 # Streams up to this long are charted from every event; longer ones from their snapshots.
 FOLD_FOR_CHART = 2000
 
