@@ -44,6 +44,8 @@ class Sizes:
     soak_sample_s: float = 30.0
     ingest_agents: int = 40  # the ingester alone: 5,000 transactions each, so mostly full pages of 200
     ingest_per_agent: int = 5_000
+    explorer_events: int = 100_000  # one agent's history, for the web explorer's pages
+    explorer_requests: int = 20  # per page
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -68,6 +70,8 @@ class Sizes:
             soak_sample_s=10.0,
             ingest_agents=10,
             ingest_per_agent=2_000,
+            explorer_events=5_000,
+            explorer_requests=5,
         )
 
 

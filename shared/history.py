@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
 import asyncpg
 import msgspec
 
-from shared.events import Event
+from shared.events import Event, UnknownEventType, decode_data
 from shared.projections.agent import (
     SNAPSHOT_SCHEMA_VERSION,
     SNAPSHOT_TYPE,
@@ -76,6 +76,37 @@ class AsOf(msgspec.Struct, frozen=True, kw_only=True):
 
 
 NOW = AsOf()
+
+
+def parse_time(text: str, field: str = "--at") -> datetime:
+    """An ISO 8601 time as people type it (CLI, explorer); one without a zone is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise HistoryError(f"{field}: {text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00Z)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_event_ids(texts: Iterable[str], field: str = "--without") -> list[uuid.UUID]:
+    ids = []
+    for text in texts:
+        try:
+            ids.append(uuid.UUID(text))
+        except ValueError:
+            raise HistoryError(f"{field}: {text!r} is not an event id (a UUID; see pflea events)") from None
+    return ids
+
+
+def parse_added(texts: Iterable[str], field: str = "--add") -> list[Event]:
+    """Hypothetical events written ``Type:{json data}``, e.g. ``BetWon:{"amount":"5","asset":"PFLEA"}``."""
+    events = []
+    for text in texts:
+        event_type, _, data = text.partition(":")
+        try:
+            events.append(decode_data(event_type.strip(), data))
+        except (UnknownEventType, msgspec.DecodeError) as exc:
+            raise HistoryError(f"{field}: {text!r}: {exc}") from None
+    return events
 
 
 class AgentView(msgspec.Struct, kw_only=True):

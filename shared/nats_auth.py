@@ -21,7 +21,7 @@ from pathlib import Path
 from shared.nats_url import with_login
 from shared.private_files import new_password, write_private
 
-USERS = ("ingester", "writer", "projector", "operator", "admin")
+USERS = ("ingester", "writer", "projector", "operator", "web", "admin")
 AGENTS_ACCOUNT = "AGENTS"
 # Where the config includes the agents' users from, relative to the config file.
 AGENT_USERS_INCLUDE = "agents/users.conf"
@@ -65,12 +65,12 @@ def load_or_create_passwords(path: Path) -> dict[str, str]:
     """Random passwords kept with the embedded server's data (readable by the owner only)."""
     try:
         stored: dict[str, str] = json.loads(path.read_text())
-        if set(USERS) <= set(stored):
-            return stored
     except (OSError, ValueError):
-        pass
-    passwords = {user: new_password() for user in USERS}
-    write_private(path, json.dumps(passwords))
+        stored = {}
+    # A user added by an upgrade gets a password; the others keep theirs.
+    passwords = {user: stored.get(user) or new_password() for user in USERS}
+    if passwords != stored:
+        write_private(path, json.dumps(passwords))
     return passwords
 
 

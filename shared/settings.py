@@ -119,6 +119,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Local faucet claims (no Purple Flea API answers them) an agent may make per window.
     faucet_claims: int = 1
     faucet_window_s: float = 86400.0
+    # The web explorer (services/web): where it listens, and the operator's login token (it also
+    # keys the session cookies; the service refuses to start without one).
+    web_host: str = "127.0.0.1"
+    web_port: int = 18080
+    web_operator_token: str = ""
 
     def feeds(self) -> tuple[Feed, ...]:
         """The feeds to poll: PURPLEFLEA_FEEDS, else the casino's at PURPLEFLEA_API_URL."""
@@ -176,6 +181,9 @@ ENV_NAMES: dict[str, str] = {
     "faucet_amount": "PFLEA_FAUCET_AMOUNT",
     "faucet_claims": "PFLEA_FAUCET_CLAIMS",
     "faucet_window_s": "PFLEA_FAUCET_WINDOW_S",
+    "web_host": "PFLEA_WEB_HOST",
+    "web_port": "PFLEA_WEB_PORT",
+    "web_operator_token": "PFLEA_WEB_OPERATOR_TOKEN",
 }
 
 _POSITIVE = {

@@ -447,16 +447,22 @@ async def fetch_stream(
     to_version: int | None = None,
     *,
     occurred_by: datetime | None = None,
+    naming_asset: str | None = None,
 ) -> list[RecordedEvent]:
     """``read_stream`` on a given connection (inside the caller's transaction).
 
-    ``occurred_by`` keeps only the events whose source time is at or before it.
+    ``occurred_by`` keeps only the events whose source time is at or before it;
+    ``naming_asset`` those whose data names that asset (as asset, instrument or to_asset).
     """
     where = "WHERE stream_id = $1 AND version >= $2 AND version <= $3"
     args: list[Any] = [stream_id, from_version, to_version if to_version is not None else 2**62]
     if occurred_by is not None:
-        where += " AND occurred_at <= $4"
         args.append(occurred_by)
+        where += f" AND occurred_at <= ${len(args)}"
+    if naming_asset is not None:
+        args.append(naming_asset)
+        n = len(args)
+        where += f" AND (data->>'asset' = ${n} OR data->>'instrument' = ${n} OR data->>'to_asset' = ${n})"
     rows = await conn.fetch(_SELECT + where + " ORDER BY version", *args)
     return [_recorded(r) for r in rows]
 

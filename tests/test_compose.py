@@ -49,7 +49,7 @@ PROJECTIONS = ("balance", "pnl", "portfolio", "leaderboard")
 PROJECTORS = tuple(f"projector-{name}" for name in PROJECTIONS)
 # The pipeline's long-running services: all scalable, all on NATS and Postgres.
 APP_SERVICES = ("ingester", "writer", "relay", *PROJECTORS)
-CORE_SERVICES = {"nats", "postgres", "migrate", "simulator", *APP_SERVICES}
+CORE_SERVICES = {"nats", "postgres", "migrate", "simulator", "web", *APP_SERVICES}
 PROFILES = {"tools": {"nats-box", "agents"}, "observability": {"prometheus", "grafana"}}
 NATS_USER = {
     "ingester": "ingester",
@@ -64,6 +64,7 @@ HOST_PORTS = {
     "PFLEA_NATS_HOST_PORT": ("nats", 4222, 4222),
     "PFLEA_NATS_MONITOR_HOST_PORT": ("nats", 8222, 8222),
     "PFLEA_SIM_HOST_PORT": ("simulator", 8088, 8088),
+    "PFLEA_WEB_HOST_PORT": ("web", 8080, 8080),
     "PFLEA_PROMETHEUS_HOST_PORT": ("prometheus", 9090, 9090),
     "PFLEA_GRAFANA_HOST_PORT": ("grafana", 3000, 3000),
 }
@@ -316,7 +317,7 @@ def test_only_migrate_builds_the_image_so_it_is_built_once(everything: Rendered)
     assert everything.services["migrate"]["image"] == "pflea-ledger:local"
 
 
-@pytest.mark.parametrize("name", ["migrate", "simulator", *APP_SERVICES])
+@pytest.mark.parametrize("name", ["migrate", "simulator", "web", *APP_SERVICES])
 def test_our_services_run_that_one_image_and_never_pull_it(default: Rendered, name: str) -> None:
     # One image id for all: `up --scale` of one service finds every other container current.
     service = default.services[name]
@@ -387,6 +388,28 @@ def test_app_services_run_a_service_module_of_this_repository(default: Rendered,
     command = default.services[name]["command"]
     assert command[:2] == ["python", "-m"]
     assert (ROOT / command[2].replace(".", "/") / "__main__.py").is_file(), f"{name}: no module {command[2]}"
+
+
+def test_the_explorer_reads_as_the_reader_and_the_web_user_with_only_its_own_secrets(
+    default: Rendered,
+) -> None:
+    web = default.services["web"]
+    env = web["environment"]
+    assert web["command"] == ["python", "-m", "services.web"]
+    db = urlsplit(env["DATABASE_URL"])
+    assert (db.username, db.hostname, db.path) == ("pflea_reader", "postgres", "/pflea")
+    assert db.password == SECRETS["PFLEA_READER_DB_PASSWORD"]
+    url = urlsplit(env["NATS_URL"])
+    assert (url.username, url.hostname, url.password) == ("web", "nats", SECRETS["WEB_NATS_PASSWORD"])
+    assert env["PFLEA_WEB_OPERATOR_TOKEN"] == SECRETS["PFLEA_WEB_OPERATOR_TOKEN"]
+    mine = {db.password, url.password, env["PFLEA_WEB_OPERATOR_TOKEN"]}
+    assert not any(s in json.dumps(env) for s in set(SECRETS.values()) - mine)
+    # It checks agents' logins against their registry, which it may read and not change.
+    (agents,) = [v for v in web["volumes"] if v["source"] == "nats-agents"]
+    assert agents["target"] == f"{env['PFLEA_DATA_DIR']}/nats/agents" and agents["read_only"] is True
+    assert web["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "http://localhost:9100/healthz" in _healthcheck(web)
+    assert [p["host_ip"] for p in web["ports"]] == ["127.0.0.1"]
 
 
 def test_only_the_migrate_job_holds_the_superuser_password(everything: Rendered) -> None:

@@ -60,6 +60,7 @@ from shared.nats_agents import (
 )
 from shared.nats_auth import USERS, agent_user, render_accounts, user_url
 from shared.ops import Lifecycle
+from shared.pipeline_status import jetstream_status
 from shared.settings import Settings
 from shared.stack import StackInfo, clear_stack, write_stack
 from shared.store import EventStore
@@ -369,6 +370,46 @@ async def test_the_operator_looks_at_streams_and_events_but_cannot_command_or_de
         await operator.nc.flush()
         await operator.violation(forbidden)
     assert (await js.stream_info(TOPOLOGY.events_stream)).state.messages >= 1
+
+
+async def test_the_explorer_watches_events_and_reads_stream_status_and_nothing_else(
+    ledger: Ledger, add_agent: Callable[[], Awaitable[AgentLogin]], login: Any, streams: None
+) -> None:
+    web = await login("web")
+    durable = TOPOLOGY.projector_durable("pnl")
+    config = pull_consumer_config(durable, TOPOLOGY.events_filter, ack_wait_s=30, max_deliver=3)
+    await (await login("projector")).nc.jetstream().add_consumer(TOPOLOGY.events_stream, config)
+    # The operations page: what `pflea status` shows, as the explorer's own user.
+    status = await jetstream_status(web.nc, TOPOLOGY)
+    assert {s["stream"] for s in status["streams"] if s["messages"] is not None} == {
+        TOPOLOGY.tx_stream,
+        TOPOLOGY.events_stream,
+    }
+    assert any(c["consumer"] == durable and c["pending"] is not None for c in status["consumers"])
+    # Live pages: committed events of any agent.
+    events = await web.nc.subscribe(TOPOLOGY.events_filter)
+    await web.nc.flush()
+    subject = TOPOLOGY.event_subject("someone", "BetWon")
+    await (await login("writer")).nc.jetstream().publish(subject, b"{}")
+    assert (await events.next_msg(timeout=5)).subject == subject
+
+    a = await add_agent()
+    for forbidden in (
+        TOPOLOGY.event_subject("someone", "FundsDeposited"),
+        "pflea.tx.someone",
+        TOPOLOGY.command_subject(a.agent_id, "WithdrawFunds"),
+        f"$JS.API.STREAM.DELETE.{TOPOLOGY.events_stream}",
+        f"$JS.API.STREAM.PURGE.{TOPOLOGY.tx_stream}",
+        f"$JS.API.STREAM.MSG.GET.{TOPOLOGY.events_stream}",
+        f"$JS.API.CONSUMER.CREATE.{TOPOLOGY.events_stream}.spy",
+        f"$JS.API.CONSUMER.DELETE.{TOPOLOGY.events_stream}.{durable}",
+    ):
+        await web.nc.publish(forbidden, b"{}", reply=web.nc.new_inbox())
+        await web.nc.flush()
+        await web.violation(forbidden)
+    await web.nc.subscribe("pflea.tx.>")
+    await web.nc.flush()
+    await web.violation("pflea.tx.>")
 
 
 async def test_the_admin_manages_streams_but_publishes_nothing_into_the_ledger(

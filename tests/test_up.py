@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import asyncpg
 import nats
 import pytest
@@ -57,6 +59,7 @@ def _start(data_dir: Path, out: Path) -> subprocess.Popen[bytes]:
         PFLEA_SIM_AGENTS="8",
         PFLEA_SIM_RATE="300",
         PFLEA_METRICS_BASE_PORT="0",
+        PFLEA_WEB_PORT=str(free_port()),
     )
     with open(out, "ab") as log:
         return subprocess.Popen(
@@ -123,6 +126,7 @@ def _secrets(data_dir: Path) -> dict[str, str]:
     found["postgres superuser"] = (data_dir / "postgres" / "superuser.password").read_text().strip()
     users = json.loads((data_dir / "nats" / "users.json").read_text())
     found.update({f"nats {user}": pw for user, pw in users.items()})
+    found["web operator token"] = (data_dir / "secrets" / "web-operator-token").read_text().strip()
     assert len(set(found.values())) == len(found), "two roles or users share a password"
     return found
 
@@ -163,9 +167,10 @@ async def _secrets_stay_private(data_dir: Path, out: Path, pid: int, pg_port: in
         "services.writer": "pflea_writer",
         "services.relay": "pflea_writer",
         "services.ingester": "pflea_ingester",
+        "services.web": "pflea_reader",
     }
     services = {p: cmd for p, cmd in _children(pid).items() if "-m services." in cmd}
-    assert len(services) == 8, services
+    assert len(services) == 9, services
     for child, cmd in services.items():
         environ = dict(
             item.split("=", 1)
@@ -176,7 +181,11 @@ async def _secrets_stay_private(data_dir: Path, out: Path, pid: int, pg_port: in
         role = roles.get(module, "pflea_projector" if module == "services.projectors" else None)
         url = urlsplit(environ.get("DATABASE_URL", ""))
         assert url.username == role, f"{cmd} logs in to Postgres as {url.username}"
-        mine = {url.password, urlsplit(environ.get("NATS_URL", "")).password}
+        mine = {
+            url.password,
+            urlsplit(environ.get("NATS_URL", "")).password,
+            environ.get("PFLEA_WEB_OPERATOR_TOKEN"),
+        }
         others = {
             name
             for name, secret in secrets.items()
@@ -185,6 +194,26 @@ async def _secrets_stay_private(data_dir: Path, out: Path, pid: int, pg_port: in
         assert not others, f"{cmd} holds the {others} passwords"
     with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)):
         await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{pg_port}/postgres", password="")
+
+
+async def _the_explorer_answers_at_the_printed_url(data_dir: Path, printed: str) -> None:
+    match = re.search(r"explorer .*?: (http://127\.0\.0\.1:\d+/)", printed)
+    assert match, f"pflea up did not print the explorer's URL:\n{printed}"
+    assert str(data_dir / "secrets" / "web-operator-token") in printed
+    token = (data_dir / "secrets" / "web-operator-token").read_text().strip()
+
+    async def leaderboard() -> str | None:
+        try:
+            async with (
+                aiohttp.ClientSession() as client,
+                client.get(match.group(1), headers={"Authorization": f"Bearer {token}"}) as r,
+            ):
+                return await r.text() if r.status == 200 else None
+        except aiohttp.ClientError:
+            return None
+
+    page = await wait_until(leaderboard, 60, "the explorer's leaderboard", 0.5)
+    assert '<section class="board"' in page
 
 
 def _pflea(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -248,6 +277,7 @@ async def test_up_fills_the_read_models_stops_cleanly_and_resumes(data_dir: Path
         text = out.read_text()
         assert "SELECT * FROM leaderboard" in text and "pflea_reader" in text, "no psql line for the user"
         await _secrets_stay_private(data_dir, out, proc.pid, urlsplit(stack.database_url).port or 0)
+        await _the_explorer_answers_at_the_printed_url(data_dir, text)
         await _forbidden_publish_is_refused(data_dir, stack.nats_url)
         await asyncio.to_thread(_an_agent_added_to_the_running_stack_sends_its_commands, data_dir)
         await _stop(proc, out)

@@ -41,3 +41,12 @@ def write_pgpass(data_dir: Path, entries: list[tuple[str, int, str, str, str]]) 
 
     write_private(path, "".join(":".join(map(field, entry)) + "\n" for entry in entries))
     return path
+
+
+def web_operator_token(data_dir: Path) -> Path:
+    """The explorer's operator token (``secrets/web-operator-token``), made the first time;
+    returns where it is, to print the path and never the token."""
+    path = secrets_folder(data_dir) / "web-operator-token"
+    if not path.exists() or not path.read_text().strip():
+        write_private(path, new_password() + "\n")
+    return path

@@ -8,19 +8,24 @@ exact, as of that point, and never touching what is stored.
 from __future__ import annotations
 
 import argparse
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import msgspec
 
 from services.cli.connections import OK, agent_exists, run, settings, with_pool
 from services.cli.render import print_json, print_table
-from shared.events import Event, UnknownEventType, decode_data
-from shared.history import AgentView, AsOf, History, HistoryError, UnknownAgent, WhatIf
+from shared.history import (
+    AgentView,
+    AsOf,
+    History,
+    UnknownAgent,
+    WhatIf,
+    parse_added,
+    parse_event_ids,
+    parse_time,
+)
 from shared.projections import pnl
 from shared.projections.agent import AgentFold
 
@@ -84,35 +89,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--top", type=int, default=10, metavar="N", help="rows per asset (default 10)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=lambda args: run(lambda: _leaderboard(args)))
-
-
-def parse_time(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise HistoryError(f"--at: {text!r} is not an ISO 8601 time (e.g. 2026-01-31T12:00:00Z)") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def parse_event_ids(texts: list[str]) -> list[uuid.UUID]:
-    ids = []
-    for text in texts:
-        try:
-            ids.append(uuid.UUID(text))
-        except ValueError:
-            raise HistoryError(f"--without: {text!r} is not an event id (a UUID; see pflea events)") from None
-    return ids
-
-
-def parse_added(texts: list[str]) -> list[Event]:
-    events = []
-    for text in texts:
-        event_type, _, data = text.partition(":")
-        try:
-            events.append(decode_data(event_type.strip(), data))
-        except (UnknownEventType, msgspec.DecodeError) as exc:
-            raise HistoryError(f"--add: {text!r}: {exc}") from None
-    return events
 
 
 def _as_of(args: argparse.Namespace) -> AsOf:

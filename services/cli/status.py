@@ -8,8 +8,6 @@ from typing import Any
 
 import asyncpg
 import nats.errors
-import nats.js.errors
-from nats.aio.client import Client
 
 from services.cli.connections import (
     OK,
@@ -23,8 +21,7 @@ from services.cli.connections import (
     with_pool,
 )
 from services.cli.render import fail, print_json, print_table
-from shared.jetstream import Topology
-from shared.projections.registry import PROJECTIONS
+from shared.pipeline_status import database_status, jetstream_status
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,85 +37,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.set_defaults(func=lambda args: run(lambda: _quarantine(args)))
 
 
-async def _jetstream(nc: Client, topo: Topology) -> dict[str, Any]:
-    js = nc.jetstream()
-    streams: list[dict[str, Any]] = []
-    partitions = 1
-    for name in (topo.tx_stream, topo.events_stream):
-        try:
-            info = await js.stream_info(name)
-        except nats.js.errors.NotFoundError:
-            streams.append({"stream": name, "messages": None, "bytes": None, "last_seq": None})
-            continue
-        state = info.state
-        streams.append(
-            {"stream": name, "messages": state.messages, "bytes": state.bytes, "last_seq": state.last_seq}
-        )
-        if name == topo.tx_stream:
-            partitions = topo.tx_partitions(info.config)
-    wanted = [(topo.tx_stream, topo.writer_partition_durable(partitions, p)) for p in range(partitions)]
-    wanted += [(topo.events_stream, topo.projector_durable(name)) for name in PROJECTIONS]
-    consumers: list[dict[str, Any]] = []
-    for stream, durable in wanted:
-        try:
-            c = await js.consumer_info(stream, durable)
-        except nats.js.errors.NotFoundError:
-            consumers.append({"stream": stream, "consumer": durable, "pending": None, "ack_pending": None})
-            continue
-        consumers.append(
-            {
-                "stream": stream,
-                "consumer": durable,
-                "pending": c.num_pending,  # not yet delivered: the lag
-                "ack_pending": c.num_ack_pending,  # delivered, not yet acknowledged
-                "redelivered": c.num_redelivered,
-            }
-        )
-    return {"streams": streams, "consumers": consumers}
-
-
-async def _database(pool: asyncpg.Pool) -> dict[str, Any]:
-    projections = await pool.fetch(
-        """SELECT projection, applied_position, log_position, lag_events, lag_seconds, applied_event_at,
-                  updated_at
-           FROM projection_status ORDER BY projection"""
-    )
-    tailers = await pool.fetch(
-        "SELECT kind, name, position, lag_events, lag_seconds, updated_at FROM tailer_status ORDER BY 1, 2"
-    )
-    streams = await pool.fetch(
-        """SELECT projection, count(*) AS streams, coalesce(sum(version), 0) AS events
-           FROM projection_checkpoints GROUP BY projection ORDER BY projection"""
-    )
-    quarantined = await pool.fetch(
-        """SELECT source, count(*) AS entries, sum(seen_count) AS seen
-           FROM quarantine GROUP BY source ORDER BY 1"""
-    )
-    commands = await pool.fetch(
-        "SELECT command_type, accepted, count(*) AS n FROM command_results GROUP BY 1, 2 ORDER BY 1, 2"
-    )
-    return {
-        "projections": [dict(r) for r in projections],
-        "checkpoints": {
-            "tailers": [dict(r) for r in tailers],
-            "projection_streams": [dict(r) for r in streams],
-        },
-        "quarantine": {
-            "entries": sum(r["entries"] for r in quarantined),
-            "by_source": [dict(r) for r in quarantined],
-        },
-        "commands": [dict(r) for r in commands],
-    }
-
-
 async def _status(args: argparse.Namespace) -> int:
     s = settings()
-    report: dict[str, Any] = await with_pool(s, _database)
+    report: dict[str, Any] = await with_pool(s, database_status)
     code = OK
     try:
         nc = await connect_nats(s)
         try:
-            report.update(await _jetstream(nc, topology(s)))
+            report.update(await jetstream_status(nc, topology(s)))
         finally:
             await nc.close()
     except (Unreachable, nats.errors.Error, TimeoutError) as exc:

@@ -1,8 +1,8 @@
 """``pflea up``: the whole system on one machine, nothing installed but Python.
 
 Embedded servers (unless DATABASE_URL / NATS_URL point elsewhere), migrations, then the
-simulator (unless PURPLEFLEA_API_URL is set), ingester, writer, relay and the four projectors as
-supervised processes, with a live status line. Ctrl-C or SIGTERM stops everything cleanly;
+simulator (unless PURPLEFLEA_API_URL is set), ingester, writer, relay, the four projectors and
+the web explorer as supervised processes, with a live status line. Ctrl-C or SIGTERM stops everything cleanly;
 the next ``pflea up`` resumes from the same data folder.
 """
 
@@ -22,7 +22,7 @@ import nats.js.errors
 
 from devstack.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, postgres_binaries
 from devstack.processes import ServiceProcess
-from services.cli.credentials import database_passwords, write_pgpass
+from services.cli.credentials import database_passwords, web_operator_token, write_pgpass
 from services.cli.status_line import StatusLine
 from services.cli.supervisor import GaveUp, Supervisor
 from shared.bootstrap import ROLES, bootstrap
@@ -194,7 +194,7 @@ class Stack:
     def _env(self, database_url: str | None, nats_url: str, **extra: str) -> dict[str, str]:
         """A service's environment: its own role's DATABASE_URL (none for the simulator), and
         no other secret of this stack."""
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
+        env = {k: v for k, v in os.environ.items() if k not in _SECRET_VARIABLES}
         env.update(NATS_URL=nats_url, PFLEA_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1")
         if database_url is not None:
             env["DATABASE_URL"] = database_url
@@ -220,9 +220,10 @@ class Stack:
         specs.append(("relay", ("services.relay",), {}))
         specs.append(("ingester", ("services.ingester",), ingester_env))
         specs += [(f"projector-{n}", ("services.projectors", n), {}) for n in PROJECTIONS]
+        specs.append(("web", ("services.web",), {"PFLEA_WEB_OPERATOR_TOKEN": self._web_token()}))
         # The simulator needs no NATS: it gets the read-only operator's URL.
-        users = {"writer": "writer", "relay": "writer", "ingester": "ingester"}
-        roles = {"writer": WRITER_ROLE, "relay": WRITER_ROLE, "ingester": INGESTER_ROLE}
+        users = {"writer": "writer", "relay": "writer", "ingester": "ingester", "web": "web"}
+        roles = {"writer": WRITER_ROLE, "relay": WRITER_ROLE, "ingester": INGESTER_ROLE, "web": READER_ROLE}
         for name, (module, *args), extra in specs:
             port = port + 1 if base else 0
             user = "projector" if name.startswith("projector-") else users.get(name, "operator")
@@ -237,6 +238,13 @@ class Stack:
             self.supervisor.start(ServiceProcess(module, env, logs, *args, name=name, detach=True, cwd=None))
         self.metrics_ports = {name: base + 1 + i for i, (name, _, _) in enumerate(specs)} if base else {}
 
+    def _web_token(self) -> str:
+        """PFLEA_WEB_OPERATOR_TOKEN if set, else the one kept in the data folder's secrets."""
+        self.web_token_path = None if self.settings.web_operator_token else web_operator_token(self.data_dir)
+        if self.web_token_path is None:
+            return self.settings.web_operator_token
+        return self.web_token_path.read_text().strip()
+
     def _print_howto(self, reader_url: str, nats_url: str) -> None:
         # No password on screen: psql finds the reader's in the pgpass file, NATS users' are in
         # the data folder's secrets.
@@ -246,6 +254,11 @@ class Stack:
             f"http://127.0.0.1:{min(self.metrics_ports.values())}/metrics … (one port per service)"
             if self.metrics_ports
             else "off (PFLEA_METRICS_BASE_PORT=0)"
+        )
+        token = self.web_token_path or "PFLEA_WEB_OPERATOR_TOKEN"
+        explorer = (
+            f"http://{self.settings.web_host}:{self.settings.web_port}/\n"
+            f"    log in as the operator with the token in {token}, or as an agent with its credentials"
         )
         nats_login = _without_password(nats_url)
         if self.nats_users:
@@ -261,6 +274,7 @@ Purple Flea ledger is up. Data: {self.data_dir}   Logs: {self.data_dir / "logs"}
   subscribe to events:   {nats_login}, subject '{self.settings.namespace}.events.>'
   agents send commands with their own credentials:
     pflea agents add agent-0001      pflea agent agent-0001 register      pflea agent agent-0001 faucet
+  the explorer (leaderboard, agents, time travel, what-if): {explorer}
   metrics:               {metrics}
 Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
 """,
@@ -284,6 +298,10 @@ Ctrl-C stops everything cleanly; `make up` again resumes where it stopped.
         watcher.cancel()
         print("\nstopping: draining services…", flush=True)
         return 0
+
+
+# Each service gets only its own secrets: these are set per service, never inherited.
+_SECRET_VARIABLES = ("DATABASE_URL", "NATS_URL", "PFLEA_WEB_OPERATOR_TOKEN")
 
 
 def _without_password(url: str) -> str:
