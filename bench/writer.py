@@ -23,7 +23,7 @@ import asyncpg
 from nats.aio.client import Client
 
 from bench.harness import Harness, stream_messages
-from bench.processes import BenchError
+from bench.processes import BenchError, cpu_seconds
 from bench.report import Figure, Target
 from bench.workload import holds_events, publish_tx
 from devstack.processes import wait_until
@@ -39,18 +39,32 @@ class RelayedLog:
     events: int
 
 
-async def _drain(
-    h: Harness, db: str, nc: Client, topology: Topology, total: int
-) -> tuple[float, float, dict[str, float]]:
-    """Run the writer until both the table and PFLEA_EVENTS hold ``total``: their seconds, and
-    the writer's own metrics at the end."""
+@dataclass
+class Drained:
+    """How the writer and the relay drained PFLEA_TX: seconds from ready until the table, then
+    PFLEA_EVENTS, held every event; CPU seconds of each process over that time; the writer's
+    own metrics at the end."""
+
+    write_s: float
+    relay_s: float
+    cpu: dict[str, float]
+    metrics: dict[str, float]
+
+
+async def _drain(h: Harness, db: str, nc: Client, topology: Topology, total: int) -> Drained:
+    """Run the writer until both the table and PFLEA_EVENTS hold ``total``."""
     relay = h.service("writer", "relay", "services.relay", h.env(db, topology.namespace)).start()
     await relay.wait_ready()
     env = h.env(db, topology.namespace, PFLEA_WRITER_PARTS="append,commands")
     writer = h.service("writer", "writer", "services.writer", env).start()
     conn = await asyncpg.connect(db)
+    nats_server = h.servers.nats.proc
     try:
         ready = await writer.wait_ready()
+        pids = {"writer": writer.pid, "relay": relay.pid}
+        if nats_server:
+            pids["nats-server"] = nats_server.pid
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         written_at = relayed_at = 0.0
         deadline = time.monotonic() + max(120.0, total / 500)
         while not (written_at and relayed_at):
@@ -62,6 +76,7 @@ async def _drain(
                 written_at = now
             if not relayed_at and await stream_messages(nc, topology.events_stream) >= total:
                 relayed_at = now
+                cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
             await asyncio.sleep(0.1)
         stored = await conn.fetchval("SELECT count(*) FROM events")
         if stored != total:
@@ -71,7 +86,7 @@ async def _drain(
         await conn.close()
         writer.stop()
         relay.stop()
-    return written_at - ready, relayed_at - ready, metrics
+    return Drained(written_at - ready, relayed_at - ready, cpu, metrics)
 
 
 async def run(h: Harness) -> None:
@@ -84,7 +99,8 @@ async def run(h: Harness) -> None:
         fill_s = await publish_tx(nc.jetstream(), topology, workload.messages)
         batches = len(workload.messages)
         await wait_until(lambda: _full(nc, topology.tx_stream, batches), 30, "PFLEA_TX pre-filled")
-        write_s, relay_s, metrics = await _drain(h, db, nc, topology, total)
+        drained = await _drain(h, db, nc, topology, total)
+        write_s, relay_s, metrics = drained.write_s, drained.relay_s, drained.metrics
     finally:
         await nc.close()
     copy_limit = h.limit("raw COPY")
@@ -117,10 +133,20 @@ async def run(h: Harness) -> None:
             "JetStream publish",
             h.limit("JetStream publish"),
             note="publishes from the events table while the writer appends (its own process); "
-            "clock from the writer's /readyz until PFLEA_EVENTS holds every event",
+            "clock from the writer's /readyz until PFLEA_EVENTS holds every event; "
+            + cpu_note(drained.cpu, total),
+            detail={f"cpu_us_per_event_{name}": 1e6 * s / total for name, s in drained.cpu.items()},
         )
     )
     h.cache["relayed_log"] = RelayedLog(db, topology, total)
+
+
+def cpu_note(cpu: dict[str, float], events: int) -> str:
+    """CPU µs per event of each process until PFLEA_EVENTS held every event (nats-server's
+    includes the writer's PFLEA_TX deliveries and acks)."""
+    by_cost = sorted(cpu.items(), key=lambda item: -item[1])
+    each = ", ".join(f"{name} {1e6 * seconds / events:,.0f}" for name, seconds in by_cost)
+    return f"CPU µs per event until then: {each} (nats-server's includes serving the writer)"
 
 
 def batch_note(metrics: dict[str, float], histogram: str, what: str) -> str:
