@@ -17,14 +17,18 @@ stream's duplicate window: the batch is then refused (``DUPLICATE``) and nothing
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 
 import msgspec
 import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shared.faults import crash_point
+from shared.jetstream import AcksLost
 from shared.js_adapter import connection
 
 MAX_BATCH = 1000  # nats-server's limit on the messages of one atomic batch
@@ -90,7 +94,8 @@ async def publish_atomic(
     """Publish ``(subject, payload, headers)`` as one atomic batch: all stored, in this order and
     contiguous, when this returns; nothing stored when it raises (:class:`BatchRefused`, or a
     NATS error or ``TimeoutError`` when the answer never came: then the batch may or may not
-    have been committed, and the caller asks the stream)."""
+    have been committed, and the caller asks the stream). Raises :class:`AcksLost` as soon as the
+    client reconnects while waiting for an answer, as :func:`shared.jetstream.publish_in_order`."""
     if not 1 <= len(messages) <= MAX_BATCH:
         raise ValueError(f"an atomic batch holds 1 to {MAX_BATCH} messages, not {len(messages)}")
     nc = connection(js)
@@ -100,7 +105,7 @@ async def publish_atomic(
         batch_headers = {**headers, HDR_BATCH_ID: batch_id, HDR_BATCH_SEQUENCE: str(sequence)}
         if sequence == last:
             batch_headers[HDR_BATCH_COMMIT] = "1"
-            answer = await nc.request(subject, payload, timeout=timeout, headers=batch_headers)
+            answer = await _request(nc, subject, payload, batch_headers, timeout)
             if refused := _refusal(answer.data):
                 raise refused
             ack = msgspec.json.decode(answer.data, type=BatchAck)
@@ -109,7 +114,7 @@ async def publish_atomic(
             return ack
         if sequence == 1:
             # Started: the server says now if it cannot take batches on this stream.
-            answer = await nc.request(subject, payload, timeout=timeout, headers=batch_headers)
+            answer = await _request(nc, subject, payload, batch_headers, timeout)
             if refused := _refusal(answer.data):
                 raise refused
         else:
@@ -117,3 +122,17 @@ async def publish_atomic(
         if sequence == last - 1:
             crash_point("atomic_batch.before_commit")  # staged, never committed
     raise AssertionError("unreachable: the last message commits")
+
+
+async def _request(nc: Client, subject: str, payload: bytes, headers: dict[str, str], timeout: float) -> Msg:
+    """A request's answer; :class:`AcksLost` as soon as the client reconnects while waiting (the
+    answer to a request sent on the old connection never comes)."""
+    reconnects = nc.stats["reconnects"]
+    answer = asyncio.ensure_future(nc.request(subject, payload, timeout=timeout, headers=headers))
+    try:
+        while not (await asyncio.wait({answer}, timeout=0.25))[0]:
+            if nc.stats["reconnects"] != reconnects:
+                raise AcksLost("reconnected while an atomic batch waited for its answer")
+        return answer.result()
+    finally:
+        answer.cancel()
