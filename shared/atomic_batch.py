@@ -1,15 +1,16 @@
 """JetStream atomic batch publish (ADR-50): up to 1,000 messages stored all together or not at
 all, acknowledged once.
 
-nats-server >= 2.12 speaks it on a stream with ``allow_atomic``; nats-py 2.16 has no client API
-for it, but it is headers on plain publishes. Every message of a batch carries
-``Nats-Batch-Id`` and ``Nats-Batch-Sequence`` (1, 2, ...). The first is a request, answered
-with an empty message (or an error, say the stream does not allow batches); the middle ones are
-plain publishes; the last also carries ``Nats-Batch-Commit: 1`` and is a request, answered with
-the pub ack of the whole batch. The server stages the batch and, on the commit, stores every
-message and syncs once before it answers: with ``sync_interval: always`` that is one fsync per
-batch, not one per message. A batch with a gap is refused at its commit; one whose commit never
-comes (its publisher died) is dropped after 10 s of silence, its messages never stored.
+nats-server >= 2.12.1 speaks it on a stream with ``allow_atomic`` (2.12.0 refused a batch with a
+``Nats-Msg-Id``); nats-py 2.16 has no client API for it, but it is headers on plain publishes.
+Every message of a batch carries ``Nats-Batch-Id`` and ``Nats-Batch-Sequence`` (1, 2, ...). The
+first is a request, answered with an empty message (or an error, say the stream does not allow
+batches); the middle ones are plain publishes; the last also carries ``Nats-Batch-Commit: 1``
+and is a request, answered with the pub ack of the whole batch. The server stages the batch
+and, on the commit, stores every message and syncs once before it answers: with
+``sync_interval: always`` that is one fsync per batch, not one per message. A batch with a gap
+is refused at its commit; one whose commit never comes (its publisher died) is dropped after
+10 s of silence, its messages never stored.
 
 A ``Nats-Msg-Id`` on any message makes the whole batch a duplicate once that id is in the
 stream's duplicate window: the batch is then refused (``DUPLICATE``) and nothing of it stored.
@@ -117,6 +118,8 @@ async def publish_atomic(
             answer = await _request(nc, subject, payload, batch_headers, timeout)
             if refused := _refusal(answer.data):
                 raise refused
+            if answer.data:  # a pub ack: the server stored it as a plain message (< 2.12)
+                raise BatchRefused(NOT_ENABLED, "this nats-server does not know atomic batches")
         else:
             await nc.publish(subject, payload, headers=batch_headers)
         if sequence == last - 1:

@@ -5,8 +5,9 @@ nats-py (2.16) gives a ``JetStreamContext`` no public handle to either. :mod:`sh
 needs both to keep its own pull request open (``<prefix>.CONSUMER.MSG.NEXT.<stream>.<durable>``,
 on the context's connection), and the publishers (``publish_in_order``, ``publish_atomic``)
 publish on it and watch its reconnect count. Passing the connection alongside every context
-would spread the same knowledge over every service. ``tests/test_js_adapter.py`` runs these against a real nats-server, so an upstream rename
-or change of meaning fails there, naming this module, not deep in a consumer loop.
+would spread the same knowledge over every service. ``tests/test_js_adapter.py`` runs these
+against a real nats-server, so an upstream rename or change of meaning fails there, naming this
+module, not deep in a consumer loop.
 """
 
 from __future__ import annotations

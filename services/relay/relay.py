@@ -177,7 +177,7 @@ class Relay:
         if self.atomic and not atomic:
             log.warning(
                 "%s does not allow atomic batches: publishing one message per event (one fsync "
-                "each) until `pflea migrate` updates it",
+                "each) until `pflea migrate` updates it (on nats-server >= 2.12)",
                 self.topology.events_stream,
             )
         self.atomic = atomic
