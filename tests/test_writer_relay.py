@@ -254,7 +254,9 @@ async def test_crash_between_commit_and_relay_loses_nothing(
     await assert_all_relayed_in_order(js_streams, topology, expected)
 
 
-@pytest.mark.parametrize("crash_at", ["atomic_batch.before_commit:2", "relay.after_publish:2"])
+@pytest.mark.parametrize(
+    "crash_at", ["atomic_batch.before_commit:2", "relay.after_publish:2", "relay.after_publish:3"]
+)
 async def test_a_relay_killed_mid_batch_or_before_its_checkpoint_loses_and_doubles_nothing(
     settings: Settings,
     topology: Topology,
@@ -263,18 +265,22 @@ async def test_a_relay_killed_mid_batch_or_before_its_checkpoint_loses_and_doubl
     relay: ServiceProcess,
     crash_at: str,
 ) -> None:
-    """Killed with its second batch staged but not committed (nats-server drops it), or with it
-    committed but the checkpoint not moved (the next relay finds it at the stream's end and goes
-    on after it): PFLEA_EVENTS ends up with every event exactly once, in position order."""
+    """Killed with its second batch staged but not committed (nats-server drops it), or with the
+    second or the last committed but the checkpoint not moved (the next relay finds it at the
+    stream's end and goes on after it): PFLEA_EVENTS ends up with every event exactly once, in
+    position order, and the checkpoint at the end of the log."""
     expected = await publish_transactions(js_streams, topology, agents=10, per_agent=250)
     writer.start()
     await wait_until(lambda: _at_least(settings.database_url, len(expected)), 60, "all written")
     relay.start(PFLEA_CRASH_AT=crash_at)  # every batch a full 1,000: the log is there already
     assert await relay.wait_exit(60) == 137, relay.log_tail()
     held = (await js_streams.jetstream().stream_info(topology.events_stream)).state.messages
-    assert held == (1000 if crash_at.startswith("atomic_batch.") else 2000)
+    assert held == {"atomic_batch.before_commit:2": 1000, "relay.after_publish:2": 2000}.get(crash_at, 2500)
     relay.start()
     await wait_until(lambda: _relayed_all(js_streams, topology, len(expected)), 60, "all relayed")
+    await wait_until(
+        lambda: _checkpoint_at(settings.database_url, len(expected)), 30, "checkpoint at the end"
+    )
     assert relay.terminate() == 0, relay.log_tail()
     assert writer.terminate() == 0, writer.log_tail()
     msgs = await relayed(js_streams, topology)
@@ -392,6 +398,14 @@ async def test_an_undecodable_message_is_quarantined_and_the_rest_flow(
 
 async def _at_least(url: str, n: int) -> bool:
     return await count_events(url) >= n
+
+
+async def _checkpoint_at(url: str, position: int) -> bool:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT position FROM relay_checkpoints WHERE name = 'events'") == position
+    finally:
+        await conn.close()
 
 
 async def _relayed_all(nc: nats.NATS, topology: Topology, n: int) -> bool:

@@ -80,6 +80,7 @@ class Relay:
         self.poll_s = poll_s
         self.wakeup = wakeup or asyncio.Event()
         self.position = 0
+        self.saved = 0  # the checkpoint as stored in Postgres
         self.reconnects = reconnects
         self.seen_reconnects = -1
         self.duplicate_window_s = duplicate_window_s
@@ -107,7 +108,7 @@ class Relay:
                 return
             async with lease.connection() as conn:
                 await conn.add_listener("pflea_events", self._notified)
-                self.position = await self._checkpoint(conn)
+                self.position = self.saved = await self._checkpoint(conn)
             log.info("relaying", extra={"position": self.position})
             while not self.lifecycle.stopping.is_set() and not lease.lost.is_set():
                 if self.reconnects() != self.seen_reconnects:
@@ -201,19 +202,20 @@ class Relay:
 
     async def relay_once(self, conn: asyncpg.Connection) -> int:
         events = await self.store.read_all(self.position, self.batch_size)
-        if not events:
-            return 0
-        crash_point("relay.before_publish")
-        await self.publish(events)
-        crash_point("relay.after_publish")  # published, checkpoint not moved
-        self.position = events[-1].position
-        await conn.execute(
-            "UPDATE relay_checkpoints SET position = $2, updated_at = clock_timestamp() WHERE name = $1",
-            RELAY_NAME,
-            self.position,
-        )
-        RELAY_POSITION.set(self.position)
-        PUBLISHED.inc(len(events))
+        if events:
+            crash_point("relay.before_publish")
+            await self.publish(events)
+            crash_point("relay.after_publish")  # published, checkpoint not moved
+            self.position = events[-1].position
+            PUBLISHED.inc(len(events))
+        if self.position > self.saved:  # also after skipping a batch stored before a crash
+            await conn.execute(
+                "UPDATE relay_checkpoints SET position = $2, updated_at = clock_timestamp() WHERE name = $1",
+                RELAY_NAME,
+                self.position,
+            )
+            self.saved = self.position
+            RELAY_POSITION.set(self.position)
         return len(events)
 
     async def publish(self, events: list[RecordedEvent]) -> None:
