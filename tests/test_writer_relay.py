@@ -312,6 +312,26 @@ async def test_an_events_stream_from_before_atomic_batches_gets_each_event_with_
     assert "does not allow atomic batches" in relay.log_tail(200)
 
 
+async def test_a_batch_the_stream_refuses_is_published_again_once_it_takes_it(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, relay: ServiceProcess, store: EventStore
+) -> None:
+    js = js_streams.jetstream()
+    [_, events_config] = topology.stream_configs(60, StreamSettings())
+    await js.update_stream(dataclasses.replace(events_config, max_msg_size=8))  # smaller than an event
+    events = [NewEvent.of(FundsDeposited(amount=Decimal("1.5"), asset="USDC")) for _ in range(5)]
+    await store.append("solo", "agent", events, expected_version=0)
+    relay.start()
+    await wait_until(
+        lambda: _some("publish failed (BatchRefused(10054" in relay.log_tail(200)), 30, "a refused batch"
+    )
+    assert (await js.stream_info(topology.events_stream)).state.messages == 0
+    await js.update_stream(events_config)
+    await wait_until(lambda: _relayed_all(js_streams, topology, 5), 30, "the batch published again")
+    assert relay.terminate() == 0, relay.log_tail()
+    await assert_all_relayed_in_order(js_streams, topology, {e.event_id for e in events})
+    assert len(await relayed(js_streams, topology)) == 5
+
+
 async def test_events_committed_by_others_are_relayed(
     settings: Settings, topology: Topology, js_streams: nats.NATS, relay: ServiceProcess, store: EventStore
 ) -> None:

@@ -228,11 +228,10 @@ class Relay:
                 else:
                     await self.publish_one_by_one(events)
                 return
-            except BatchRefused as exc:
-                if exc.err_code != NOT_ENABLED:
-                    raise
-                self._use_batches(False)  # the stream was declared again, without batches
             except NATS_ERRORS as exc:
+                if isinstance(exc, BatchRefused) and exc.err_code == NOT_ENABLED:
+                    self._use_batches(False)  # the stream was declared again, without batches
+                    continue
                 attempt += 1
                 log.warning("relay publish failed (%r); retry %d", exc, attempt)
                 if await self.lifecycle.sleep(min(0.2 * 2**attempt, 5.0)):
