@@ -149,8 +149,8 @@ async def run(h: Harness) -> None:
             "relay alone, events table → PFLEA_EVENTS",
             total / relay_alone_s,
             "events/s",
-            "JetStream publish",
-            h.limit("JetStream publish"),
+            "JetStream atomic batch publish",
+            h.limit("JetStream atomic batch publish"),
             note="the writer's log relayed again from position 0 into a stream of its own, nothing "
             "else running; clock from the relay's /readyz until that stream holds every event; "
             + cpu_note(relay_alone_cpu, total),
