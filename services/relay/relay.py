@@ -45,6 +45,10 @@ PUBLISHED = Counter("pflea_relay_events_published_total", "Events published to P
 RELAY_POSITION = Gauge("pflea_relay_position", "Last global position relayed")
 
 RELAY_NAME = "events"
+# A batch's commit answers within milliseconds on a healthy server (one fsync, not 1,000). Its
+# silence this long means it is lost (a stream leader died in a cluster): publish it again
+# soon (a batch that did get stored is then refused as a duplicate).
+BATCH_ANSWER_S = 5.0
 
 
 class _Reconnected(Exception):
@@ -247,7 +251,7 @@ class Relay:
             # The batch's identity, for the duplicate window: the same range is the same events.
             messages[0][2][HDR_MSG_ID] = f"relay:{batch[0].position}-{batch[-1].position}"
             try:
-                await publish_atomic(self.js, messages, timeout=15)
+                await publish_atomic(self.js, messages, timeout=BATCH_ANSWER_S)
             except BatchRefused as exc:
                 if exc.err_code != DUPLICATE:
                     raise
