@@ -24,10 +24,13 @@ from bench import (
     catchup,
     cluster,
     end_to_end,
+    importer,
+    ingest,
     limits,
     partitions,
     rebuild,
     shards,
+    soak,
     time_travel,
     writer,
 )
@@ -44,25 +47,30 @@ Scenario = Callable[[Harness], Awaitable[None]]
 SCENARIOS: dict[str, Scenario] = {
     "limits": limits.run,
     "writer": writer.run,
+    "ingest": ingest.run,
     "partitions": partitions.run,
     "catchup": catchup.run,
     "e2e": end_to_end.run,
     "rebuild": rebuild.run,
     "time-travel": time_travel.run,
+    "import": importer.run,
     "cluster": cluster.run,
     "capacity": capacity.run,
     "shards": shards.run,
+    "soak": soak.run,
 }
 # A figure is compared to limits measured in the same run, so a scenario brings its limits.
 REQUIRES = {
     "writer": ["limits"],
     "catchup": ["limits", "writer"],
     "e2e": ["limits"],
+    "import": ["limits"],
     "capacity": ["limits", "writer", "e2e"],
 }
 ORDER = [
     "limits",
     "writer",
+    "ingest",
     "partitions",
     "catch-up",
     "end-to-end",
@@ -71,9 +79,11 @@ ORDER = [
     "rebuild",
     "verify",
     "time travel",
+    "import",
     "cluster",
     "capacity",
     "shards",
+    "soak",
 ]
 
 
@@ -105,11 +115,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             metavar="N",
             help=f"default {f.default:,} ({Sizes.quick().__dict__[f.name]:,} with --quick)",
         )
+    # The soak's two knobs by their short names (README): --minutes N --rate R.
+    parser.add_argument("--minutes", dest="soak_minutes", type=float, metavar="N", help="soak: minutes")
+    parser.add_argument("--rate", dest="soak_rate", type=float, metavar="R", help="soak: transactions/s")
     return parser.parse_args(argv)
 
 
 # Run only when named with --only: minutes of its own, and a figure of sizing, not of the pipeline.
-OPT_IN = {"shards"}
+OPT_IN = {"shards", "soak"}
 
 
 def chosen(only: list[str] | None) -> list[str]:

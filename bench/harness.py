@@ -34,9 +34,16 @@ class Sizes:
     latency_window_s: float = 20.0
     rebuild_events: int = 1_000_000
     time_travel_events: int = 100_000
+    import_events: int = 100_000  # rows of the article's SQLite file `pflea import sqlite` reads
     time_travel_queries: int = 10
     shards_agents: int = 20_000  # one ingester, nearly all of them idle
     shards_window_s: float = 30.0
+    soak_minutes: float = 20.0  # --minutes
+    soak_rate: float = 1_000.0  # --rate: transactions/s offered by the simulator
+    soak_agents: int = 500
+    soak_sample_s: float = 30.0
+    ingest_agents: int = 40  # the ingester alone: 5,000 transactions each, so mostly full pages of 200
+    ingest_per_agent: int = 5_000
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -51,9 +58,16 @@ class Sizes:
             latency_window_s=5.0,
             rebuild_events=30_000,
             time_travel_events=5_000,
+            import_events=10_000,
             time_travel_queries=5,
             shards_agents=2_000,
             shards_window_s=10.0,
+            soak_minutes=1.0,
+            soak_rate=200.0,
+            soak_agents=50,
+            soak_sample_s=10.0,
+            ingest_agents=10,
+            ingest_per_agent=2_000,
         )
 
 

@@ -58,7 +58,10 @@ class Pipeline:
         started += [self._start(f"projector-{n}", "services.projectors", n) for n in PROJECTIONS]
         await asyncio.gather(*(p.wait_ready() for p in started))
 
-    async def start_simulator(self, agents: int, backlog: int, rate: float) -> None:
+    async def start_simulator(self, agents: int, backlog: int, rate: float, *, bounded: bool = False) -> None:
+        """``bounded``: the simulator keeps its default window of history, as ``make up`` runs
+        it (a soak); else the whole backlog stays servable, so every run ingests all of it."""
+        history = {} if bounded else {"PFLEA_SIM_HISTORY": str(max(backlog, 5_000))}
         sim = self._start(
             "simulator",
             "services.simulator",
@@ -68,18 +71,18 @@ class Pipeline:
             PFLEA_SIM_AGENTS=str(agents),
             PFLEA_SIM_BACKLOG=str(backlog),
             PFLEA_SIM_RATE=str(rate),
-            # The whole backlog stays servable, so every run ingests all of it.
-            PFLEA_SIM_HISTORY=str(max(backlog, 5_000)),
+            **history,
         )
         await sim.wait_ready()
 
-    async def start_ingester(self) -> float:
+    async def start_ingester(self, **env: str) -> float:
         """Start polling; returns ``time.monotonic()`` when the ingester is ready."""
         ingester = self._start(
             "ingester",
             "services.ingester",
             PURPLEFLEA_API_URL=f"http://127.0.0.1:{self.sim_port}",
             PFLEA_AGENTS_FROM_SIMULATOR="1",
+            **env,
         )
         return await ingester.wait_ready()
 

@@ -38,6 +38,12 @@ Handler = Callable[[list[Msg]], Awaitable[None]]
 
 _request_encoder = msgspec.json.Encoder()
 
+# Consumer create/info requests on the (re-)subscribe path: short, and retried quickly then
+# less often, so a loop is pulling again within a moment of its consumer having a leader.
+API_TIMEOUT_S = 1.5
+RETRY_FIRST_S = 0.1
+RETRY_MAX_S = 0.5
+
 
 class ConsumerDeleted(Exception):
     """The server ended the pull request because its consumer was deleted (409)."""
@@ -202,6 +208,7 @@ class PullLoop:
         self.max_bytes = max_bytes
         self.watchdog_s = watchdog_s
         self.pulls: PullStream | None = None
+        self.in_hand: list[Msg] = []  # the batch being handled
         self.last_activity = time.monotonic()
 
     @property
@@ -215,12 +222,7 @@ class PullLoop:
         if self.pulls is not None:
             await self.pulls.stop()
             carried = list(self.pulls.buffer)  # delivered, not handled yet: still ours to handle
-        assert self.config.filter_subject is not None
-        sub = await self.js.pull_subscribe(
-            self.config.filter_subject, durable=self.durable, stream=self.stream, config=self.config
-        )
-        await sub.unsubscribe()  # only its consumer is wanted; PullStream reads it
-        await self._same_filter()
+        await self._ensure_consumer()
         self.pulls = PullStream(
             connection(self.js),
             api_prefix(self.js),
@@ -232,10 +234,18 @@ class PullLoop:
         self.pulls.buffer.extend(carried)
         await self.pulls.start()
 
-    async def _same_filter(self) -> None:
-        """An existing consumer keeps the config it was made with; one filtering other subjects
+    async def _ensure_consumer(self) -> None:
+        """One API request when the consumer exists with this loop's filter, two otherwise.
+
+        Each waits at most :data:`API_TIMEOUT_S`: on a cluster a consumer whose node died answers
+        nothing until a new leader is elected (about two seconds), and nats-py's default of five
+        seconds would keep this loop idle long after that. A consumer filtering other subjects
         than this loop's (the writer's, before partitions: ``<ns>.tx.>``) is brought in line."""
-        info = await self.js.consumer_info(self.stream, self.durable)
+        try:
+            info = await self.js.consumer_info(self.stream, self.durable, timeout=API_TIMEOUT_S)
+        except NotFoundError:
+            await self.js.add_consumer(self.stream, self.config, timeout=API_TIMEOUT_S)
+            return
         if info.config.filter_subject != self.config.filter_subject:
             log.info(
                 "consumer filters %s; updating it to %s",
@@ -243,12 +253,21 @@ class PullLoop:
                 self.config.filter_subject,
                 extra={"consumer": self.durable},
             )
-            await self.js.add_consumer(self.stream, self.config)
+            await self.js.add_consumer(self.stream, self.config, timeout=API_TIMEOUT_S)
 
     async def run(self, handle: Handler, *, until: asyncio.Event | None = None) -> None:
         """Fetch and hand batches to ``handle`` until stopping (or ``until`` is set); a fetched
         batch is always finished."""
         await self._subscribe_until_ok()
+        keeping = asyncio.create_task(self._keep_in_hand_alive())
+        try:
+            await self._run(handle, until)
+        finally:
+            keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeping
+
+    async def _run(self, handle: Handler, until: asyncio.Event | None) -> None:
         idle_since = time.monotonic()
         while not self.lifecycle.stopping.is_set() and not (until is not None and until.is_set()):
             assert self.pulls is not None
@@ -271,12 +290,37 @@ class PullLoop:
                     await self._watchdog()
                 continue
             idle_since = self.last_activity = time.monotonic()
-            await handle(msgs)
+            await self._handle(handle, msgs)
         if self.pulls is not None:
             rest = await self.pulls.finish()
             for start in range(0, len(rest), self.batch):
-                await handle(rest[start : start + self.batch])
+                await self._handle(handle, rest[start : start + self.batch])
             await self.pulls.stop()
+
+    async def _handle(self, handle: Handler, msgs: list[Msg]) -> None:
+        self.in_hand = msgs
+        try:
+            await handle(msgs)
+        finally:
+            self.in_hand = []
+
+    async def _keep_in_hand_alive(self) -> None:
+        """Every third of the ack wait, tell the server that the messages in hand (the batch
+        being handled and those buffered behind it) are still being worked on (+WPI).
+
+        Without it a batch slower than the ack wait (a loaded machine, a writer committing one
+        message at a time) is handed out again while still in hand; each such redelivery counts
+        as an attempt, the writer isolates suspects one at a time, which is slower still, and a
+        backlog never drains. A message acked meanwhile ignores the +WPI."""
+        ack_wait = float(self.config.ack_wait or 30.0)
+        while True:
+            await asyncio.sleep(ack_wait / 3)
+            buffered = list(self.pulls.buffer) if self.pulls is not None else []
+            for msg in [*self.in_hand, *buffered]:
+                try:
+                    await msg.in_progress()
+                except Exception:  # disconnected: the ack wait runs out as it would have
+                    break
 
     async def _watchdog(self) -> None:
         try:
@@ -288,14 +332,16 @@ class PullLoop:
             log.warning("watchdog could not reach JetStream (%r)", exc)
 
     async def _subscribe_until_ok(self) -> None:
+        pause = RETRY_FIRST_S
         while not self.lifecycle.stopping.is_set():
             try:
                 await self.subscribe()
                 return
             except Exception as exc:
                 log.warning("subscribe failed (%r); retrying", exc, extra={"consumer": self.durable})
-                if await self.lifecycle.sleep(1.0):
+                if await self.lifecycle.sleep(pause):
                     return
+                pause = min(pause * 2, RETRY_MAX_S)
 
     async def pending(self) -> int | None:
         try:

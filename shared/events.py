@@ -30,13 +30,17 @@ time-travel query and command handler uses.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import msgspec
 
 # Bumped when an event's stored shape changes; ``shared/upcasting.py`` lifts older shapes on
 # read and must hold an upcaster for every step below these numbers (a test checks it).
 CURRENT_SCHEMA_VERSION: dict[str, int] = {"BetPlaced": 2}
+# The shape of the article's SQLite EventStore (events brought in by ``pflea import sqlite``):
+# stored as the article wrote it, lifted to the current shape on read like any older version.
+ARTICLE_SCHEMA_VERSION = 0
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -188,7 +192,67 @@ def schema_version_of(event_type: str) -> int:
 
 def encode_data(event: Event) -> bytes:
     """The JSON stored in ``events.data``: amounts as strings, defaults omitted."""
+    if _written_plainly(event):
+        return _encoder.encode(event)  # the same bytes, without the detour through a dict
     return _encoder.encode(plain_json(msgspec.to_builtins(event, builtin_types=(Decimal,))))
+
+
+_PLAIN_TYPES = (str, int, bool, type(None))
+
+
+class _Layout(NamedTuple):
+    decimals: tuple[str, ...]  # fields typed Decimal or Decimal | None
+    objects: tuple[str, ...]  # fields typed dict (extra, raw)
+
+
+_LAYOUTS: dict[type, _Layout | None] = {}
+
+
+def _layout(cls: type[Event]) -> _Layout | None:
+    """Where ``cls`` keeps Decimals and JSON objects; None if it has a field of another kind
+    than those and plain scalars (msgspec might write it otherwise than plain_json)."""
+    if cls not in _LAYOUTS:
+        decimals, objects, plain = [], [], True
+        for f in msgspec.structs.fields(cls):
+            if _scalar(f.type, Decimal) and not _scalar(f.type):
+                decimals.append(f.name)
+            elif get_origin(f.type) is dict:
+                objects.append(f.name)
+            else:
+                plain = plain and _scalar(f.type)
+        _LAYOUTS[cls] = _Layout(tuple(decimals), tuple(objects)) if plain else None
+    return _LAYOUTS[cls]
+
+
+def _scalar(kind: Any, *also: type) -> bool:
+    """Whether a field typed ``kind`` holds only plain scalars (or ``also``)."""
+    if kind in _PLAIN_TYPES or kind in also:
+        return True
+    if get_origin(kind) is Literal:
+        return all(type(arg) in _PLAIN_TYPES for arg in get_args(kind))
+    if get_origin(kind) in (UnionType, Union):
+        return all(_scalar(arg, *also) for arg in get_args(kind))
+    return False
+
+
+def _written_plainly(event: Event) -> bool:
+    """Whether msgspec writes ``event`` as :func:`plain_json` would have it: each Decimal is one
+    ``str()`` writes without an exponent, and its JSON objects (``extra``, ``raw``) hold only
+    strings, integers, booleans and nulls."""
+    layout = _layout(type(event))
+    if layout is None:
+        return False
+    for name in layout.decimals:
+        value = getattr(event, name)
+        if value is not None and not (
+            value.is_finite() and value.as_tuple().exponent <= 0 and value.adjusted() >= -6
+        ):
+            return False
+    for name in layout.objects:
+        for item in getattr(event, name).values():
+            if type(item) not in _PLAIN_TYPES:
+                return False
+    return True
 
 
 def decode_data(event_type: str, data: bytes | str | dict[str, Any]) -> Event:

@@ -34,6 +34,7 @@ import os
 import socket
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -112,7 +113,8 @@ class Membership:
         self._changed = asyncio.Event()
         self._synced = asyncio.Event()
         self._settled = asyncio.Event()  # once: every slot this member should own was held
-        self._writing = asyncio.Lock()  # a renewal and a release of one lease never cross
+        # Per slot: a renewal and a release of one lease never cross.
+        self._writing: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: dict[int, asyncio.Task[None]] = {}  # slots lost, their work still stopping
         self._closing = False
@@ -241,26 +243,29 @@ class Membership:
         await self.kv.put(member_key(self.member_id), str(self.slots).encode())
 
     async def _renew(self) -> None:
-        for slot in list(self.held):
-            async with self._writing:
-                lease = self.held.get(slot)
-                if lease is None:
-                    continue
-                sent = time.monotonic()
-                try:
-                    revision = await self.kv.update(
-                        slot_key(slot), self.member_id.encode(), last=lease.revision
-                    )
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    self._lost(slot, "the renewal was refused: another revision is there")
-                    continue
-                except NATS_ERRORS as exc:
-                    if time.monotonic() >= lease.valid_until:
-                        self._lost(slot, f"not renewed within the TTL ({exc!r})")
-                    continue
-                if slot in self.held:
-                    self.held[slot] = Lease(revision, sent + self.ttl_s)
-                    self.view.saw(slot_key(slot), Seen(self.member_id, revision, time.time()))
+        """Every lease at once: one request waiting out a leaderless bucket (a cluster node
+        died; its election takes seconds) must not hold the others' renewals up until they
+        expire."""
+        await asyncio.gather(*(self._renew_one(slot) for slot in list(self.held)))
+
+    async def _renew_one(self, slot: int) -> None:
+        async with self._writing[slot]:
+            lease = self.held.get(slot)
+            if lease is None:
+                return
+            sent = time.monotonic()
+            try:
+                revision = await self.kv.update(slot_key(slot), self.member_id.encode(), last=lease.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self._lost(slot, "the renewal was refused: another revision is there")
+                return
+            except NATS_ERRORS as exc:
+                if time.monotonic() >= lease.valid_until:
+                    self._lost(slot, f"not renewed within the TTL ({exc!r})")
+                return
+            if slot in self.held:
+                self.held[slot] = Lease(revision, sent + self.ttl_s)
+                self.view.saw(slot_key(slot), Seen(self.member_id, revision, time.time()))
 
     # --- taking and giving up slots ------------------------------------------------------------
 
@@ -344,7 +349,7 @@ class Membership:
     async def _release(self, slot: int) -> None:
         """Stop the slot's work, then give its lease up: the work stops first, so no overlap."""
         await self.owner.slot_stopped(slot)
-        async with self._writing:
+        async with self._writing[slot]:
             lease = self.held.pop(slot, None)
             if lease is None:
                 return  # lost meanwhile

@@ -2,9 +2,11 @@
 and tell the writer whether an envelope it is handed is what that makes of the transaction the
 envelope carries (:func:`reparse`).
 
-Items are parsed from their own raw bytes with the stdlib parser, strictly: numbers become
-``Decimal`` (never float), ``NaN``/``Infinity`` tokens and duplicate keys are refused, and text
-that Postgres cannot store (NUL, lone surrogates) is refused instead of failing later.
+Items are parsed from their own raw bytes strictly: numbers become ``Decimal`` from their text
+(never via float), ``NaN``/``Infinity`` tokens and duplicate keys are refused, and text that
+Postgres cannot store (NUL, lone surrogates) is refused instead of failing later. Two ways, one
+result: msgspec takes an item it can prove plain (:func:`_plain_item`), the stdlib parser with
+its checks every other one, and says why it is refused.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _check_text(value: Any, path: str, depth: int = 0) -> None:
+def check_text(value: Any, path: str, depth: int = 0) -> None:
+    """Refuse text Postgres cannot store (NUL, lone surrogates) and nesting past ``MAX_DEPTH``."""
     if depth > MAX_DEPTH:
         raise Rejected(f"{path}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, str):
@@ -94,18 +97,71 @@ def _check_text(value: Any, path: str, depth: int = 0) -> None:
             raise Rejected(f"{path}: contains a lone surrogate, which is not valid Unicode") from None
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_text(key, path, depth + 1)
-            _check_text(item, f"{path}.{key}", depth + 1)
+            check_text(key, path, depth + 1)
+            check_text(item, f"{path}.{key}", depth + 1)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            _check_text(item, f"{path}[{i}]", depth + 1)
+            check_text(item, f"{path}[{i}]", depth + 1)
 
 
 def decode_item(raw: bytes) -> dict[str, Any]:
     """Strict, exact JSON decoding of one transaction object."""
     if len(raw) > MAX_ITEM_BYTES:
         raise Rejected(f"transaction: {len(raw)} bytes is over the {MAX_ITEM_BYTES}-byte limit")
+    plain = _plain_item(raw)
+    if plain is not None:
+        return plain
     return _checked_item(_strict_json(raw, "transaction"))
+
+
+# JSON numbers with a fraction or exponent become Decimal from their own text, as the stdlib
+# path's parse_float does; integers stay int in both.
+PLAIN_FLOAT_HOOK = Decimal
+_plain_decoder = msgspec.json.Decoder(dict[str, Any], float_hook=PLAIN_FLOAT_HOOK)
+_exact_decoder = msgspec.json.Decoder(float_hook=PLAIN_FLOAT_HOOK)
+# Writes a decoded plain item back byte for byte: a Decimal as its str(), which is its source text.
+PLAIN_ENCODER = msgspec.json.Encoder(decimal_format="number")
+_SCALARS = (str, int, Decimal, bool, type(None))
+
+
+def _plain_item(raw: bytes) -> dict[str, Any] | None:
+    """``raw`` decoded by msgspec, if the stdlib path would decode it to the same dict and accept
+    it; None for anything else (that path then judges it, and says why).
+
+    msgspec refuses what the stdlib parser refuses (invalid UTF-8, NaN, control characters) and
+    lone surrogates too, but keeps the last of duplicate keys and decodes ``\\u0000``. So an item
+    is taken only when it is :func:`flat` and :func:`written_plainly`: a duplicate key cannot
+    be, as its dict has one key fewer than its text.
+    """
+    try:
+        item = _plain_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if not flat(item) or not written_plainly(PLAIN_ENCODER.encode(item), raw):
+        return None
+    return item
+
+
+def _exact_json(raw: bytes) -> Any:
+    """``raw`` decoded by msgspec, if the stdlib parser would decode it to the same value (any
+    depth: a duplicate key anywhere would not write back to ``raw``); else None."""
+    try:
+        value = _exact_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return value if written_plainly(PLAIN_ENCODER.encode(value), raw) else None
+
+
+def flat(item: object) -> bool:
+    """A JSON object with no object or array in it: the depth and text checks of the stdlib
+    path have nothing to find in it once :func:`written_plainly` holds."""
+    return type(item) is dict and all(type(value) in _SCALARS for value in item.values())
+
+
+def written_plainly(encoded: bytes, raw: bytes) -> bool:
+    """Whether ``raw`` is exactly ``encoded`` (:data:`PLAIN_ENCODER`'s writing of what msgspec
+    decoded from it) and holds no NUL."""
+    return encoded == raw and b"\\u0000" not in raw
 
 
 def _strict_json(raw: bytes, what: str) -> Any:
@@ -128,17 +184,36 @@ def _strict_json(raw: bytes, what: str) -> Any:
 
 
 def _checked_item(obj: Any) -> dict[str, Any]:
+    if type(obj) is dict and _plain_text(obj):
+        return obj  # nothing for the walk below to find
     if not isinstance(obj, dict):
         raise Rejected(f"transaction: expected a JSON object, got {type(obj).__name__}")
     try:
-        _check_text(obj, "transaction")
+        check_text(obj, "transaction")
     except Rejected as exc:
         raise Rejected(exc.reason, _tx_id_or_none(obj)) from None
     return obj
 
 
+def _plain_text(item: dict[str, Any]) -> bool:
+    """Whether ``item`` is flat and all its text ASCII without NUL: what :func:`_check_text`
+    passes without a look (it would refuse no key or value of it)."""
+    for key, value in item.items():
+        if not key.isascii() or "\x00" in key:
+            return False
+        kind = type(value)
+        if kind is str:
+            if not value.isascii() or "\x00" in value:
+                return False
+        elif kind not in _SCALARS:
+            return False
+    return True
+
+
 def _text(tx: dict[str, Any], field: str, *, required: bool = True, limit: int = 200) -> str | None:
     value = tx.get(field)
+    if type(value) is str and 0 < len(value) <= limit:
+        return value  # the common case, decided as below
     if value is None:
         if required:
             raise Rejected(f"{field}: missing", _tx_id_or_none(tx))
@@ -198,79 +273,80 @@ def _occurred_at(tx: dict[str, Any]) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _money(cls: type[Event], *extra: str) -> Callable[[dict[str, Any]], Event]:
-    def build(tx: dict[str, Any]) -> Event:
-        fields: dict[str, Any] = {"amount": _amount(tx), "asset": _asset(tx)}
+Fields = dict[str, Any]
+
+
+def _money(*extra: str) -> Callable[[dict[str, Any]], Fields]:
+    def fields(tx: dict[str, Any]) -> Fields:
+        found: Fields = {"amount": _amount(tx), "asset": _asset(tx)}
         for name in extra:
-            fields[name] = _text(tx, name, required=False)
-        return cls(**fields)
+            found[name] = _text(tx, name, required=False)
+        return found
 
-    return build
-
-
-def _domain(cls: type[DomainPurchased | DomainRenewed | DomainSold]) -> Callable[[dict[str, Any]], Event]:
-    def build(tx: dict[str, Any]) -> Event:
-        amount, asset, domain = _amount(tx), _asset(tx), _text(tx, "domain")
-        assert domain is not None
-        return cls(amount=amount, asset=asset, domain=domain)
-
-    return build
+    return fields
 
 
-def _trade(tx: dict[str, Any]) -> Event:
+def _domain(tx: dict[str, Any]) -> Fields:
+    amount, asset, domain = _amount(tx), _asset(tx), _text(tx, "domain")
+    assert domain is not None
+    return {"amount": amount, "asset": asset, "domain": domain}
+
+
+def _trade(tx: dict[str, Any]) -> Fields:
     side = tx.get("side")
     if side not in ("buy", "sell"):
         raise Rejected(f"side: expected 'buy' or 'sell', got {side!r}", _tx_id_or_none(tx))
     price = _amount(tx, "price") if tx.get("price") is not None else None
-    return TradeExecuted(
-        amount=_amount(tx),
-        asset=_asset(tx),
-        side=side,
-        instrument=_asset(tx, "instrument", None),
-        quantity=_amount(tx, "quantity"),
-        price=price,
-    )
+    return {
+        "amount": _amount(tx),
+        "asset": _asset(tx),
+        "side": side,
+        "instrument": _asset(tx, "instrument", None),
+        "quantity": _amount(tx, "quantity"),
+        "price": price,
+    }
 
 
-def _swap(tx: dict[str, Any]) -> Event:
-    return AssetSwapped(
-        amount=_amount(tx),
-        asset=_asset(tx),
-        to_amount=_amount(tx, "to_amount"),
-        to_asset=_asset(tx, "to_asset", None),
-    )
+def _swap(tx: dict[str, Any]) -> Fields:
+    return {
+        "amount": _amount(tx),
+        "asset": _asset(tx),
+        "to_amount": _amount(tx, "to_amount"),
+        "to_asset": _asset(tx, "to_asset", None),
+    }
 
 
-def _register(tx: dict[str, Any]) -> Event:
-    return AgentRegistered(name=_text(tx, "name", required=False))
+def _register(tx: dict[str, Any]) -> Fields:
+    return {"name": _text(tx, "name", required=False)}
 
 
-# Each source type: the event it becomes, how, and the fields that event keeps (not in extra).
-BUILDERS: dict[str, tuple[type[Event], Callable[[dict[str, Any]], Event], frozenset[str]]] = {
+# Each source type: the event it becomes, its fields read from the transaction, and the
+# transaction's fields that event keeps (not in extra).
+BUILDERS: dict[str, tuple[type[Event], Callable[[dict[str, Any]], Fields], frozenset[str]]] = {
     "register": (AgentRegistered, _register, frozenset({"name", "amount", "asset"})),
-    "deposit": (FundsDeposited, _money(FundsDeposited), frozenset()),
-    "withdraw": (FundsWithdrawn, _money(FundsWithdrawn, "address"), frozenset({"address"})),
-    "bet": (BetPlaced, _money(BetPlaced, "game", "bet_id"), frozenset({"game", "bet_id"})),
-    "win": (BetWon, _money(BetWon, "game", "bet_id"), frozenset({"game", "bet_id"})),
-    "fee": (FeeCharged, _money(FeeCharged, "reason"), frozenset({"reason"})),
-    "faucet": (FaucetClaimed, _money(FaucetClaimed), frozenset()),
-    "escrow": (EscrowLocked, _money(EscrowLocked, "escrow_id"), frozenset({"escrow_id"})),
-    "escrow_release": (EscrowReleased, _money(EscrowReleased, "escrow_id"), frozenset({"escrow_id"})),
+    "deposit": (FundsDeposited, _money(), frozenset()),
+    "withdraw": (FundsWithdrawn, _money("address"), frozenset({"address"})),
+    "bet": (BetPlaced, _money("game", "bet_id"), frozenset({"game", "bet_id"})),
+    "win": (BetWon, _money("game", "bet_id"), frozenset({"game", "bet_id"})),
+    "fee": (FeeCharged, _money("reason"), frozenset({"reason"})),
+    "faucet": (FaucetClaimed, _money(), frozenset()),
+    "escrow": (EscrowLocked, _money("escrow_id"), frozenset({"escrow_id"})),
+    "escrow_release": (EscrowReleased, _money("escrow_id"), frozenset({"escrow_id"})),
     "trade": (TradeExecuted, _trade, frozenset({"side", "instrument", "quantity", "price"})),
     "transfer_in": (
         WalletTransferIn,
-        _money(WalletTransferIn, "address", "chain"),
+        _money("address", "chain"),
         frozenset({"address", "chain"}),
     ),
     "transfer_out": (
         WalletTransferOut,
-        _money(WalletTransferOut, "address", "chain"),
+        _money("address", "chain"),
         frozenset({"address", "chain"}),
     ),
     "swap": (AssetSwapped, _swap, frozenset({"to_amount", "to_asset"})),
-    "domain_purchase": (DomainPurchased, _domain(DomainPurchased), frozenset({"domain"})),
-    "domain_renewal": (DomainRenewed, _domain(DomainRenewed), frozenset({"domain"})),
-    "domain_sale": (DomainSold, _domain(DomainSold), frozenset({"domain"})),
+    "domain_purchase": (DomainPurchased, _domain, frozenset({"domain"})),
+    "domain_renewal": (DomainRenewed, _domain, frozenset({"domain"})),
+    "domain_sale": (DomainSold, _domain, frozenset({"domain"})),
 }
 # The source type each catalogue event comes from (UnknownTransaction keeps its own).
 SOURCE_TYPES: dict[str, str] = {cls.__name__: source for source, (cls, _, _) in BUILDERS.items()}
@@ -289,17 +365,21 @@ def to_event(tx: dict[str, Any]) -> Event:
     tx_type = _text(tx, "type", limit=64)
     assert tx_type is not None
     tx_id = _text(tx, "id")
+    return _event(tx, tx_type, tx_id)
+
+
+def _event(tx: dict[str, Any], tx_type: str, tx_id: str | None) -> Event:
     built = BUILDERS.get(tx_type)
     if built is None:
         if tx.get("amount") is not None:
             _amount(tx)  # an unknown type still may not carry an amount we could not store
         raw = {k: plain_json(v) for k, v in tx.items()}
         return UnknownTransaction(tx_id=tx_id, source_type=tx_type, raw=raw, extra=_marks(tx))
-    _, build, own_fields = built
-    event = build(tx)
+    cls, read, own_fields = built
+    fields = read(tx)
     extra = {k: plain_json(v) for k, v in tx.items() if k not in _COMMON and k not in own_fields}
     extra.update(_marks(tx))
-    return msgspec.structs.replace(event, tx_id=tx_id, extra=extra)
+    return cls(tx_id=tx_id, extra=extra, **fields)
 
 
 def transaction_event_id(feed: str, agent_id: str, tx_id: str, event: Event) -> uuid.UUID:
@@ -311,10 +391,15 @@ def transaction_event_id(feed: str, agent_id: str, tx_id: str, event: Event) -> 
     return ingested_event_id(feed, agent_id, tx_id)
 
 
-def parse_transaction(raw: bytes, agent_id: str, feed: str) -> TxEnvelope:
+def parse_transaction(
+    raw: bytes, agent_id: str, feed: str, plain: dict[str, Any] | None = None
+) -> TxEnvelope:
     """Validate one raw transaction of ``agent_id`` read from ``feed``; raises ``Rejected``
-    with the reason."""
-    return _envelope(decode_item(raw), agent_id, feed)
+    with the reason. ``plain``: ``raw`` already decoded, :func:`flat` and
+    :func:`written_plainly` (a whole page proven so at once)."""
+    if plain is None or len(raw) > MAX_ITEM_BYTES:
+        plain = decode_item(raw)
+    return _envelope(plain, agent_id, feed)
 
 
 def _envelope(tx: dict[str, Any], agent_id: str, feed: str) -> TxEnvelope:
@@ -324,7 +409,9 @@ def _envelope(tx: dict[str, Any], agent_id: str, feed: str) -> TxEnvelope:
     if owner is not None and owner != agent_id:
         raise Rejected(f"agent_id: transaction belongs to {owner!r}, polled for {agent_id!r}", tx_id)
     occurred_at = _occurred_at(tx)
-    event = to_event(tx)
+    tx_type = _text(tx, "type", limit=64)
+    assert tx_type is not None
+    event = _event(tx, tx_type, tx_id)
     event_type = event_type_of(event)
     return TxEnvelope(
         event_id=transaction_event_id(feed, agent_id, tx_id, event),
@@ -361,7 +448,10 @@ def source_item(envelope: TxEnvelope) -> dict[str, Any]:
     """The feed item ``envelope`` was made from, as far as its event keeps it: the inverse of
     :func:`to_event` (an UnknownTransaction keeps the item whole; any other event its fields,
     ``extra`` and ``created_at`` as ``occurred_at``, unless it was first seen without one)."""
-    data = _strict_json(bytes(envelope.data), "data")
+    raw = bytes(envelope.data)
+    data = _exact_json(raw)
+    if data is None:
+        data = _strict_json(raw, "data")
     if not isinstance(data, dict):
         raise Rejected(f"data: expected a JSON object, got {type(data).__name__}", envelope.tx_id)
     if envelope.event_type == "UnknownTransaction":

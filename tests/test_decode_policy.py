@@ -1,7 +1,7 @@
 """One decode policy on every read path: an unreadable stored event stops no reader.
 
 The log gets, as its owner would have written them, an event no upcaster can lift (BetPlaced
-at schema 0) and one whose data does not fit its type; every path must go on past them: the
+at schema -1) and one whose data does not fit its type; every path must go on past them: the
 store reads them, the relay publishes them as stored, projectors (live and gap fill) and rebuilds
 quarantine them and fold the rest, time travel skips them.
 """
@@ -36,7 +36,7 @@ AGENT = "reader-test"
 ROWS = [  # (event_type, schema_version, data)
     ("AgentRegistered", 1, "{}"),
     ("FundsDeposited", 1, '{"amount": "10", "asset": "PFLEA"}'),
-    ("BetPlaced", 0, '{"stake": "1", "game": "dice"}'),  # no upcaster from v0
+    ("BetPlaced", -1, '{"stake": "1", "game": "dice"}'),  # no upcaster from v-1 (v0 is the article's)
     ("FundsDeposited", 1, '{"amount": "abc", "asset": "PFLEA"}'),  # not an amount
     ("FundsDeposited", 1, '{"amount": "5", "asset": "PFLEA"}'),
 ]
@@ -83,7 +83,7 @@ async def test_the_store_reads_them_and_decoding_names_why(log: None, store: Eve
                 e.decode()
         else:
             e.decode()
-    assert events[2].schema_version == 0  # kept as stored
+    assert events[2].schema_version == -1  # kept as stored
 
 
 async def test_time_travel_skips_them(log: None, database_url: str) -> None:
@@ -113,7 +113,7 @@ async def test_a_projector_quarantines_them_and_folds_the_rest(
     assert applied == 5 and balance == Decimal(15)
     reasons = await _quarantined(database_url, "projector:balance")
     assert len(reasons) == 2
-    assert any("BetPlaced v3" in r and "schema v0" in r for r in reasons)
+    assert any("BetPlaced v3" in r and "schema v-1" in r for r in reasons)
     assert any("FundsDeposited v4" in r for r in reasons)
 
 
@@ -147,4 +147,4 @@ async def test_the_relay_publishes_them_as_stored_and_goes_on(
     finally:
         relay.kill()
     assert [e.version for e in relayed] == [1, 2, 3, 4, 5]
-    assert (relayed[2].schema_version, relayed[2].data) == (0, '{"game": "dice", "stake": "1"}')
+    assert (relayed[2].schema_version, relayed[2].data) == (-1, '{"game": "dice", "stake": "1"}')

@@ -8,6 +8,7 @@ import logging
 import nats
 import pytest
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerInfo
 
 from devstack.processes import wait_until
 from shared.consumer import NoResponders, PullLoop, PullStream
@@ -84,3 +85,44 @@ async def test_a_pull_stream_on_a_missing_consumer_says_so_instead_of_waiting(
         assert pulls.open == 0
     finally:
         await pulls.stop()
+
+
+async def test_a_batch_handled_for_longer_than_the_ack_wait_is_not_handed_out_again(
+    js_streams: nats.NATS, topology: Topology
+) -> None:
+    """The loop tells the server the batch in hand, and the one buffered behind it, are still
+    being worked on: a slow handler (a loaded machine, a writer committing one message at a
+    time) sees every message once, delivered once."""
+    js = js_streams.jetstream()
+    durable = "slow-handler"
+    config = pull_consumer_config(durable, topology.tx_filter, ack_wait_s=1, max_deliver=-1)
+    lifecycle = Lifecycle()
+    deliveries: list[tuple[bytes, int]] = []
+
+    async def handle(msgs: list[Msg]) -> None:
+        deliveries.extend((m.data, m.metadata.num_delivered) for m in msgs)
+        await asyncio.sleep(3.5)  # three and a half ack waits
+        for m in msgs:
+            await m.ack()
+
+    sent = [f"tx-{i}".encode() for i in range(6)]
+    for data in sent:
+        await js.publish(topology.tx_subject("agent-1"), data)
+    loop = PullLoop(js, topology.tx_stream, config, lifecycle, batch=3, watchdog_s=NEVER_S)
+    running = asyncio.create_task(loop.run(handle))
+    try:
+        await wait_until(lambda: asyncio.sleep(0, len(deliveries) >= len(sent)), 30, "every message handled")
+        info = await wait_until(
+            lambda: _acked_all(js, topology.tx_stream, durable), 20, "the server to see every ack"
+        )
+    finally:
+        lifecycle.stop()
+        await asyncio.wait_for(running, 20)
+    assert sorted(data for data, _ in deliveries) == sorted(sent), deliveries
+    assert all(n == 1 for _, n in deliveries), deliveries
+    assert info.num_redelivered == 0, info
+
+
+async def _acked_all(js: nats.js.JetStreamContext, stream: str, durable: str) -> ConsumerInfo | None:
+    info = await js.consumer_info(stream, durable)
+    return info if not info.num_ack_pending and not info.num_pending else None

@@ -9,7 +9,7 @@ import sys
 import nats.errors
 import nats.js.errors
 
-from services.cli import agent, agents, events, projections, queries, status, up, verify
+from services.cli import agent, agents, events, imports, projections, queries, status, up, verify
 from services.cli.connections import owner_settings
 from shared.logs import configure_logging
 from shared.settings import Settings, SettingsError, load_settings
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_parsers(sub)
     agents.add_parsers(sub)
     verify.add_parsers(sub)
+    imports.add_parsers(sub)
     up.add_parser(sub)
     return parser
 

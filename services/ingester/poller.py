@@ -7,6 +7,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import asyncpg
 from nats.js import JetStreamContext
@@ -227,7 +228,7 @@ class AgentPoller:
         RECEIVED.labels(self.feed.name).inc(len(page.items))
         if not self.may_publish():
             return 0.0  # the slot's lease is gone: the schedule drops this poller
-        new = await self.handle(page.items)
+        new = await self.handle(page.items, page.plain)
         if len(page.items) < limit:
             return self._idle_interval(new)
         return 0.0
@@ -281,14 +282,17 @@ class AgentPoller:
         log.warning("poll failed: %s; retrying in %.2fs", why, delay, extra={"agent": self.agent.agent_id})
         return delay
 
-    async def handle(self, items: list[bytes]) -> int:
-        """Publish what is new in ``items`` (quarantine what is bad); how many were new."""
+    async def handle(self, items: list[bytes], plain: list[dict[str, Any]] | None = None) -> int:
+        """Publish what is new in ``items`` (quarantine what is bad); how many were new.
+        ``plain``: the items already decoded (:attr:`Page.plain`)."""
         valid: list[TxEnvelope] = []
         last_new_id: str | None = None
         new = 0
-        for raw in items:
+        for i, raw in enumerate(items):
             try:
-                envelope = parse_transaction(raw, self.agent.agent_id, self.feed.name)
+                envelope = parse_transaction(
+                    raw, self.agent.agent_id, self.feed.name, None if plain is None else plain[i]
+                )
             except Rejected as exc:
                 key = None if exc.tx_id is None else f"{self.feed.name}:{exc.tx_id}"
                 await self.quarantine.put(raw, exc.reason, agent_id=self.agent.agent_id, key=key)

@@ -93,7 +93,8 @@ async def source_exactly_once(
     conn: asyncpg.Connection, truth: list[StoredTx], external: set[uuid.UUID], findings: Findings
 ) -> None:
     rows = await conn.fetch(
-        """SELECT event_id, stream_id, metadata->>'feed' AS feed, data->>'tx_id' AS tx_id FROM events"""
+        """SELECT event_id, stream_id, metadata->>'feed' AS feed, data->>'tx_id' AS tx_id,
+                  event_type, position FROM events"""
     )
     raws = [bytes(r[0]) for r in await conn.fetch("SELECT raw FROM quarantine WHERE source = 'ingester'")]
     commanded = await _command_event_ids(conn)
@@ -115,7 +116,7 @@ async def source_exactly_once(
     doubled = {tx: n for tx, n in stored.items() if n > 1}
     known = {(tx.agent_id, tx.feed, tx.id) for tx in good.values()}
     unexplained = [  # a double of a known transaction is counted as such above, not here
-        str(r["event_id"])
+        f"{r['event_id']} #{r['position']} {r['stream_id']} {r['event_type']} {r['feed']}:{r['tx_id']}"
         for r in rows
         if r["event_id"] not in good
         and r["event_id"] not in external

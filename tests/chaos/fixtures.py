@@ -26,6 +26,11 @@ async def chaos_servers_fixture(request: pytest.FixtureRequest) -> AsyncIterator
         yield servers
 
 
+# The checker compares the store with every transaction the simulator made (its truth), so a
+# scenario's simulator keeps them all, not the service's bounded window (PFLEA_SIM_HISTORY).
+TRUTH_KEPT = 1_000_000
+
+
 def simulator(
     seed: int, *, agents: int = 6, backlog: int = 40, rate: float = 30.0, malformed_rate: float = 0.05
 ) -> Simulator:
@@ -33,7 +38,14 @@ def simulator(
     few malformed items, so quarantine writes happen under every fault too."""
     faults = FaultKnobs(malformed_rate=malformed_rate)
     config = load_simulator_config(
-        {}, port=0, seed=seed, agents=agents, backlog=backlog, rate=rate, faults=faults
+        {},
+        port=0,
+        seed=seed,
+        agents=agents,
+        backlog=backlog,
+        rate=rate,
+        faults=faults,
+        history=TRUTH_KEPT,
     )
     return Simulator(config)
 

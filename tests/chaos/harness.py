@@ -26,11 +26,11 @@ from nats.js import JetStreamContext
 from devstack.processes import ServiceProcess
 from services.simulator import FaultKnobs, Simulator
 from services.simulator.feed import StoredTx
-from shared.jetstream import Topology
+from shared.jetstream import NATS_ERRORS, Topology
 from shared.nats_conn import connect_nats
 from shared.settings import load_settings
 from tests.chaos import poison
-from tests.chaos.checker import PROJECTIONS, check
+from tests.chaos.checker import PROJECTIONS, Findings, check
 from tests.chaos.clock import SkewedClock
 from tests.chaos.report import Progress, Verdict
 from tests.chaos.schedule import Schedule, Step
@@ -50,6 +50,7 @@ BASE_ENV = {
     "PFLEA_ACK_WAIT_S": "2",  # redelivery after a kill waits this long
 }
 STOP_TIMEOUT_S = 20.0
+CHECK_ATTEMPTS = 5
 
 
 def service_command(name: str) -> tuple[str, tuple[str, ...]]:
@@ -314,12 +315,25 @@ class ChaosRun:
         await self.stop_services()
         conn = await asyncpg.connect(self.database_url)
         try:
-            findings = await check(conn, await self.js(), self.topology, self.truth(), self.external)
+            findings = await self._check(conn)
         finally:
             await conn.close()
         verdict = Verdict(self.schedule, findings, recovery, self.problems, self.notes)
         verdict.record()
         return verdict
+
+    async def _check(self, conn: asyncpg.Connection) -> Findings:
+        """Every invariant, read-only, so asked again when NATS could not answer: a cluster node
+        brought back a moment ago may refuse JetStream requests (503) while it catches up."""
+        for attempt in range(CHECK_ATTEMPTS):
+            try:
+                return await check(conn, await self.js(), self.topology, self.truth(), self.external)
+            except NATS_ERRORS as exc:
+                if attempt == CHECK_ATTEMPTS - 1:
+                    raise
+                self.notes.setdefault("check_retried", repr(exc))
+                await asyncio.sleep(1.0)
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         if self._watcher is not None:

@@ -1,0 +1,270 @@
+"""Soak: the whole pipeline under a steady live load for minutes or hours.
+
+``python -m bench --only soak --minutes N --rate R [--soak-agents A]``. The simulator (its own
+process, ``PFLEA_SIM_RATE=R`` over ``A`` agents, no backlog, its bounded default history) feeds
+the ingester, writer, relay and four projectors, all at default durability. Every
+``soak_sample_s`` (30 s) the run records: events stored and the rate since the last sample,
+each projection's and the relay's lag (events and seconds, from ``projection_status`` /
+``tailer_status``, as ``pflea status`` shows them), and each process's RSS and CPU share.
+
+After a warm-up (a quarter of the run, at most 5 minutes) it reports:
+
+- the events/s stored against the rate offered (a ratio: below ~1 means the ingester falls behind);
+- the worst lag in seconds of any reader (target: under 5 s);
+- whether lag is bounded: its growth in events per minute over the run after warm-up, by a
+  least-squares line (target: no more than 1% of the offered rate per minute);
+- each process's RSS growth in MB per hour, by a least-squares line (target: under 10 MB/h);
+- error lines in the services' logs (target: none).
+
+The samples are written to ``bench/soak/soak-<rate>-<minutes>m.json`` with an SVG chart of lag
+and one of RSS over time beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import asyncpg
+import psutil
+
+from bench.harness import Harness
+from bench.pipeline import Pipeline
+from bench.processes import BenchError, RssSampler
+from bench.report import Figure, Target
+from bench.svg import line_chart
+
+HERE = Path(__file__).resolve().parent / "soak"
+MB = 1024 * 1024
+WORST_LAG_S = 5.0
+RSS_GROWTH_MB_PER_H = 10.0
+LAG_GROWTH_SHARE = 0.01  # of the offered rate, per minute
+
+
+@dataclass
+class Sample:
+    t_s: float  # since the load started
+    events: int
+    events_per_s: float
+    lag_events: dict[str, int] = field(default_factory=dict)
+    lag_s: dict[str, float] = field(default_factory=dict)
+    rss_mb: dict[str, float] = field(default_factory=dict)
+    cpu_share: dict[str, float] = field(default_factory=dict)  # of one core, since the last sample
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x (0 for fewer than two distinct x)."""
+    n = len(points)
+    if n < 2:
+        return 0.0
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx == 0:
+        return 0.0
+    return sum((x - mx) * (y - my) for x, y in points) / sxx
+
+
+async def _lags(conn: asyncpg.Connection) -> tuple[dict[str, int], dict[str, float]]:
+    rows = await conn.fetch(
+        """SELECT 'projector-' || projection AS reader, lag_events, lag_seconds FROM projection_status
+           UNION ALL
+           SELECT kind, lag_events, lag_seconds FROM tailer_status WHERE kind = 'relay'"""
+    )
+    return (
+        {r["reader"]: int(r["lag_events"]) for r in rows},
+        {r["reader"]: float(r["lag_seconds"]) for r in rows},
+    )
+
+
+class Sampler:
+    def __init__(self, p: Pipeline) -> None:
+        self.p = p
+        self.procs = {proc.name: psutil.Process(proc.pid) for proc in p.processes}
+        self.cpu = {name: self._cpu(name) for name in self.procs}
+        self.last = (time.monotonic(), 0)
+
+    def _cpu(self, name: str) -> float:
+        try:
+            t = self.procs[name].cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(t.user + t.system)
+
+    async def take(self, conn: asyncpg.Connection, started: float) -> Sample:
+        now = time.monotonic()
+        events = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM events"))
+        lag_events, lag_s = await _lags(conn)
+        then, before = self.last
+        sample = Sample(
+            t_s=round(now - started, 1),
+            events=events,
+            events_per_s=round((events - before) / (now - then), 1) if now > then else 0.0,
+            lag_events=lag_events,
+            lag_s=lag_s,
+        )
+        for name, proc in self.procs.items():
+            cpu = self._cpu(name)
+            sample.cpu_share[name] = round((cpu - self.cpu[name]) / (now - then), 3) if now > then else 0.0
+            self.cpu[name] = cpu
+            try:
+                sample.rss_mb[name] = round(proc.memory_info().rss / MB, 1)
+            except psutil.Error:
+                sample.rss_mb[name] = 0.0
+        self.last = (now, events)
+        return sample
+
+
+def _errors(p: Pipeline) -> dict[str, int]:
+    """Error lines per service log (JSON logs: ``"level":"error"`` or worse)."""
+    found: dict[str, int] = {}
+    for proc in p.processes:
+        try:
+            text = proc.log_path.read_text(errors="replace")
+        except OSError:
+            continue
+        n = sum(1 for line in text.splitlines() if '"level":"error"' in line or '"level":"critical"' in line)
+        if n:
+            found[proc.name] = n
+    return found
+
+
+def write_results(stem: Path, samples: list[Sample], summary: dict[str, object]) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(
+        json.dumps({"summary": summary, "samples": [asdict(s) for s in samples]}, indent=1) + "\n"
+    )
+    minutes = [s.t_s / 60 for s in samples]
+    readers = sorted({r for s in samples for r in s.lag_s})
+    lag = {r: [(m, s.lag_s.get(r, 0.0)) for m, s in zip(minutes, samples, strict=True)] for r in readers}
+    names = sorted({n for s in samples for n in s.rss_mb})
+    rss = {n: [(m, s.rss_mb.get(n, 0.0)) for m, s in zip(minutes, samples, strict=True)] for n in names}
+    title = f"soak at {summary['rate']:g} tx/s offered"
+    (stem.parent / f"{stem.name}-lag.svg").write_text(
+        line_chart(f"{title}: lag per reader", "minutes", "lag (s)", lag)
+    )
+    (stem.parent / f"{stem.name}-rss.svg").write_text(
+        line_chart(f"{title}: resident memory per process", "minutes", "RSS (MB)", rss)
+    )
+
+
+async def run(h: Harness) -> None:
+    minutes, rate, agents = h.sizes.soak_minutes, h.sizes.soak_rate, h.sizes.soak_agents
+    rss = RssSampler()
+    rss.start()
+    p = Pipeline(h, "soak", rss)
+    await p.prepare()
+    try:
+        await p.start_sinks()
+        await p.start_simulator(agents, 0, rate, bounded=True)
+        started = await p.start_ingester()
+        samples = await _soak(h, p, started, minutes * 60)
+        errors = _errors(p)
+    finally:
+        p.stop()
+        await rss.stop()
+        await p.cleanup()
+    _report(h, samples, errors, minutes, rate, agents)
+
+
+async def _soak(h: Harness, p: Pipeline, started: float, duration_s: float) -> list[Sample]:
+    conn = await asyncpg.connect(p.database_url)
+    try:
+        sampler = Sampler(p)
+        samples: list[Sample] = []
+        while time.monotonic() - started < duration_s:
+            left = duration_s - (time.monotonic() - started)
+            await asyncio.sleep(min(h.sizes.soak_sample_s, max(0.0, left)))
+            for proc in p.processes:
+                if not proc.alive:
+                    raise BenchError(f"{proc.name} exited during the soak:\n{proc.log_tail()}")
+            samples.append(await sampler.take(conn, started))
+            last = samples[-1]
+            print(
+                f"  soak {last.t_s / 60:5.1f} min: {last.events:,} events ({last.events_per_s:,.0f}/s), "
+                f"worst lag {max(last.lag_s.values(), default=0):.1f} s",
+                flush=True,
+            )
+        return samples
+    finally:
+        await conn.close()
+
+
+def _report(
+    h: Harness, samples: list[Sample], errors: dict[str, int], minutes: float, rate: float, agents: int
+) -> None:
+    if len(samples) < 2:
+        raise BenchError("the soak took fewer than two samples: run it longer (--minutes)")
+    warm_s = min(300.0, minutes * 60 / 4)
+    steady = [s for s in samples if s.t_s >= warm_s] or samples[-2:]
+    stored_rate = (steady[-1].events - steady[0].events) / max(steady[-1].t_s - steady[0].t_s, 1e-9)
+    worst_lag = max((v for s in steady for v in s.lag_s.values()), default=0.0)
+    total_lag = [(s.t_s / 60, float(max(s.lag_events.values(), default=0))) for s in steady]
+    lag_growth = slope(total_lag)  # events per minute
+    growth = {
+        name: slope([(s.t_s / 3600, s.rss_mb[name]) for s in steady if name in s.rss_mb])
+        for name in steady[-1].rss_mb
+    }
+    summary: dict[str, object] = {
+        "minutes": minutes,
+        "rate": rate,
+        "agents": agents,
+        "warm_up_s": warm_s,
+        "stored_per_s": round(stored_rate, 1),
+        "worst_lag_s": worst_lag,
+        "lag_growth_events_per_min": round(lag_growth, 1),
+        "rss_growth_mb_per_h": {k: round(v, 1) for k, v in growth.items()},
+        "error_lines": errors,
+    }
+    stem = HERE / f"soak-{rate:g}-{minutes:g}m"
+    write_results(stem, samples, summary)
+    where = f"samples and charts: {stem.relative_to(HERE.parent.parent)}.json, -lag.svg, -rss.svg"
+    h.add(
+        Figure(
+            "soak",
+            f"stored events/s at {rate:g}/s offered ({minutes:g} min, {agents} agents)",
+            round(stored_rate, 1),
+            "events/s",
+            "offered rate",
+            rate,
+            Target("min", 0.98, on="ratio"),
+            note=where,
+            detail=summary,
+        )
+    )
+    lag_target = Target("max", WORST_LAG_S, unit="s")
+    h.add(Figure("soak", "worst lag after warm-up", worst_lag, "s", target=lag_target))
+    h.add(
+        Figure(
+            "soak",
+            "lag growth after warm-up (events/min)",
+            round(lag_growth, 1),
+            "events/min",
+            target=Target("max", LAG_GROWTH_SHARE * rate * 60, unit="events/min"),
+            note="least-squares slope of the largest reader lag in events; ~0 means bounded",
+        )
+    )
+    worst_name = max(growth, key=lambda n: growth[n])
+    h.add(
+        Figure(
+            "soak",
+            f"largest RSS growth after warm-up ({worst_name})",
+            round(growth[worst_name], 1),
+            "MB/h",
+            target=Target("max", RSS_GROWTH_MB_PER_H, unit="MB/h"),
+            note=", ".join(f"{n} {g:+.1f}" for n, g in sorted(growth.items())),
+        )
+    )
+    h.add(
+        Figure(
+            "soak",
+            "error lines in service logs",
+            float(sum(errors.values())),
+            "lines",
+            target=Target("max", 0, unit="lines"),
+            note=", ".join(f"{n}: {c}" for n, c in errors.items()) or "none",
+        )
+    )
