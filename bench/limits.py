@@ -7,6 +7,9 @@
 - **JetStream publish**: ``limit_messages`` messages of one transaction each (subject per
   agent, ``Nats-Msg-Id``; the size of what the relay publishes per event), published with
   ``publish_async`` (pipelined, up to 4,000 in flight), every ack awaited.
+- **JetStream atomic batch publish**: the same messages on PFLEA_EVENTS subjects as atomic
+  batches of 1,000 (``shared.atomic_batch.publish_atomic``, as the relay publishes), each
+  committed before the next is sent.
 - **JetStream consume**: a durable pull consumer configured as the writer's, read the way the
   services read it (``shared.consumer.PullStream``: one pull request always open, batches of
   ``Settings.messages_per_writer_pull()`` taken from its buffer) and an ack per message, until
@@ -25,6 +28,7 @@ from bench.harness import Harness, delete_streams
 from bench.report import Figure
 from bench.servers import nats_with_default_sync
 from bench.workload import publish_tx
+from shared.atomic_batch import MAX_BATCH, publish_atomic
 from shared.consumer import PullStream
 from shared.db import connect
 from shared.jetstream import StreamSettings, Topology, ack_all, ensure_streams, pull_consumer_config
@@ -86,6 +90,26 @@ async def publish_and_consume(
     return published, consumed
 
 
+async def atomic_batch_publish(h: Harness) -> float:
+    """Messages/s published as atomic batches on PFLEA_EVENTS, in a namespace of its own."""
+    topology = Topology(h.namespace("lim"))
+    messages = h.workload().single_messages()[: h.sizes.limit_messages]
+    nc = await nats.connect(**parse_nats_url(h.servers.nats_url).connect_options())
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, topology, 120, StreamSettings())
+        no_headers: dict[str, str] = {}
+        batch = [(topology.event_subject(m.agent_id, "Transaction"), m.payload, no_headers) for m in messages]
+        started = time.perf_counter()
+        for i in range(0, len(batch), MAX_BATCH):
+            await publish_atomic(js, batch[i : i + MAX_BATCH], timeout=60)
+        seconds = time.perf_counter() - started
+        await delete_streams(nc, topology)
+    finally:
+        await nc.close()
+    return len(messages) / seconds
+
+
 async def consume_seconds(nc: Client, stream: str, subject: str, total: int) -> float:
     """Seconds for a new durable pull consumer to deliver and ack ``total`` messages of
     ``stream``, read as the services read: what nats-py can do with nothing done with them."""
@@ -114,10 +138,18 @@ async def consume_seconds(nc: Client, stream: str, subject: str, total: int) -> 
 async def jetstream(h: Harness) -> list[Figure]:
     n = min(h.sizes.limit_messages, len(h.workload()))
     published, consumed = await publish_and_consume(h.servers.nats_url, h, consume=True)
+    batched = await atomic_batch_publish(h)
     async with nats_with_default_sync(h.servers) as relaxed_servers:
         relaxed, _ = await publish_and_consume(relaxed_servers.nats_url, h, consume=False)
     return [
         Figure("limits", "JetStream publish", published, "msgs/s", note=f"{n:,} one-transaction messages"),
+        Figure(
+            "limits",
+            "JetStream atomic batch publish",
+            batched,
+            "msgs/s",
+            note=f"the same {n:,} messages as atomic batches of {MAX_BATCH:,} (one fsync each)",
+        ),
         Figure(
             "limits",
             "JetStream consume",

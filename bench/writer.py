@@ -9,6 +9,9 @@ commands``), one tailing the log (``python -m services.relay``). Both clocks sta
   ``max(position)``, confirmed with ``count(*)``).
 - **relay events/s**: until PFLEA_EVENTS holds the total. The relay tails the writer, so it
   cannot finish before the writer does.
+- **relay alone**: then the relay again on the whole stored log (its checkpoint set back to 0)
+  into a PFLEA_EVENTS of a namespace of its own, nothing else running: what the relay and
+  nats-server can do, and their CPU per event.
 
 The database and PFLEA_EVENTS are kept for the catch-up scenario.
 """
@@ -22,8 +25,8 @@ from dataclasses import dataclass
 import asyncpg
 from nats.aio.client import Client
 
-from bench.harness import Harness, stream_messages
-from bench.processes import BenchError
+from bench.harness import Harness, delete_streams, stream_messages
+from bench.processes import BenchError, cpu_seconds
 from bench.report import Figure, Target
 from bench.workload import holds_events, publish_tx
 from devstack.processes import wait_until
@@ -39,18 +42,32 @@ class RelayedLog:
     events: int
 
 
-async def _drain(
-    h: Harness, db: str, nc: Client, topology: Topology, total: int
-) -> tuple[float, float, dict[str, float]]:
-    """Run the writer until both the table and PFLEA_EVENTS hold ``total``: their seconds, and
-    the writer's own metrics at the end."""
+@dataclass
+class Drained:
+    """How the writer and the relay drained PFLEA_TX: seconds from ready until the table, then
+    PFLEA_EVENTS, held every event; CPU seconds of each process over that time; the writer's
+    own metrics at the end."""
+
+    write_s: float
+    relay_s: float
+    cpu: dict[str, float]
+    metrics: dict[str, float]
+
+
+async def _drain(h: Harness, db: str, nc: Client, topology: Topology, total: int) -> Drained:
+    """Run the writer until both the table and PFLEA_EVENTS hold ``total``."""
     relay = h.service("writer", "relay", "services.relay", h.env(db, topology.namespace)).start()
     await relay.wait_ready()
     env = h.env(db, topology.namespace, PFLEA_WRITER_PARTS="append,commands")
     writer = h.service("writer", "writer", "services.writer", env).start()
     conn = await asyncpg.connect(db)
+    nats_server = h.servers.nats.proc
     try:
         ready = await writer.wait_ready()
+        pids = {"writer": writer.pid, "relay": relay.pid}
+        if nats_server:
+            pids["nats-server"] = nats_server.pid
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         written_at = relayed_at = 0.0
         deadline = time.monotonic() + max(120.0, total / 500)
         while not (written_at and relayed_at):
@@ -62,6 +79,7 @@ async def _drain(
                 written_at = now
             if not relayed_at and await stream_messages(nc, topology.events_stream) >= total:
                 relayed_at = now
+                cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
             await asyncio.sleep(0.1)
         stored = await conn.fetchval("SELECT count(*) FROM events")
         if stored != total:
@@ -71,7 +89,7 @@ async def _drain(
         await conn.close()
         writer.stop()
         relay.stop()
-    return written_at - ready, relayed_at - ready, metrics
+    return Drained(written_at - ready, relayed_at - ready, cpu, metrics)
 
 
 async def run(h: Harness) -> None:
@@ -84,7 +102,8 @@ async def run(h: Harness) -> None:
         fill_s = await publish_tx(nc.jetstream(), topology, workload.messages)
         batches = len(workload.messages)
         await wait_until(lambda: _full(nc, topology.tx_stream, batches), 30, "PFLEA_TX pre-filled")
-        write_s, relay_s, metrics = await _drain(h, db, nc, topology, total)
+        drained = await _drain(h, db, nc, topology, total)
+        write_s, relay_s, metrics = drained.write_s, drained.relay_s, drained.metrics
     finally:
         await nc.close()
     copy_limit = h.limit("raw COPY")
@@ -117,10 +136,66 @@ async def run(h: Harness) -> None:
             "JetStream publish",
             h.limit("JetStream publish"),
             note="publishes from the events table while the writer appends (its own process); "
-            "clock from the writer's /readyz until PFLEA_EVENTS holds every event",
+            "clock from the writer's /readyz until PFLEA_EVENTS holds every event; "
+            + cpu_note(drained.cpu, total)
+            + " (nats-server's includes serving the writer)",
+            detail={f"cpu_us_per_event_{name}": 1e6 * s / total for name, s in drained.cpu.items()},
+        )
+    )
+    relay_alone_s, relay_alone_cpu = await _relay_backlog(h, db, total)
+    h.add(
+        Figure(
+            "writer",
+            "relay alone, events table → PFLEA_EVENTS",
+            total / relay_alone_s,
+            "events/s",
+            "JetStream atomic batch publish",
+            h.limit("JetStream atomic batch publish"),
+            note="the writer's log relayed again from position 0 into a stream of its own, nothing "
+            "else running; clock from the relay's /readyz until that stream holds every event; "
+            + cpu_note(relay_alone_cpu, total),
+            detail={f"cpu_us_per_event_{name}": 1e6 * s / total for name, s in relay_alone_cpu.items()},
         )
     )
     h.cache["relayed_log"] = RelayedLog(db, topology, total)
+
+
+async def _relay_backlog(h: Harness, db: str, total: int) -> tuple[float, dict[str, float]]:
+    """The relay alone on ``db``'s whole log, into a PFLEA_EVENTS of a namespace of its own: its
+    seconds from ready until that stream held ``total``, and the CPU seconds of it and nats-server."""
+    topology = Topology(h.namespace("r"))
+    nc = await h.nats(topology)
+    conn = await asyncpg.connect(db)
+    try:
+        await conn.execute("UPDATE relay_checkpoints SET position = 0")
+        relay = h.service("writer", "relay-alone", "services.relay", h.env(db, topology.namespace)).start()
+        try:
+            ready = await relay.wait_ready()
+            pids = {"relay": relay.pid}
+            if h.servers.nats.proc:
+                pids["nats-server"] = h.servers.nats.proc.pid
+            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            deadline = time.monotonic() + max(120.0, total / 500)
+            while await stream_messages(nc, topology.events_stream) < total:
+                if time.monotonic() > deadline or not relay.alive:
+                    raise BenchError(f"the relay did not publish {total} events:\n{relay.log_tail()}")
+                await asyncio.sleep(0.05)
+            done = time.monotonic()
+            cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        finally:
+            relay.stop()
+        await delete_streams(nc, topology)
+    finally:
+        await conn.close()
+        await nc.close()
+    return done - ready, cpu
+
+
+def cpu_note(cpu: dict[str, float], events: int) -> str:
+    """CPU µs per event of each process until PFLEA_EVENTS held every event."""
+    by_cost = sorted(cpu.items(), key=lambda item: -item[1])
+    each = ", ".join(f"{name} {1e6 * seconds / events:,.0f}" for name, seconds in by_cost)
+    return f"CPU µs per event until then: {each}"
 
 
 def batch_note(metrics: dict[str, float], histogram: str, what: str) -> str:

@@ -163,7 +163,8 @@ class Topology(msgspec.Struct, frozen=True):
         writer's ack, after its commit, removes a message), nothing expires, and a full stream
         refuses new publishes (the ingester waits) instead of dropping the oldest. PFLEA_EVENTS
         is derived from Postgres: limits retention, the oldest dropped when full; a projector
-        that never got them catches up from the events table (services/projectors/catch_up.py).
+        that never got them catches up from the events table (services/projectors/catch_up.py);
+        it takes atomic batches (the relay's).
         Each keeps ``shape.replicas`` copies in a cluster (consumers leave ``num_replicas``
         unset and follow their stream's); PFLEA_TX stores ``shape.partitions`` partitions.
         """
@@ -194,6 +195,8 @@ class Topology(msgspec.Struct, frozen=True):
                 max_age=30 * DAY,
                 max_msgs=limits.events_max_msgs,
                 max_bytes=limits.events_max_bytes,
+                # The relay publishes atomic batches (shared/atomic_batch.py): one fsync each.
+                allow_atomic=True,
                 **common,  # type: ignore[arg-type]
             ),
         ]

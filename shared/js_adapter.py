@@ -3,10 +3,11 @@ API prefix.
 
 nats-py (2.16) gives a ``JetStreamContext`` no public handle to either. :mod:`shared.consumer`
 needs both to keep its own pull request open (``<prefix>.CONSUMER.MSG.NEXT.<stream>.<durable>``,
-on the context's connection), and ``publish_in_order`` watches the connection's reconnect count.
-Passing the connection alongside every context would spread the same knowledge over every
-service. ``tests/test_js_adapter.py`` runs these against a real nats-server, so an upstream rename
-or change of meaning fails there, naming this module, not deep in a consumer loop.
+on the context's connection), and the publishers (``publish_in_order``, ``publish_atomic``)
+publish on it and watch its reconnect count. Passing the connection alongside every context
+would spread the same knowledge over every service. ``tests/test_js_adapter.py`` runs these
+against a real nats-server, so an upstream rename or change of meaning fails there, naming this
+module, not deep in a consumer loop.
 """
 
 from __future__ import annotations

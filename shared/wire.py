@@ -167,8 +167,8 @@ class DeliveredEvent(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 def event_headers(e: RecordedEvent | DeliveredEvent) -> dict[str, str]:
+    """No ``Nats-Msg-Id``: the relay's atomic batches need none per event (services/relay)."""
     return {
-        HDR_MSG_ID: str(e.event_id),
         HDR_EVENT_ID: str(e.event_id),
         HDR_STREAM_ID: e.stream_id,
         HDR_VERSION: str(e.version),

@@ -82,7 +82,7 @@ def _postgres_container() -> Iterator[str]:
 def _nats_container() -> Iterator[str]:
     from testcontainers.nats import NatsContainer
 
-    with NatsContainer("nats:2.11").with_command("-js") as container:
+    with NatsContainer("nats:2.12").with_command("-js") as container:
         yield container.nats_uri()
 
 

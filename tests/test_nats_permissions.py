@@ -32,6 +32,7 @@ from devstack.embedded import EmbeddedNats
 from devstack.processes import wait_until
 from services.writer.commands import CommandHandler
 from services.writer.partitions import PartitionedAppends
+from shared.atomic_batch import publish_atomic
 from shared.commands import Code, RegisterAgent
 from shared.db import OWNER_ROLE, role_dsn
 from shared.jetstream import (
@@ -250,9 +251,11 @@ async def test_an_agent_sends_its_commands_gets_replies_and_receives_its_own_eve
 
     await agent.nc.subscribe(f"{TOPOLOGY.namespace}.events.{a.agent_id}.>", cb=on_event)
     await agent.nc.flush()
-    relay = await login("writer")  # the relay logs in as the writer
-    for owner in (b.agent_id, a.agent_id):
-        await relay.nc.jetstream().publish(TOPOLOGY.event_subject(owner, "FundsDeposited"), b"{}")
+    relay = await login("writer")  # the relay logs in as the writer, and publishes atomic batches
+    batch = [
+        (TOPOLOGY.event_subject(owner, "FundsDeposited"), b"{}", {}) for owner in (b.agent_id, a.agent_id)
+    ]
+    assert (await publish_atomic(relay.nc.jetstream(), batch, timeout=5)).count == 2
     await wait_until(lambda: received, 5, "agent A's event")
     await asyncio.sleep(0.2)  # B's event, published first, would have arrived by now
     assert received == [TOPOLOGY.event_subject(a.agent_id, "FundsDeposited")]

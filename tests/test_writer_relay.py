@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,12 +16,13 @@ import pytest
 from nats.aio.msg import Msg
 
 from devstack.processes import ServiceProcess, wait_until
+from shared.atomic_batch import HDR_BATCH_ID
 from shared.envelope import TxEnvelope, ingested_event_id
 from shared.events import FundsDeposited, encode_data
-from shared.jetstream import Topology, delivery, pull_consumer_config
+from shared.jetstream import StreamSettings, Topology, delivery, pull_consumer_config
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent
-from shared.wire import HDR_MSG_ID, HDR_POSITION, HDR_VERSION, tx_messages
+from shared.wire import HDR_EVENT_ID, HDR_MSG_ID, HDR_POSITION, HDR_VERSION, tx_messages
 from tests.support import service_env, stream_messages
 
 
@@ -103,7 +105,7 @@ async def assert_source_order(database_url: str) -> None:
 
 async def assert_all_relayed_in_order(nc: nats.NATS, topology: Topology, expected: set[uuid.UUID]) -> None:
     msgs = await relayed(nc, topology)
-    ids = {uuid.UUID(m.headers[HDR_MSG_ID]) for m in msgs}
+    ids = {uuid.UUID(m.headers[HDR_EVENT_ID]) for m in msgs}
     assert ids == expected, f"{len(expected - ids)} committed events never reached PFLEA_EVENTS"
     last_version: dict[str, int] = {}
     for m in msgs:
@@ -252,6 +254,84 @@ async def test_crash_between_commit_and_relay_loses_nothing(
     await assert_all_relayed_in_order(js_streams, topology, expected)
 
 
+@pytest.mark.parametrize(
+    "crash_at", ["atomic_batch.before_commit:2", "relay.after_publish:2", "relay.after_publish:3"]
+)
+async def test_a_relay_killed_mid_batch_or_before_its_checkpoint_loses_and_doubles_nothing(
+    settings: Settings,
+    topology: Topology,
+    js_streams: nats.NATS,
+    writer: ServiceProcess,
+    relay: ServiceProcess,
+    crash_at: str,
+) -> None:
+    """Killed with its second batch staged but not committed (nats-server drops it), or with the
+    second or the last committed but the checkpoint not moved (the next relay finds it at the
+    stream's end and goes on after it): PFLEA_EVENTS ends up with every event exactly once, in
+    position order, and the checkpoint at the end of the log."""
+    expected = await publish_transactions(js_streams, topology, agents=10, per_agent=250)
+    writer.start()
+    await wait_until(lambda: _at_least(settings.database_url, len(expected)), 60, "all written")
+    relay.start(PFLEA_CRASH_AT=crash_at)  # every batch a full 1,000: the log is there already
+    assert await relay.wait_exit(60) == 137, relay.log_tail()
+    held = (await js_streams.jetstream().stream_info(topology.events_stream)).state.messages
+    assert held == {"atomic_batch.before_commit:2": 1000, "relay.after_publish:2": 2000}.get(crash_at, 2500)
+    relay.start()
+    await wait_until(lambda: _relayed_all(js_streams, topology, len(expected)), 60, "all relayed")
+    await wait_until(
+        lambda: _checkpoint_at(settings.database_url, len(expected)), 30, "checkpoint at the end"
+    )
+    assert relay.terminate() == 0, relay.log_tail()
+    assert writer.terminate() == 0, writer.log_tail()
+    msgs = await relayed(js_streams, topology)
+    positions = [int(m.headers[HDR_POSITION]) for m in msgs]
+    assert len(positions) == len(expected), f"{len(positions) - len(expected)} events doubled"
+    assert positions == sorted(set(positions))
+    assert {uuid.UUID(m.headers[HDR_EVENT_ID]) for m in msgs} == expected
+    if crash_at.startswith("relay."):
+        assert "PFLEA_EVENTS already holds events up to position" in relay.log_tail(200)
+
+
+async def test_an_events_stream_from_before_atomic_batches_gets_each_event_with_its_msg_id(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, relay: ServiceProcess, store: EventStore
+) -> None:
+    """Until `pflea migrate` lets PFLEA_EVENTS take atomic batches, the relay publishes one
+    message per event, deduplicated by event id, and says what to run."""
+    js = js_streams.jetstream()
+    await js.delete_stream(topology.events_stream)
+    [_, events_config] = topology.stream_configs(60, StreamSettings())
+    await js.add_stream(dataclasses.replace(events_config, allow_atomic=None))
+    events = [NewEvent.of(FundsDeposited(amount=Decimal("1.5"), asset="USDC")) for _ in range(5)]
+    await store.append("solo", "agent", events, expected_version=0)
+    relay.start()
+    await wait_until(lambda: _relayed_all(js_streams, topology, 5), 30, "relay one message at a time")
+    assert relay.terminate() == 0
+    msgs = await relayed(js_streams, topology)
+    assert [m.headers[HDR_MSG_ID] for m in msgs] == [str(e.event_id) for e in events]
+    assert not any(HDR_BATCH_ID in m.headers for m in msgs)
+    assert "does not allow atomic batches" in relay.log_tail(200)
+
+
+async def test_a_batch_the_stream_refuses_is_published_again_once_it_takes_it(
+    settings: Settings, topology: Topology, js_streams: nats.NATS, relay: ServiceProcess, store: EventStore
+) -> None:
+    js = js_streams.jetstream()
+    [_, events_config] = topology.stream_configs(60, StreamSettings())
+    await js.update_stream(dataclasses.replace(events_config, max_msg_size=8))  # smaller than an event
+    events = [NewEvent.of(FundsDeposited(amount=Decimal("1.5"), asset="USDC")) for _ in range(5)]
+    await store.append("solo", "agent", events, expected_version=0)
+    relay.start()
+    await wait_until(
+        lambda: _some("publish failed (BatchRefused(10054" in relay.log_tail(200)), 30, "a refused batch"
+    )
+    assert (await js.stream_info(topology.events_stream)).state.messages == 0
+    await js.update_stream(events_config)
+    await wait_until(lambda: _relayed_all(js_streams, topology, 5), 30, "the batch published again")
+    assert relay.terminate() == 0, relay.log_tail()
+    await assert_all_relayed_in_order(js_streams, topology, {e.event_id for e in events})
+    assert len(await relayed(js_streams, topology)) == 5
+
+
 async def test_events_committed_by_others_are_relayed(
     settings: Settings, topology: Topology, js_streams: nats.NATS, relay: ServiceProcess, store: EventStore
 ) -> None:
@@ -338,6 +418,14 @@ async def test_an_undecodable_message_is_quarantined_and_the_rest_flow(
 
 async def _at_least(url: str, n: int) -> bool:
     return await count_events(url) >= n
+
+
+async def _checkpoint_at(url: str, position: int) -> bool:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT position FROM relay_checkpoints WHERE name = 'events'") == position
+    finally:
+        await conn.close()
 
 
 async def _relayed_all(nc: nats.NATS, topology: Topology, n: int) -> bool:

@@ -1,10 +1,22 @@
 """Relay: publish every committed event to PFLEA_EVENTS, in position order, at least once.
 
 The events table is the outbox. The relay reads ``position > checkpoint`` (gap-free, see the
-store), publishes with ``Nats-Msg-Id`` = event id, waits for every ack, and only then moves its
-checkpoint in Postgres. A crash anywhere repeats a suffix, which JetStream's duplicate window
-and the projectors' per-stream checkpoints absorb. One relay runs at a time: it holds a leader
-lease (a session advisory lock), so replicas can all run one and only the holder publishes.
+store), publishes each read as JetStream atomic batches of up to 1,000 events, one message per
+event (:mod:`shared.atomic_batch`: stored all together or not at all, one ack and one fsync per
+batch), and only then moves its checkpoint in Postgres. So PFLEA_EVENTS only ever ends with a
+whole batch: when its last message came in a batch, everything up to that message's position
+is in the stream, and a relay that starts (or reconnects) goes on from there even if its
+checkpoint is behind (it died between a commit and the checkpoint), or from lower if NATS lost
+its tail. A batch whose publisher died before its commit is dropped by the server. The first
+message of a batch carries ``Nats-Msg-Id`` = its range of positions, so that publishing again a
+batch whose ack was lost is refused as a duplicate instead of stored twice. A repeat that still
+gets through (a race with a commit in flight) is absorbed by the projectors' per-stream
+checkpoints.
+
+A PFLEA_EVENTS that does not allow atomic batches (declared before they were used, until
+``pflea migrate`` updates it) gets the events one message at a time, each with its event id as
+``Nats-Msg-Id``, one fsync each. One relay runs at a time: it holds a leader lease (a session
+advisory lock), so replicas can all run one and only the holder publishes.
 """
 
 from __future__ import annotations
@@ -18,13 +30,14 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
 from shared import locks
+from shared.atomic_batch import DUPLICATE, HDR_BATCH_ID, MAX_BATCH, NOT_ENABLED, BatchRefused, publish_atomic
 from shared.db import TRANSIENT_DB_ERRORS
 from shared.faults import crash_point
 from shared.jetstream import NATS_ERRORS, StreamSettings, Topology, ensure_streams, publish_in_order
 from shared.lease import LeaderLease
 from shared.ops import Lifecycle
 from shared.store import EventStore, RecordedEvent
-from shared.wire import HDR_POSITION, event_message
+from shared.wire import HDR_MSG_ID, HDR_POSITION, event_message
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +45,10 @@ PUBLISHED = Counter("pflea_relay_events_published_total", "Events published to P
 RELAY_POSITION = Gauge("pflea_relay_position", "Last global position relayed")
 
 RELAY_NAME = "events"
+# A batch's commit answers within milliseconds on a healthy server (one fsync, not 1,000). Its
+# silence this long means it is lost (a stream leader died in a cluster): publish it again
+# soon (a batch that did get stored is then refused as a duplicate).
+BATCH_ANSWER_S = 5.0
 
 
 class _Reconnected(Exception):
@@ -67,11 +84,13 @@ class Relay:
         self.poll_s = poll_s
         self.wakeup = wakeup or asyncio.Event()
         self.position = 0
+        self.saved = 0  # the checkpoint as stored in Postgres
         self.reconnects = reconnects
         self.seen_reconnects = -1
         self.duplicate_window_s = duplicate_window_s
         self.stream_shape = stream_shape
         self.stream_created: object = None
+        self.atomic = True  # PFLEA_EVENTS allows atomic batches (its config says, at reconcile)
 
     async def run(self) -> None:
         """Become the relay (wait for the lock), then relay until stopping; survive outages."""
@@ -93,7 +112,7 @@ class Relay:
                 return
             async with lease.connection() as conn:
                 await conn.add_listener("pflea_events", self._notified)
-                self.position = await self._checkpoint(conn)
+                self.position = self.saved = await self._checkpoint(conn)
             log.info("relaying", extra={"position": self.position})
             while not self.lifecycle.stopping.is_set() and not lease.lost.is_set():
                 if self.reconnects() != self.seen_reconnects:
@@ -111,20 +130,23 @@ class Relay:
                 raise ConnectionError("the relay lock's session ended")
 
     async def reconcile_with_stream(self) -> None:
-        """Rewind to what PFLEA_EVENTS really holds, if NATS lost what we had published.
+        """Go on from what PFLEA_EVENTS really holds: rewind if NATS lost what we had published,
+        skip ahead over a batch stored before our checkpoint moved.
 
         NATS is the transport, Postgres the record: a nats-server that restarted without its
         last writes (or without its store) has fewer events than our checkpoint says. The
         newest message's position header tells how far it got; republishing from there is
-        safe because every consumer deduplicates by stream version.
+        safe because every consumer deduplicates by stream version. A newest message that came
+        in an atomic batch has its whole batch, and every batch before it, in the stream.
         """
         try:
             # A server that lost its store lost the streams too: declare them again.
             await ensure_streams(self.js, self.topology, self.duplicate_window_s, self.stream_shape)
             info = await self.js.stream_info(self.topology.events_stream)
-            held = 0
+            held, whole = 0, False
             recreated = self.stream_created is not None and info.created != self.stream_created
             self.stream_created = info.created
+            self._use_batches(bool(info.config.allow_atomic))
             if recreated:
                 # A new stream (the old one is gone with everything in it); whatever it holds
                 # now was published after the loss, so it says nothing about what came before.
@@ -133,6 +155,7 @@ class Relay:
                 try:
                     last = await self.js.get_msg(self.topology.events_stream, info.state.last_seq)
                     held = int((last.headers or {}).get(HDR_POSITION, "0"))
+                    whole = HDR_BATCH_ID in (last.headers or {})
                 except NATS_ERRORS:
                     held = self.position  # aged out or deleted: nothing says it was lost
         except NATS_ERRORS as exc:
@@ -146,6 +169,23 @@ class Relay:
                 self.position,
             )
             self.position = held
+        elif held > self.position and whole:
+            log.info(
+                "PFLEA_EVENTS already holds events up to position %d (stored before the checkpoint "
+                "at %d moved): going on from there",
+                held,
+                self.position,
+            )
+            self.position = held
+
+    def _use_batches(self, atomic: bool) -> None:
+        if self.atomic and not atomic:
+            log.warning(
+                "%s does not allow atomic batches: publishing one message per event (one fsync "
+                "each) until `pflea migrate` updates it (on nats-server >= 2.12)",
+                self.topology.events_stream,
+            )
+        self.atomic = atomic
 
     def _notified(self, *_: object) -> None:
         self.wakeup.set()
@@ -166,33 +206,62 @@ class Relay:
 
     async def relay_once(self, conn: asyncpg.Connection) -> int:
         events = await self.store.read_all(self.position, self.batch_size)
-        if not events:
-            return 0
-        crash_point("relay.before_publish")
-        await self.publish(events)
-        crash_point("relay.after_publish")  # published, checkpoint not moved
-        self.position = events[-1].position
-        await conn.execute(
-            "UPDATE relay_checkpoints SET position = $2, updated_at = clock_timestamp() WHERE name = $1",
-            RELAY_NAME,
-            self.position,
-        )
-        RELAY_POSITION.set(self.position)
-        PUBLISHED.inc(len(events))
+        if events:
+            crash_point("relay.before_publish")
+            await self.publish(events)
+            crash_point("relay.after_publish")  # published, checkpoint not moved
+            self.position = events[-1].position
+            PUBLISHED.inc(len(events))
+        if self.position > self.saved:  # also after skipping a batch stored before a crash
+            await conn.execute(
+                "UPDATE relay_checkpoints SET position = $2, updated_at = clock_timestamp() WHERE name = $1",
+                RELAY_NAME,
+                self.position,
+            )
+            self.saved = self.position
+            RELAY_POSITION.set(self.position)
         return len(events)
 
     async def publish(self, events: list[RecordedEvent]) -> None:
-        """Publish in order on one connection and wait for all acks; retry until they land."""
+        """Publish in order on one connection and wait until all are stored; retry until they are."""
         attempt = 0
         while True:
             try:
-                messages = [event_message(self.topology, e) for e in events]
-                await publish_in_order(self.js, messages, timeout=15)
+                if self.atomic:
+                    await self.publish_batches(events)
+                else:
+                    await self.publish_one_by_one(events)
                 return
             except NATS_ERRORS as exc:
+                if isinstance(exc, BatchRefused) and exc.err_code == NOT_ENABLED:
+                    self._use_batches(False)  # the stream was declared again, without batches
+                    continue
                 attempt += 1
                 log.warning("relay publish failed (%r); retry %d", exc, attempt)
                 if await self.lifecycle.sleep(min(0.2 * 2**attempt, 5.0)):
                     raise _Stopped from exc
                 if self.reconnects() != self.seen_reconnects:
                     raise _Reconnected from exc  # compare with the stream before going on
+
+    async def publish_batches(self, events: list[RecordedEvent]) -> None:
+        """``events`` as atomic batches, in order, each acked before the next is sent."""
+        for start in range(0, len(events), MAX_BATCH):
+            batch = events[start : start + MAX_BATCH]
+            messages = [event_message(self.topology, e) for e in batch]
+            # The batch's identity, for the duplicate window: the same range is the same events.
+            messages[0][2][HDR_MSG_ID] = f"relay:{batch[0].position}-{batch[-1].position}"
+            try:
+                await publish_atomic(self.js, messages, timeout=BATCH_ANSWER_S)
+            except BatchRefused as exc:
+                if exc.err_code != DUPLICATE:
+                    raise
+                log.info("positions %d to %d were already stored", batch[0].position, batch[-1].position)
+
+    async def publish_one_by_one(self, events: list[RecordedEvent]) -> None:
+        """``events`` one message each, pipelined, each with its event id as ``Nats-Msg-Id``."""
+        messages = []
+        for e in events:
+            subject, payload, headers = event_message(self.topology, e)
+            headers[HDR_MSG_ID] = str(e.event_id)
+            messages.append((subject, payload, headers))
+        await publish_in_order(self.js, messages, timeout=15)
