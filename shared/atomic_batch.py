@@ -37,6 +37,14 @@ MAX_BATCH = 1000  # nats-server's limit on the messages of one atomic batch
 HDR_BATCH_ID = "Nats-Batch-Id"
 HDR_BATCH_SEQUENCE = "Nats-Batch-Sequence"
 HDR_BATCH_COMMIT = "Nats-Batch-Commit"
+BATCH_HEADERS = (HDR_BATCH_ID, HDR_BATCH_SEQUENCE, HDR_BATCH_COMMIT)
+
+
+def without_batch_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """A stored message's headers fit to publish it again: the batch headers stay on every
+    message of a batch, and a publish carrying them is taken for part of an open batch."""
+    return {k: v for k, v in (headers or {}).items() if k not in BATCH_HEADERS}
+
 
 # nats-server's error codes (ADR-50, "Server Errors") a publisher acts on.
 NOT_ENABLED = 10174  # the stream does not allow atomic batches

@@ -11,6 +11,7 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from devstack.processes import ServiceProcess, wait_until
+from shared.atomic_batch import without_batch_headers
 from shared.jetstream import Topology
 from shared.settings import Settings
 from shared.store import EventStore
@@ -69,7 +70,7 @@ async def test_three_replicas_with_redeliveries_and_shuffled_order_equal_one(
     random.Random(11).shuffle(msgs)
     js = js_streams.jetstream()
     for i, m in enumerate(msgs):
-        headers = dict(m.headers or {}, **{HDR_MSG_ID: f"again-{i}"})
+        headers = without_batch_headers(m.headers) | {HDR_MSG_ID: f"again-{i}"}
         await js.publish_async(m.subject, m.data, headers=headers)
     await js.publish_async_completed()
     for i in range(3):
