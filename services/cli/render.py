@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from shared.display import cell
 from shared.money import to_text
 
 
@@ -37,16 +38,6 @@ def to_json(value: Any) -> str:
 
 def print_json(value: Any) -> None:
     print(to_json(value), flush=True)
-
-
-def cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, Decimal):
-        return to_text(value)
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
-    return str(value)
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str = "(none)") -> None:

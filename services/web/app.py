@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,9 +21,9 @@ from aiohttp import web
 from nats.aio.client import Client
 
 from services.web.auth import COOKIE, SESSION_S, Gate, Viewer
+from shared import display
 from shared.history import HistoryError, UnknownAgent
 from shared.jetstream import Topology
-from shared.money import to_text
 
 HERE = Path(__file__).parent
 CSP = (
@@ -59,14 +57,8 @@ VIEWER = web.RequestKey("viewer", Viewer)
 
 
 def cell(value: Any) -> str:
-    """How a figure reads on a page: amounts in plain notation, times to the second."""
-    if value is None:
-        return "–"
-    if isinstance(value, Decimal):
-        return to_text(value)
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
-    return str(value)
+    """How a figure reads on a page (:func:`shared.display.cell`), an en dash for nothing."""
+    return display.cell(value, missing="–")
 
 
 def templates() -> jinja2.Environment:
