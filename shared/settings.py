@@ -97,7 +97,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ingest_max_page_bytes: int = 16 * 1024 * 1024
     # Recently published ids the ingester keeps to skip repeated pages, over all agents and
     # feeds (each keeps at most a page of them); see services/ingester/recent.py.
-    ingest_recent_ids: int = 100_000
+    ingest_recent_ids: int = 20_000
     # Agents hash to this many slots, which ingester replicas lease (shared/membership.py);
     # the same on every replica. The lease TTL is the bucket's max_age (`pflea migrate` sets it).
     ingest_slots: int = 64

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from services.simulator import Simulator, SimulatorConfig, load_simulator_config, running_simulator
+from services.simulator.config import HISTORY_BUDGET, HISTORY_PER_AGENT
 from services.simulator.feed import FEEDS, AgentFeed, UnknownSince
 from services.simulator.simulator import IDEMPOTENT_ANSWERS
 from shared.settings import SettingsError
@@ -86,7 +87,24 @@ def test_idempotency_answers_are_bounded() -> None:
     assert sim.balances("agent-0001")[0]["PFLEA"] >= Decimal(10) * IDEMPOTENT_ANSWERS
 
 
-def test_history_must_be_positive() -> None:
+def test_history_is_a_count_or_unset() -> None:
     with pytest.raises(SettingsError, match="PFLEA_SIM_HISTORY"):
-        load_simulator_config({"PFLEA_SIM_HISTORY": "0"})
-    assert load_simulator_config({"PFLEA_SIM_HISTORY": "7"}).history == 7
+        load_simulator_config({"PFLEA_SIM_HISTORY": "-1"})
+    assert load_simulator_config({"PFLEA_SIM_HISTORY": "7"}).history_per_agent == 7
+
+
+@pytest.mark.parametrize("agents", [1, 50, 500, 5_000, 50_000])
+def test_unset_history_shares_one_budget_among_the_agents(agents: int) -> None:
+    """Memory follows configuration, not agents x a per-agent window."""
+    per_agent = load_simulator_config({"PFLEA_SIM_AGENTS": str(agents)}).history_per_agent
+    low, high = HISTORY_PER_AGENT
+    assert low <= per_agent <= high
+    assert agents * per_agent <= max(HISTORY_BUDGET, agents * low)
+    if low * agents <= HISTORY_BUDGET <= high * agents:
+        assert agents * per_agent == HISTORY_BUDGET
+
+
+def test_the_simulator_keeps_the_share_it_is_given() -> None:
+    sim = Simulator(SimulatorConfig(port=0, seed=3, agents=400, backlog=300, rate=0.0))
+    assert sim.config.history_per_agent == HISTORY_BUDGET // 400
+    assert len(sim.truth()) <= HISTORY_BUDGET + 400 * len(FEEDS)

@@ -79,6 +79,13 @@ class FaultKnobs(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         _at_least(FAULT_ENV_NAMES["hang_s"], self.hang_s, 0)
 
 
+# With PFLEA_SIM_HISTORY unset the simulator keeps about this many transactions in all, an
+# equal share per agent between these bounds: memory follows configuration, not the number of
+# agents times a per-agent window (500 agents x 1,000 once grew past 280 MB in a soak).
+HISTORY_BUDGET = 100_000
+HISTORY_PER_AGENT = (100, 1_000)
+
+
 class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Everything that decides what the simulator serves.
 
@@ -103,8 +110,9 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Where the epoch is kept when ``epoch`` is 0 (see :mod:`.epoch`); empty: nowhere.
     state_dir: str = ""
     # Transactions kept per agent (over all its feeds); older ones are dropped and a cursor
-    # among them is answered 400 unknown_since (see :mod:`.feed`).
-    history: int = 1_000
+    # among them is answered 400 unknown_since (see :mod:`.feed`). 0: a share of
+    # HISTORY_BUDGET (see :attr:`history_per_agent`).
+    history: int = 0
     faults: FaultKnobs = FaultKnobs()
 
     def __post_init__(self) -> None:
@@ -118,8 +126,16 @@ class SimulatorConfig(msgspec.Struct, frozen=True, kw_only=True):
         _at_least(ENV_NAMES["rate"], self.rate, 0)
         _at_least(ENV_NAMES["max_per_agent"], self.max_per_agent, 0)
         _at_least(ENV_NAMES["faucet_limit"], self.faucet_limit, 0)
-        _at_least(ENV_NAMES["history"], self.history, 1)
+        _at_least(ENV_NAMES["history"], self.history, 0)
         _probability(ENV_NAMES["numeric_amount_rate"], self.numeric_amount_rate)
+
+    @property
+    def history_per_agent(self) -> int:
+        """``history`` if set, else ``HISTORY_BUDGET`` shared by the agents (100 to 1,000 each)."""
+        if self.history:
+            return self.history
+        low, high = HISTORY_PER_AGENT
+        return max(low, min(high, HISTORY_BUDGET // self.agents))
 
 
 def load_simulator_config(environ: Mapping[str, str] | None = None, **overrides: Any) -> SimulatorConfig:

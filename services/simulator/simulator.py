@@ -73,7 +73,7 @@ class Simulator:
         self.feeds: dict[str, AgentFeed] = {}
         for index in range(1, config.agents + 1):
             agent_id = agent_id_of(index)
-            self.feeds[agent_id] = AgentFeed(config.seed, agent_id, index, config.history)
+            self.feeds[agent_id] = AgentFeed(config.seed, agent_id, index, config.history_per_agent)
         self._by_key = {feed.api_key: feed.agent_id for feed in self.feeds.values()}
         self._round_robin = list(self.feeds.values())
         self._cursor = 0
