@@ -448,11 +448,13 @@ async def fetch_stream(
     *,
     occurred_by: datetime | None = None,
     naming_asset: str | None = None,
+    event_ids: Sequence[uuid.UUID] | None = None,
 ) -> list[RecordedEvent]:
     """``read_stream`` on a given connection (inside the caller's transaction).
 
     ``occurred_by`` keeps only the events whose source time is at or before it;
-    ``naming_asset`` those whose data names that asset (as asset, instrument or to_asset).
+    ``naming_asset`` those whose data names that asset (as asset, instrument or to_asset);
+    ``event_ids`` those with these ids.
     """
     where = "WHERE stream_id = $1 AND version >= $2 AND version <= $3"
     args: list[Any] = [stream_id, from_version, to_version if to_version is not None else 2**62]
@@ -463,6 +465,9 @@ async def fetch_stream(
         args.append(naming_asset)
         n = len(args)
         where += f" AND (data->>'asset' = ${n} OR data->>'instrument' = ${n} OR data->>'to_asset' = ${n})"
+    if event_ids is not None:
+        args.append(list(event_ids))
+        where += f" AND event_id = ANY(${len(args)}::uuid[])"
     rows = await conn.fetch(_SELECT + where + " ORDER BY version", *args)
     return [_recorded(r) for r in rows]
 

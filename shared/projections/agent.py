@@ -7,7 +7,8 @@ here agrees with the read models to the last digit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -21,6 +22,11 @@ SNAPSHOT_TYPE = "agent"
 # Bump when the fold or the JSON below changes meaning: older snapshots are then ignored (never
 # misread) and rebuilt by the writer's snapshotter from the events.
 SNAPSHOT_SCHEMA_VERSION = 1
+
+# The events whose effect depends on the state before them: which escrow ids are open, whether
+# the agent registered. Every other event adds amounts and counts to sums that no earlier event
+# changes (balance, P&L, portfolio), so its effect can be taken out again (AgentFold.without).
+STATEFUL_EVENTS = (AgentRegistered, EscrowLocked, EscrowReleased)
 
 
 @dataclass(slots=True)
@@ -59,6 +65,57 @@ class AgentFold:
                     held.amount -= amount
                     if held.amount <= 0:
                         del self.escrows[escrow_id]
+
+    def copy(self) -> AgentFold:
+        return AgentFold(
+            registered=self.registered,
+            balance=dict(self.balance),
+            pnl={asset: replace(row) for asset, row in self.pnl.items()},
+            portfolio={asset: replace(holding) for asset, holding in self.portfolio.items()},
+            escrows={escrow_id: replace(lock) for escrow_id, lock in self.escrows.items()},
+        )
+
+    def without(self, events: Iterable[Event]) -> AgentFold | None:
+        """This state with ``events`` (each folded into it once) taken out, without a refold.
+
+        Exact, because balance, P&L and portfolio are sums of what each event adds, and money
+        arithmetic is exact (shared.money). None when only a refold can tell: one of the events
+        is in ``STATEFUL_EVENTS``, or a row they touched is left all zero (a fold without them
+        might have no such row at all).
+        """
+        events = list(events)
+        if any(isinstance(event, STATEFUL_EVENTS) for event in events):
+            return None
+        part = AgentFold()
+        for event in events:
+            part.apply(event)
+        result = self.copy()
+        for asset, amount in part.balance.items():
+            if asset not in result.balance:
+                return None
+            result.balance[asset] -= amount
+            if not result.balance[asset]:
+                return None
+        for asset, taken in part.pnl.items():
+            row = result.pnl.get(asset)
+            if row is None:
+                return None
+            row.total_wagered -= taken.total_wagered
+            row.total_won -= taken.total_won
+            row.total_fees -= taken.total_fees
+            row.bet_count -= taken.bet_count
+            row.win_count -= taken.win_count
+            if row == pnl.Pnl():
+                return None
+        for asset, gone in part.portfolio.items():
+            holding = result.portfolio.get(asset)
+            if holding is None:
+                return None
+            holding.available -= gone.available
+            holding.in_escrow -= gone.in_escrow
+            if not (holding.available or holding.in_escrow):
+                return None
+        return result
 
     def available(self, asset: str) -> Decimal:
         return self.balance.get(asset, ZERO)
