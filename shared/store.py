@@ -179,9 +179,11 @@ class StreamHeads:
         self.misses = 0  # batches redone the careful way
 
     def committed(self, appended: Iterable[Appended]) -> None:
-        if len(self.versions) > self.capacity:
-            self.versions.clear()
+        """Remember the heads just committed; at ``capacity`` streams, start over (a forgotten
+        head only costs one batch done the careful way)."""
         for a in appended:
+            if a.stream_id not in self.versions and len(self.versions) >= self.capacity:
+                self.versions.clear()
             self.versions[a.stream_id] = a.version
 
     def forget(self, stream_ids: Iterable[str]) -> None:
