@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from services.web.auth import COOKIE
+from shared import display
 from shared.events import BetPlaced, BetWon, FundsDeposited
 from shared.history import AsOf, History
 from shared.nats_agents import AgentRegistry
@@ -101,8 +102,11 @@ async def test_the_agent_page_shows_the_read_models_figures(
         "SELECT available, in_escrow FROM portfolio WHERE agent_id = $1 AND asset = 'PFLEA'", AGENT
     )
     assert cells(text, "available") == {"PFLEA": str(portfolio["available"])}
-    pnl = await stack.reader_pool.fetchrow("SELECT net_pnl FROM pnl WHERE agent_id = $1", AGENT)
+    pnl = await stack.reader_pool.fetchrow("SELECT net_pnl, win_rate, roi FROM pnl WHERE agent_id = $1", AGENT)
     assert cells(text, "net_pnl") == {"PFLEA": str(pnl["net_pnl"])} == {"PFLEA": "9.25"}
+    for ratio in ("win_rate", "roi"):  # a percentage to read, the exact ratio on hover
+        assert cells(text, ratio) == {"PFLEA": display.percent(pnl[ratio])}
+        assert f'title="{pnl[ratio]}" data-figure="{ratio}"' in text
     assert "<svg" in text and "<polyline" in text  # the chart, drawn on the server
     assert text.count('name="without"') == 3  # the timeline, each event switchable for a what-if
 

@@ -56,6 +56,11 @@ EXPLORER = web.AppKey("explorer", Explorer)
 VIEWER = web.RequestKey("viewer", Viewer)
 
 
+def percent(value: Any) -> str:
+    """A ratio as a percentage (:func:`shared.display.percent`), an en dash for nothing."""
+    return display.percent(value, missing="–")
+
+
 def cell(value: Any) -> str:
     """How a figure reads on a page (:func:`shared.display.cell`), an en dash for nothing."""
     return display.cell(value, missing="–")
@@ -70,6 +75,7 @@ def templates() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["cell"] = cell
+    env.filters["percent"] = percent
     env.filters["hex"] = lambda b: bytes(b).hex() if b else ""
     env.globals["static"] = _static_urls()
     return env
