@@ -14,7 +14,9 @@ After a warm-up (a quarter of the run, at most 5 minutes) it reports:
 - whether lag is bounded: its growth in events per minute over the run after warm-up, by a
   least-squares line (target: no more than 1% of the offered rate per minute);
 - each process's RSS growth in MB per hour, by a least-squares line (target: under 10 MB/h);
-- error lines in the services' logs (target: none).
+- error lines in the services' logs (target: none);
+- cursors the feed had pruned before the ingester read on (target: none: each one is
+  transactions gone before they were stored).
 
 The samples are written to ``bench/soak/soak-<rate>-<minutes>m.json`` with an SVG chart of lag
 and one of RSS over time beside it.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from bench.pipeline import Pipeline
 from bench.processes import BenchError, RssSampler
 from bench.report import Figure, Target
 from bench.svg import line_chart
+from services.ingester.poller import CURSOR_RESET
 
 HERE = Path(__file__).resolve().parent / "soak"
 MB = 1024 * 1024
@@ -118,15 +122,24 @@ class Sampler:
         return sample
 
 
-def _errors(p: Pipeline) -> dict[str, int]:
-    """Error lines per service log (JSON logs: ``"level":"error"`` or worse)."""
+def _is_error(line: str) -> bool:
+    return '"level":"error"' in line or '"level":"critical"' in line
+
+
+def _is_cursor_reset(line: str) -> bool:
+    """The ingester's warning that the feed pruned a cursor: what it had not read yet is gone."""
+    return CURSOR_RESET in line
+
+
+def _log_lines(p: Pipeline, matches: Callable[[str], bool]) -> dict[str, int]:
+    """Lines ``matches`` accepts, per service log (JSON lines)."""
     found: dict[str, int] = {}
     for proc in p.processes:
         try:
             text = proc.log_path.read_text(errors="replace")
         except OSError:
             continue
-        n = sum(1 for line in text.splitlines() if '"level":"error"' in line or '"level":"critical"' in line)
+        n = sum(1 for line in text.splitlines() if matches(line))
         if n:
             found[proc.name] = n
     return found
@@ -162,12 +175,12 @@ async def run(h: Harness) -> None:
         await p.start_simulator(agents, 0, rate, bounded=True)
         started = await p.start_ingester()
         samples = await _soak(h, p, started, minutes * 60)
-        errors = _errors(p)
+        errors, resets = _log_lines(p, _is_error), _log_lines(p, _is_cursor_reset)
     finally:
         p.stop()
         await rss.stop()
         await p.cleanup()
-    _report(h, samples, errors, minutes, rate, agents)
+    _report(h, samples, errors, resets, minutes, rate, agents)
 
 
 async def _soak(h: Harness, p: Pipeline, started: float, duration_s: float) -> list[Sample]:
@@ -194,7 +207,13 @@ async def _soak(h: Harness, p: Pipeline, started: float, duration_s: float) -> l
 
 
 def _report(
-    h: Harness, samples: list[Sample], errors: dict[str, int], minutes: float, rate: float, agents: int
+    h: Harness,
+    samples: list[Sample],
+    errors: dict[str, int],
+    resets: dict[str, int],
+    minutes: float,
+    rate: float,
+    agents: int,
 ) -> None:
     if len(samples) < 2:
         raise BenchError("the soak took fewer than two samples: run it longer (--minutes)")
@@ -218,6 +237,7 @@ def _report(
         "lag_growth_events_per_min": round(lag_growth, 1),
         "rss_growth_mb_per_h": {k: round(v, 1) for k, v in growth.items()},
         "error_lines": errors,
+        "cursor_resets": resets,
     }
     stem = HERE / f"soak-{rate:g}-{minutes:g}m"
     write_results(stem, samples, summary)
@@ -266,5 +286,15 @@ def _report(
             "lines",
             target=Target("max", 0, unit="lines"),
             note=", ".join(f"{n}: {c}" for n, c in errors.items()) or "none",
+        )
+    )
+    h.add(
+        Figure(
+            "soak",
+            "cursors the feed had pruned (transactions lost before they were read)",
+            float(sum(resets.values())),
+            "resets",
+            target=Target("max", 0, unit="resets"),
+            note="the ingester fell further behind an agent than the simulator keeps (PFLEA_SIM_HISTORY)",
         )
     )

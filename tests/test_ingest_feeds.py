@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from devstack.ports import free_port
 from devstack.processes import ServiceProcess, wait_until
 from services.ingester.client import FeedClient, Transient
-from services.ingester.poller import AgentPoller
+from services.ingester.poller import CURSOR_RESET, AgentPoller
 from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
 from shared.db import INGESTER_ROLE, create_pool, role_dsn
 from shared.events import UnknownTransaction
@@ -37,7 +37,7 @@ from tests.support import service_env, simulator_feeds
 from tests.test_ingest_pipeline import accounted
 
 AGENT = AgentCredential("agent-x", "key-x")
-RESET_LINE = "the feed no longer knows this cursor"
+RESET_LINE = CURSOR_RESET
 
 
 def services(settings: Settings, url: str, agents: str, tmp_path: Path, **env: str) -> list[ServiceProcess]:

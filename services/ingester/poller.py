@@ -29,6 +29,8 @@ from shared.wire import HDR_MSG_ID, tx_messages
 log = logging.getLogger(__name__)
 
 # Labels stay bounded: feeds are few, agents may be 50,000 (a series each would be too many).
+# Logged (once per incident) when the feed refused our cursor: what it pruned unread is gone.
+CURSOR_RESET = "the feed no longer knows this cursor"
 RECEIVED = Counter("pflea_ingester_transactions_received_total", "Transactions fetched", ["feed"])
 PUBLISHED = Counter("pflea_ingester_transactions_published_total", "Transactions published to PFLEA_TX")
 FEED_ERRORS = Counter("pflea_ingester_feed_errors_total", "Failed polls", ["kind"])
@@ -259,7 +261,7 @@ class AgentPoller:
         agent_id = self.agent.agent_id
         if self.resets_in_a_row == 1:
             log.warning(
-                "%s: the feed no longer knows this cursor; reading %s's feed again from the start "
+                "%s: " + CURSOR_RESET + "; reading %s's feed again from the start "
                 "(what is stored already is skipped by event id)",
                 exc,
                 agent_id,
