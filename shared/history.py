@@ -120,7 +120,9 @@ class AgentView(msgspec.Struct, kw_only=True):
     events: int  # stored events folded in
     excluded: tuple[uuid.UUID, ...] = ()
     added: int = 0
-    undecodable: int = 0  # stored events no fold could read (the projectors quarantine them)
+    # Stored events folded after ``snapshot_version`` that no fold could read (the projectors
+    # quarantine them); a snapshot already skipped those before it.
+    undecodable: int = 0
     snapshot_version: int = 0  # the snapshot the fold started from (0: none)
     # Computed from the actual state by taking the excluded events out (AgentFold.without),
     # not by folding the stream again.
@@ -195,7 +197,9 @@ class History:
             # 100k events); taking its sums out of the actual state is exact and instant.
             hypothetical = await retracted(conn, actual, excluded, add)
             if hypothetical is None:
-                hypothetical = await view(conn, agent_id, as_of, excluded, add, use_snapshots=self.use_snapshots)
+                hypothetical = await view(
+                    conn, agent_id, as_of, excluded, add, use_snapshots=self.use_snapshots
+                )
         return WhatIf(actual=actual, hypothetical=hypothetical)
 
 
@@ -258,8 +262,9 @@ async def retracted(
 ) -> AgentView | None:
     """What :func:`view` answers for ``actual``'s point without ``without`` and with ``add``,
     computed from ``actual`` by :meth:`AgentFold.without` instead of a refold; None when that
-    cannot tell (then refold): an excluded event is stateful, leaves a row at zero, or is the
-    last version folded."""
+    cannot tell (then refold): an excluded event is stateful, unreadable, leaves a row at zero,
+    or is the last version folded. The figures equal the refold's; a figure may carry more
+    trailing zeros (``10.00`` for ``10``) where only an excluded amount had that many places."""
     excluded = await _excluded(conn, actual.agent_id, without)
     prefix, first_after = await _window(conn, actual.agent_id, actual.as_of, actual.head)
     at = actual.as_of.at
@@ -272,6 +277,8 @@ async def retracted(
     if actual.version in {r.version for r in folded}:
         return None
     events = [event for r in folded if (event := decoded(r)) is not None]
+    if len(events) < len(folded):
+        return None  # ``undecodable`` counts from the snapshot a fold starts at: let the refold say
     state = actual.state.without(events)
     if state is None:
         return None
@@ -286,7 +293,7 @@ async def retracted(
         events=actual.events - len(folded),
         excluded=tuple(excluded),
         added=len(add),
-        undecodable=actual.undecodable - (len(folded) - len(events)),
+        undecodable=actual.undecodable,
         snapshot_version=actual.snapshot_version,
         retracted=True,
     )

@@ -21,8 +21,8 @@ from services.relay.snapshots import Snapshotter
 from shared.db import PROJECTOR_ROLE, READER_ROLE, create_pool, role_dsn
 from shared.events import AgentRegistered, BetPlaced, BetWon, FundsDeposited
 from shared.history import AgentView, AsOf, History, HistoryError, UnknownAgent, current_state, view
-from shared.projections.agent import AgentFold
 from shared.ops import Lifecycle
+from shared.projections.agent import AgentFold
 from shared.store import EventStore, NewEvent, StreamEvent
 from tests.conftest import SERVICE_PASSWORD
 from tests.reference import fold, generate
@@ -176,7 +176,9 @@ async def test_what_if_by_retraction_equals_a_refold_at_random_points(
     for agent in sorted({r.stream_id for r in rows}):
         mine = [r for r in rows if r.stream_id == agent]
         points = [AsOf(), *(AsOf(version=v) for v in rng.sample(range(1, len(mine) + 1), 8))]
-        points += [AsOf(at=t, by=by) for by in ("occurred", "recorded") for t in random_times(rng, mine, by, 6)]
+        points += [
+            AsOf(at=t, by=by) for by in ("occurred", "recorded") for t in random_times(rng, mine, by, 6)
+        ]
         for as_of in points:
             skipped = {r.event_id for r in rng.sample(mine, rng.choice([1, 2, 4]))}
             result = await history.what_if(agent, without=skipped, as_of=as_of)
