@@ -102,7 +102,9 @@ async def test_the_agent_page_shows_the_read_models_figures(
         "SELECT available, in_escrow FROM portfolio WHERE agent_id = $1 AND asset = 'PFLEA'", AGENT
     )
     assert cells(text, "available") == {"PFLEA": str(portfolio["available"])}
-    pnl = await stack.reader_pool.fetchrow("SELECT net_pnl, win_rate, roi FROM pnl WHERE agent_id = $1", AGENT)
+    pnl = await stack.reader_pool.fetchrow(
+        "SELECT net_pnl, win_rate, roi FROM pnl WHERE agent_id = $1", AGENT
+    )
     assert cells(text, "net_pnl") == {"PFLEA": str(pnl["net_pnl"])} == {"PFLEA": "9.25"}
     for ratio in ("win_rate", "roi"):  # a percentage to read, the exact ratio on hover
         assert cells(text, ratio) == {"PFLEA": display.percent(pnl[ratio])}
@@ -189,6 +191,10 @@ async def test_what_if_an_event_had_not_happened_shows_the_difference_and_writes
     row = re.search(r'class="changed">\s*<td>PFLEA</td><td>balance</td>(.*?)</tr>', text, re.S)
     assert row is not None
     assert re.findall(r'class="num [a-z]+">([^<]*)<', row.group(1)) == ["109.75", "90.50", "-19.25"]
+    rate = re.search(r'data-figure="win_rate" class="changed">(.*?)</tr>', text, re.S)
+    assert rate is not None, "a win switched off changes the win rate"
+    shown = re.findall(r'class="num [a-z]+">([^<]*)<', rate.group(1))
+    assert len(shown) == 3 and all(re.fullmatch(r"-?\d+\.\d\d %", c) for c in shown), shown
     added = json.dumps({"amount": "5", "asset": "PFLEA"})
     text = await page(operator, f"/agents/{AGENT}/what-if?add_type=FundsDeposited&add_data={added}")
     change = re.search(r'<td>PFLEA</td><td>balance</td>.*?class="num difference">([^<]+)<', text, re.S)

@@ -56,6 +56,14 @@ EXPLORER = web.AppKey("explorer", Explorer)
 VIEWER = web.RequestKey("viewer", Viewer)
 
 
+RATIOS = frozenset({"win_rate", "roi"})  # P&L figures that are ratios, read as percentages
+
+
+def figure_cell(value: Any, figure: str) -> str:
+    """A read-model figure by its name: a ratio as a percentage, anything else as :func:`cell`."""
+    return percent(value) if figure in RATIOS else cell(value)
+
+
 def percent(value: Any) -> str:
     """A ratio as a percentage (:func:`shared.display.percent`), an en dash for nothing."""
     return display.percent(value, missing="–")
@@ -76,6 +84,7 @@ def templates() -> jinja2.Environment:
     )
     env.filters["cell"] = cell
     env.filters["percent"] = percent
+    env.filters["figure_cell"] = figure_cell
     env.filters["hex"] = lambda b: bytes(b).hex() if b else ""
     env.globals["static"] = _static_urls()
     return env
