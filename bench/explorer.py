@@ -68,7 +68,8 @@ async def _pages(url: str) -> dict[str, str]:
         newest = await conn.fetchval(at_version, AGENT, head)
         first = await conn.fetchval(at_version, AGENT, 1)
         escrow = await conn.fetchval(
-            """SELECT event_id FROM events WHERE stream_id = $1 AND event_type = 'EscrowLocked'
+            """SELECT event_id FROM events WHERE stream_id = $1
+               AND event_type IN ('AgentRegistered', 'EscrowLocked', 'EscrowReleased')
                ORDER BY version LIMIT 1""",
             AGENT,
         )
@@ -87,9 +88,9 @@ async def _pages(url: str) -> dict[str, str]:
         "operations": "/operations",
         # Its sums are taken out of the actual state (AgentFold.without): no refold.
         "what-if, first event off": f"{base}/what-if?without={first}",
-        # An escrow lock's effect depends on the state before it: every event after it is folded
-        # again, the price of switching off an early stateful event.
-        "what-if, first escrow lock off (a refold)": f"{base}/what-if?without={escrow}",
+        # An escrow event's effect depends on the state before it: every event after it is
+        # folded again, the price of switching off an early stateful event.
+        "what-if, first escrow event off (a refold)": f"{base}/what-if?without={escrow}",
     }
 
 
