@@ -22,6 +22,7 @@ Reported: events/s and the ratio to this pipeline's end-to-end events/s in the s
 from __future__ import annotations
 
 import asyncio
+import functools
 import tempfile
 import time
 import uuid
@@ -93,9 +94,10 @@ def sqlite_article(txs: list[Tx], folder: Path) -> float:
         store.db.close()
 
 
-def _eventsourcing(txs: list[Tx], url: str, *, batched: bool) -> float:
+@functools.cache
+def _account_class() -> type[Any]:
+    """The aggregate, defined once: the library registers each class by its topic."""
     # Imported here: a bench dependency (pyproject's `bench` extra), not the ledger's.
-    from eventsourcing.application import Application
     from eventsourcing.domain import Aggregate, event
 
     class AgentAccount(Aggregate):  # one per agent: its balances, folded from its transactions
@@ -114,6 +116,13 @@ def _eventsourcing(txs: list[Tx], url: str, *, batched: bool) -> float:
             if isinstance(asset, str) and isinstance(amount, str):
                 self.balances[asset] = self.balances.get(asset, Decimal(0)) + Decimal(amount)
 
+    return AgentAccount
+
+
+def _eventsourcing(txs: list[Tx], url: str, *, batched: bool) -> float:
+    from eventsourcing.application import Application
+
+    AgentAccount = _account_class()  # noqa: N806
     parts = urlsplit(url)
     app = Application(
         env={
