@@ -8,7 +8,7 @@ here agrees with the read models to the last digit.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import Any
 
@@ -96,25 +96,11 @@ class AgentFold:
             result.balance[asset] -= amount
             if not result.balance[asset]:
                 return None
-        for asset, taken in part.pnl.items():
-            row = result.pnl.get(asset)
-            if row is None:
-                return None
-            row.total_wagered -= taken.total_wagered
-            row.total_won -= taken.total_won
-            row.total_fees -= taken.total_fees
-            row.bet_count -= taken.bet_count
-            row.win_count -= taken.win_count
-            if row == pnl.Pnl():
-                return None
-        for asset, gone in part.portfolio.items():
-            holding = result.portfolio.get(asset)
-            if holding is None:
-                return None
-            holding.available -= gone.available
-            holding.in_escrow -= gone.in_escrow
-            if not (holding.available or holding.in_escrow):
-                return None
+        for rows, taken in ((result.pnl, part.pnl), (result.portfolio, part.portfolio)):
+            for asset, gone in taken.items():
+                row = rows.get(asset)
+                if row is None or _take_out(row, gone):
+                    return None
         return result
 
     def available(self, asset: str) -> Decimal:
@@ -132,6 +118,14 @@ class AgentFold:
 
     def portfolio_rows(self) -> dict[str, dict[str, Any]]:
         return portfolio.as_dict(self.portfolio)
+
+
+def _take_out(row: Any, part: Any) -> bool:
+    """``row -= part`` field by field (a P&L row, a holding); True if ``row`` is left all zero."""
+    names = [f.name for f in fields(row)]
+    for name in names:
+        setattr(row, name, getattr(row, name) - getattr(part, name))
+    return not any(getattr(row, name) for name in names)
 
 
 class _SnapshotState(msgspec.Struct, frozen=True, kw_only=True):
