@@ -9,8 +9,10 @@ import pytest
 
 from services.simulator import Simulator, SimulatorConfig, load_simulator_config, running_simulator
 from services.simulator.config import HISTORY_BUDGET, HISTORY_PER_AGENT
+from services.simulator.content import MAX_DOMAINS, MAX_OPEN_ESCROWS
 from services.simulator.feed import FEEDS, AgentFeed, UnknownSince
 from services.simulator.simulator import IDEMPOTENT_ANSWERS
+from services.simulator.window import COMPACT_AFTER
 from shared.settings import SettingsError
 
 
@@ -22,11 +24,30 @@ def test_the_window_never_exceeds_its_size_and_keeps_the_newest_transactions() -
             feed.faucet()
         # Each feed's newest item is kept however old: at most one per feed beyond the window.
         assert len(feed.txs) <= 100 + len(FEEDS)
+        for window in feed._feeds.values():
+            # Dropped slots awaiting the shift: fewer than COMPACT_AFTER or than the items kept.
+            assert len(window._items) <= max(COMPACT_AFTER, len(window)) + len(window)
     kept = feed.txs
     assert [tx.seq for tx in kept] == sorted(tx.seq for tx in kept)
     assert kept[-1].seq == feed.sequence
     assert sum(len(window._positions) for window in feed._feeds.values()) <= len(kept)
-    assert sum(len(window._items) for window in feed._feeds.values()) < 100 + 6 * 1024 * 2
+    assert feed.dropped > 4_000
+
+
+def test_what_an_agent_holds_is_capped_however_long_it_trades() -> None:
+    """More locks are drawn than releases and more purchases than sales: uncapped, each agent's
+    open escrows and domains grew for as long as the simulator ran (about 20 MB an hour)."""
+    feed = AgentFeed(11, "agent-0002", 2, history=50)
+    most_escrows = most_domains = 0
+    late: set[str | None] = set()
+    for n in range(20_000):
+        tx = feed.generate(0.0, 0.1)
+        most_escrows = max(most_escrows, len(feed.wallet.escrows))
+        most_domains = max(most_domains, len(feed.wallet.domains))
+        if n >= 10_000:
+            late.add(tx.type)
+    assert (most_escrows, most_domains) == (MAX_OPEN_ESCROWS, MAX_DOMAINS), "the caps are reached"
+    assert {"escrow", "escrow_release", "domain_purchase", "domain_sale"} <= late, "all still happen"
 
 
 def test_a_transaction_is_the_same_text_with_or_without_a_window() -> None:

@@ -252,6 +252,13 @@ WEIGHTS: dict[str, int] = {
 _TYPES = tuple(WEIGHTS)
 _TYPE_WEIGHTS = tuple(WEIGHTS.values())
 
+# What one agent holds at most: more locks than releases are drawn, and more purchases than
+# sales, so without a cap an agent's open escrows and domains grow with every hour it runs (and
+# so does the simulator's memory). At the cap the draw takes the opposite step instead: the
+# oldest escrow is released, a held domain is sold.
+MAX_OPEN_ESCROWS = 16
+MAX_DOMAINS = 16
+
 
 class AgentActivity:
     """The stream of one agent's well-formed drafts; :meth:`next` also updates the wallet."""
@@ -275,10 +282,18 @@ class AgentActivity:
             win, self._pending_win = self._pending_win, None
             self.wallet.credit(win.asset, win.amount)
             return win
-        kind = self._rng.choices(_TYPES, weights=_TYPE_WEIGHTS)[0]
+        kind = self._capped(self._rng.choices(_TYPES, weights=_TYPE_WEIGHTS)[0])
         tag = f"{self._prefix}-{self._count}"
         draft = self._bet() if kind == "bet" else MAKERS[kind](self._rng, self.wallet, tag)
         return draft if draft is not None else _deposit(self._rng, self.wallet, tag)
+
+    def _capped(self, kind: str) -> str:
+        """``kind``, or its opposite when the agent already holds as much as it may."""
+        if kind == "escrow" and len(self.wallet.escrows) >= MAX_OPEN_ESCROWS:
+            return "escrow_release"
+        if kind == "domain_purchase" and len(self.wallet.domains) >= MAX_DOMAINS:
+            return "domain_sale"
+        return kind
 
     def _bet(self) -> Draft | None:
         rng = self._rng
