@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     foreign = ForeignLoad()
+    # SIGTERM stops a run as Ctrl-C does, through every scenario's clean-up: without this, a
+    # `kill` left the stack it had started (Postgres, nats-server, every service) running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         tune_gc()  # as the services do, so the limits measured here are not a handicapped baseline
         h = asyncio.run(run_all(args, names, log_dir))

@@ -5,7 +5,9 @@ process, ``PFLEA_SIM_RATE=R`` over ``A`` agents, no backlog, its bounded default
 the ingester, writer, relay and four projectors, all at default durability. Every
 ``soak_sample_s`` (30 s) the run records: events stored and the rate since the last sample,
 each projection's and the relay's lag (events and seconds, from ``projection_status`` /
-``tailer_status``, as ``pflea status`` shows them), and each process's RSS and CPU share.
+``tailer_status``, as ``pflea status`` shows them), the ingester's lag behind the feed (what the
+simulator generated and is neither an event nor in quarantine yet; seconds of it at the offered
+rate), and each process's RSS and CPU share.
 
 After a warm-up (a quarter of the run, at most 5 minutes) it reports:
 
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import asyncpg
+import httpx
 import psutil
 
 from bench.harness import Harness
@@ -84,9 +87,20 @@ async def _lags(conn: asyncpg.Connection) -> tuple[dict[str, int], dict[str, flo
     )
 
 
+async def _feed_lag(conn: asyncpg.Connection, p: Pipeline, rate: float) -> tuple[int, float]:
+    """How far the ingester is behind the feed: transactions generated that are neither an
+    event nor quarantined, and the seconds that is at the offered rate."""
+    async with httpx.AsyncClient() as client:
+        stats = (await client.get(f"http://127.0.0.1:{p.sim_port}/admin/stats", timeout=10)).json()
+    landed = await conn.fetchval("SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM quarantine)")
+    behind = max(0, int(stats["generated"]) - int(landed))
+    return behind, round(behind / rate, 2) if rate > 0 else 0.0
+
+
 class Sampler:
-    def __init__(self, p: Pipeline) -> None:
+    def __init__(self, p: Pipeline, rate: float) -> None:
         self.p = p
+        self.rate = rate
         self.procs = {proc.name: psutil.Process(proc.pid) for proc in p.processes}
         self.cpu = {name: self._cpu(name) for name in self.procs}
         self.last = (time.monotonic(), 0)
@@ -102,6 +116,7 @@ class Sampler:
         now = time.monotonic()
         events = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM events"))
         lag_events, lag_s = await _lags(conn)
+        lag_events["ingester"], lag_s["ingester"] = await _feed_lag(conn, self.p, self.rate)
         then, before = self.last
         sample = Sample(
             t_s=round(now - started, 1),
@@ -174,7 +189,7 @@ async def run(h: Harness) -> None:
         await p.start_sinks()
         await p.start_simulator(agents, 0, rate, bounded=True)
         started = await p.start_ingester()
-        samples = await _soak(h, p, started, minutes * 60)
+        samples = await _soak(h, p, started, minutes * 60, rate)
         errors, resets = _log_lines(p, _is_error), _log_lines(p, _is_cursor_reset)
     finally:
         p.stop()
@@ -183,10 +198,10 @@ async def run(h: Harness) -> None:
     _report(h, samples, errors, resets, minutes, rate, agents)
 
 
-async def _soak(h: Harness, p: Pipeline, started: float, duration_s: float) -> list[Sample]:
+async def _soak(h: Harness, p: Pipeline, started: float, duration_s: float, rate: float) -> list[Sample]:
     conn = await asyncpg.connect(p.database_url)
     try:
-        sampler = Sampler(p)
+        sampler = Sampler(p, rate)
         samples: list[Sample] = []
         while time.monotonic() - started < duration_s:
             left = duration_s - (time.monotonic() - started)
@@ -198,7 +213,8 @@ async def _soak(h: Harness, p: Pipeline, started: float, duration_s: float) -> l
             last = samples[-1]
             print(
                 f"  soak {last.t_s / 60:5.1f} min: {last.events:,} events ({last.events_per_s:,.0f}/s), "
-                f"worst lag {max(last.lag_s.values(), default=0):.1f} s",
+                f"worst lag {max(last.lag_s.values(), default=0):.1f} s, ingester behind the feed "
+                f"{last.lag_events['ingester']:,}",
                 flush=True,
             )
         return samples
