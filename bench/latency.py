@@ -156,7 +156,9 @@ async def _measure(
     return stages
 
 
-async def run(h: Harness, rss: RssSampler) -> None:
+async def run(h: Harness, rss: RssSampler, *, relaxed: bool = False) -> None:
+    """``relaxed``: ``h.servers`` is a nats-server at the default ``sync_interval``; the figures
+    are information, named for it."""
     s = h.sizes
     p = Pipeline(h, "latency", rss)
     await p.prepare(SETUP_SQL)
@@ -177,7 +179,7 @@ async def run(h: Harness, rss: RssSampler) -> None:
         p.stop()
         await nc.close()
         await p.cleanup()
-    _figures(h, stages)
+    _figures(h, stages, ", JetStream sync_interval 2 min" if relaxed else "")
 
 
 async def _wait_caught_up(p: Pipeline) -> None:
@@ -193,7 +195,7 @@ async def _wait_caught_up(p: Pipeline) -> None:
         await conn.close()
 
 
-def _figures(h: Harness, stages: dict[str, list[float]]) -> None:
+def _figures(h: Harness, stages: dict[str, list[float]], variant: str = "") -> None:
     total = stages["all read models"]
     s = h.sizes
     if not total:
@@ -208,7 +210,7 @@ def _figures(h: Harness, stages: dict[str, list[float]]) -> None:
     h.add(
         Figure(
             "latency",
-            f"p50 ingest → read models @ {s.latency_rate:,.0f}/s",
+            f"p50 ingest → read models @ {s.latency_rate:,.0f}/s{variant}",
             statistics.median(total),
             "ms",
             note=f"{len(total):,} events in {s.latency_window_s:.0f} s ({rate:,.0f}/s achieved, "
@@ -218,10 +220,10 @@ def _figures(h: Harness, stages: dict[str, list[float]]) -> None:
     h.add(
         Figure(
             "latency",
-            f"p99 ingest → read models @ {s.latency_rate:,.0f}/s",
+            f"p99 ingest → read models @ {s.latency_rate:,.0f}/s{variant}",
             percentile(total, 0.99),
             "ms",
-            target=Target("max", 250, unit="ms"),
+            target=None if variant else Target("max", 250, unit="ms"),
             detail={
                 k: {"p50": statistics.median(v), "p99": percentile(v, 0.99), "max": max(v), "n": len(v)}
                 for k, v in stages.items()
