@@ -15,9 +15,41 @@ from devstack.embedded import EmbeddedNats
 from devstack.processes import ServiceProcess, wait_until
 from services.simulator import Simulator, load_simulator_config, running_simulator
 from shared.settings import Settings
+from tests.reference import assert_read_models_match_fold
 from tests.support import service_env, simulator_feeds
 from tests.test_ingest_pipeline import accounted, assert_exactly_once
 from tests.test_projector_services import caught_up
+
+
+def pipeline(
+    settings: Settings, nats_url: str, sim: Simulator, url: str, tmp_path: Path, *, page_limit: int
+) -> list[ServiceProcess]:
+    """Ingester, writer, relay and the balance projector on ``nats_url``, fed by ``sim`` at ``url``."""
+    env = service_env(
+        settings,
+        NATS_URL=nats_url,
+        PURPLEFLEA_API_URL=url,
+        PURPLEFLEA_AGENTS=",".join(f"{c.agent_id}:{c.api_key}" for c in sim.credentials),
+        PURPLEFLEA_FEEDS=simulator_feeds(url),
+        PFLEA_INGEST_PAGE_LIMIT=str(page_limit),
+        PFLEA_INGEST_POLL_INTERVAL_S="0.2",
+    )
+    return [
+        ServiceProcess("services.ingester", env, tmp_path),
+        ServiceProcess("services.writer", env, tmp_path),
+        ServiceProcess("services.relay", env, tmp_path),
+        ServiceProcess("services.projectors", env, tmp_path, "balance"),
+    ]
+
+
+async def assert_ledger_exact(settings: Settings, sim: Simulator) -> None:
+    """Every transaction of ``sim`` exactly once, and the balance read model equal to a fold."""
+    await assert_exactly_once(settings.database_url, sim)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await assert_read_models_match_fold(conn, ["balances"])
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -35,21 +67,7 @@ async def test_a_nats_server_that_loses_its_store_loses_no_transaction(
 ) -> None:
     sim = Simulator(load_simulator_config({}, port=0, seed=5, agents=10, backlog=300, rate=0))
     async with running_simulator(sim.config, sim) as url:
-        env = service_env(
-            settings,
-            NATS_URL=own_nats.url,
-            PURPLEFLEA_API_URL=url,
-            PURPLEFLEA_AGENTS=",".join(f"{c.agent_id}:{c.api_key}" for c in sim.credentials),
-            PURPLEFLEA_FEEDS=simulator_feeds(url),
-            PFLEA_INGEST_PAGE_LIMIT="20",
-            PFLEA_INGEST_POLL_INTERVAL_S="0.2",
-        )
-        procs = [
-            ServiceProcess("services.ingester", env, tmp_path),
-            ServiceProcess("services.writer", env, tmp_path),
-            ServiceProcess("services.relay", env, tmp_path),
-            ServiceProcess("services.projectors", env, tmp_path, "balance"),
-        ]
+        procs = pipeline(settings, own_nats.url, sim, url, tmp_path, page_limit=20)
         try:
             for proc in procs:
                 proc.start()
@@ -71,11 +89,4 @@ async def test_a_nats_server_that_loses_its_store_loses_no_transaction(
         finally:
             for proc in procs:
                 proc.kill()
-    await assert_exactly_once(settings.database_url, sim)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        from tests.reference import assert_read_models_match_fold
-
-        await assert_read_models_match_fold(conn, ["balances"])
-    finally:
-        await conn.close()
+    await assert_ledger_exact(settings, sim)

@@ -17,18 +17,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import nats
 import pytest
 
 from devstack.embedded import EmbeddedNats
-from devstack.processes import ServiceProcess, wait_until
+from devstack.processes import wait_until
 from services.simulator import Simulator, load_simulator_config, running_simulator
 from shared.jetstream import Topology
 from shared.settings import Settings
-from tests.reference import assert_read_models_match_fold
-from tests.support import service_env, simulator_feeds
-from tests.test_ingest_pipeline import accounted, assert_exactly_once
+from tests.test_ingest_pipeline import accounted
+from tests.test_nats_loss import assert_ledger_exact, pipeline
 from tests.test_projector_services import caught_up
 
 
@@ -69,21 +67,7 @@ async def test_streams_that_lose_their_tail_under_surviving_consumers_lose_and_d
 ) -> None:
     sim = Simulator(load_simulator_config({}, port=0, seed=8, agents=10, backlog=300, rate=0))
     async with running_simulator(sim.config, sim) as url:
-        env = service_env(
-            settings,
-            NATS_URL=own_nats.url,
-            PURPLEFLEA_API_URL=url,
-            PURPLEFLEA_AGENTS=",".join(f"{c.agent_id}:{c.api_key}" for c in sim.credentials),
-            PURPLEFLEA_FEEDS=simulator_feeds(url),
-            PFLEA_INGEST_PAGE_LIMIT="10",
-            PFLEA_INGEST_POLL_INTERVAL_S="0.2",
-        )
-        procs = [
-            ServiceProcess("services.ingester", env, tmp_path),
-            ServiceProcess("services.writer", env, tmp_path),
-            ServiceProcess("services.relay", env, tmp_path),
-            ServiceProcess("services.projectors", env, tmp_path, "balance"),
-        ]
+        procs = pipeline(settings, own_nats.url, sim, url, tmp_path, page_limit=10)
         saved = tmp_path / "msgs-at-t1"
         try:
             for proc in procs:
@@ -124,9 +108,4 @@ async def test_streams_that_lose_their_tail_under_surviving_consumers_lose_and_d
     for stream in (topology.tx_stream, topology.events_stream):
         (t1_last, _), (_, t2_floor) = at_t1[stream], at_t2[stream]
         assert t2_floor > t1_last, f"{stream}: the case was built, its consumers' floor ahead of the stream"
-    await assert_exactly_once(settings.database_url, sim)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await assert_read_models_match_fold(conn, ["balances"])
-    finally:
-        await conn.close()
+    await assert_ledger_exact(settings, sim)
