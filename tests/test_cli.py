@@ -170,6 +170,16 @@ async def writer(settings: Settings, tmp_path: Path, js_streams: nats.NATS) -> A
             proc.kill()
 
 
+async def test_services_run_on_uvloop(writer: ServiceProcess) -> None:
+    """uvloop is a dependency (shared/service.py says what it saves): the services use it."""
+    started = [
+        msgspec.json.decode(line)
+        for line in writer.log_path.read_text().splitlines()
+        if line.startswith("{") and '"starting ' in line
+    ]
+    assert [entry["event_loop"] for entry in started] == ["uvloop"]
+
+
 async def test_commands_from_the_cli_print_the_reply_and_exit_non_zero_when_rejected(
     settings: Settings, writer: ServiceProcess
 ) -> None:

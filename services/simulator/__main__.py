@@ -8,6 +8,7 @@ import signal
 import sys
 
 from shared.logs import configure_logging
+from shared.service import new_event_loop
 from shared.settings import SettingsError
 
 from . import SimulatorConfig, load_simulator_config, running_simulator
@@ -40,7 +41,8 @@ def main() -> int:
     configure_logging("simulator")
     try:
         # Serving reads (or first writes) PFLEA_SIM_STATE_DIR: a bad one also fails here.
-        asyncio.run(serve(load_simulator_config()))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(serve(load_simulator_config()))
     except SettingsError as exc:
         log.error("bad configuration: %s", exc, extra={"variable": exc.variable})
         return 2
