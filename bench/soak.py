@@ -43,6 +43,7 @@ from bench.processes import BenchError, RssSampler
 from bench.report import Figure, Target
 from bench.svg import line_chart
 from services.ingester.poller import CURSOR_RESET
+from services.simulator.feed import FEEDS
 
 HERE = Path(__file__).resolve().parent / "soak"
 MB = 1024 * 1024
@@ -60,6 +61,7 @@ class Sample:
     lag_s: dict[str, float] = field(default_factory=dict)
     rss_mb: dict[str, float] = field(default_factory=dict)
     cpu_share: dict[str, float] = field(default_factory=dict)  # of one core, since the last sample
+    feed_requests_per_s: float = 0.0  # the simulator's, since the last sample: the polls made
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -87,11 +89,17 @@ async def _lags(conn: asyncpg.Connection) -> tuple[dict[str, int], dict[str, flo
     )
 
 
-async def _feed_lag(conn: asyncpg.Connection, p: Pipeline, rate: float) -> tuple[int, float]:
+async def _feed_stats(p: Pipeline) -> dict[str, int]:
+    async with httpx.AsyncClient() as client:
+        stats: dict[str, int] = (
+            await client.get(f"http://127.0.0.1:{p.sim_port}/admin/stats", timeout=10)
+        ).json()
+    return stats
+
+
+async def _feed_lag(conn: asyncpg.Connection, stats: dict[str, int], rate: float) -> tuple[int, float]:
     """How far the ingester is behind the feed: transactions generated that are neither an
     event nor quarantined, and the seconds that is at the offered rate."""
-    async with httpx.AsyncClient() as client:
-        stats = (await client.get(f"http://127.0.0.1:{p.sim_port}/admin/stats", timeout=10)).json()
     landed = await conn.fetchval("SELECT (SELECT count(*) FROM events) + (SELECT count(*) FROM quarantine)")
     behind = max(0, int(stats["generated"]) - int(landed))
     return behind, round(behind / rate, 2) if rate > 0 else 0.0
@@ -104,6 +112,7 @@ class Sampler:
         self.procs = {proc.name: psutil.Process(proc.pid) for proc in p.processes}
         self.cpu = {name: self._cpu(name) for name in self.procs}
         self.last = (time.monotonic(), 0)
+        self.requests = 0
 
     def _cpu(self, name: str) -> float:
         try:
@@ -116,15 +125,19 @@ class Sampler:
         now = time.monotonic()
         events = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM events"))
         lag_events, lag_s = await _lags(conn)
-        lag_events["ingester"], lag_s["ingester"] = await _feed_lag(conn, self.p, self.rate)
+        stats = await _feed_stats(self.p)
+        lag_events["ingester"], lag_s["ingester"] = await _feed_lag(conn, stats, self.rate)
         then, before = self.last
+        per_s = 1 / (now - then) if now > then else 0.0
         sample = Sample(
             t_s=round(now - started, 1),
             events=events,
-            events_per_s=round((events - before) / (now - then), 1) if now > then else 0.0,
+            events_per_s=round((events - before) * per_s, 1),
             lag_events=lag_events,
             lag_s=lag_s,
+            feed_requests_per_s=round((stats["requests"] - self.requests) * per_s, 1),
         )
+        self.requests = int(stats["requests"])
         for name, proc in self.procs.items():
             cpu = self._cpu(name)
             sample.cpu_share[name] = round((cpu - self.cpu[name]) / (now - then), 3) if now > then else 0.0
@@ -239,6 +252,8 @@ def _report(
     worst_lag = max((v for s in steady for v in s.lag_s.values()), default=0.0)
     total_lag = [(s.t_s / 60, float(max(s.lag_events.values(), default=0))) for s in steady]
     lag_growth = slope(total_lag)  # events per minute
+    polls_per_s = sum(s.feed_requests_per_s for s in steady) / len(steady)
+    pairs = agents * len(FEEDS)
     growth = {
         name: slope([(s.t_s / 3600, s.rss_mb[name]) for s in steady if name in s.rss_mb])
         for name in steady[-1].rss_mb
@@ -251,6 +266,7 @@ def _report(
         "stored_per_s": round(stored_rate, 1),
         "worst_lag_s": worst_lag,
         "lag_growth_events_per_min": round(lag_growth, 1),
+        "feed_requests_per_s": round(polls_per_s, 1),
         "rss_growth_mb_per_h": {k: round(v, 1) for k, v in growth.items()},
         "error_lines": errors,
         "cursor_resets": resets,
@@ -302,6 +318,17 @@ def _report(
             "lines",
             target=Target("max", 0, unit="lines"),
             note=", ".join(f"{n}: {c}" for n, c in errors.items()) or "none",
+        )
+    )
+    h.add(
+        Figure(
+            "soak",
+            "feed requests/s after warm-up (the ingester's polls)",
+            round(polls_per_s, 1),
+            "requests/s",
+            note=f"information: {pairs:,} (agent, feed) pairs, each polled every "
+            f"{pairs / polls_per_s if polls_per_s else float('inf'):.1f} s on average; an item waits "
+            "about half that for its poll, so the ingester's lag follows pairs / requests per second",
         )
     )
     h.add(
