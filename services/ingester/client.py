@@ -143,9 +143,10 @@ class FeedClient:
         # the ingester's CPU per poll, and a poll needs none of it. The client, on the same pool,
         # serves the simulator's admin calls.
         self.transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections))
-        self.http = httpx.AsyncClient(base_url=base, transport=self.transport)
+        timeout = httpx.Timeout(timeout_s)
+        self.http = httpx.AsyncClient(base_url=base, transport=self.transport, timeout=timeout)
         self.transactions_url = httpx.URL(base + "/transactions")
-        self.timeout = httpx.Timeout(timeout_s).as_dict()
+        self.timeout = timeout.as_dict()
         # httpx's timeouts are per read: a feed dripping a byte a second would never trip them.
         self.deadline_s = timeout_s
         self.max_page_bytes = max_page_bytes
