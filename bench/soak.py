@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import asyncpg
-import httpx
 import psutil
 
 from bench.harness import Harness
@@ -89,14 +88,6 @@ async def _lags(conn: asyncpg.Connection) -> tuple[dict[str, int], dict[str, flo
     )
 
 
-async def _feed_stats(p: Pipeline) -> dict[str, int]:
-    async with httpx.AsyncClient() as client:
-        stats: dict[str, int] = (
-            await client.get(f"http://127.0.0.1:{p.sim_port}/admin/stats", timeout=10)
-        ).json()
-    return stats
-
-
 async def _feed_lag(conn: asyncpg.Connection, stats: dict[str, int], rate: float) -> tuple[int, float]:
     """How far the ingester is behind the feed: transactions generated that are neither an
     event nor quarantined, and the seconds that is at the offered rate."""
@@ -125,7 +116,9 @@ class Sampler:
         now = time.monotonic()
         events = int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM events"))
         lag_events, lag_s = await _lags(conn)
-        stats = await _feed_stats(self.p)
+        stats = await self.p.simulator_stats()
+        if not stats:
+            raise BenchError("the simulator's /admin/stats did not answer")
         lag_events["ingester"], lag_s["ingester"] = await _feed_lag(conn, stats, self.rate)
         then, before = self.last
         per_s = 1 / (now - then) if now > then else 0.0
