@@ -319,9 +319,10 @@ def _report(
             "feed requests/s after warm-up (the ingester's polls)",
             round(polls_per_s, 1),
             "requests/s",
-            note=f"information: {pairs:,} (agent, feed) pairs, each polled every "
-            f"{pairs / polls_per_s if polls_per_s else float('inf'):.1f} s on average; an item waits "
-            "about half that for its poll, so the ingester's lag follows pairs / requests per second",
+            note=f"information: {pairs:,} (agent, feed) pairs, polled every "
+            f"{pairs / polls_per_s if polls_per_s else float('inf'):.1f} s on average, busy ones more "
+            "often (intervals ~ 1/sqrt(rate)); with the pollers saturated, an item waits a fraction of "
+            "that for its poll, so the ingester's lag follows pairs / requests per second",
         )
     )
     h.add(

@@ -6,6 +6,7 @@ SIGKILLs of the writer and of the ingester, repeated pages, 429s, 5xx and malfor
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ import nats
 import pytest
 
 from devstack.processes import ServiceProcess, wait_until
-from services.ingester.poller import AgentPoller
+from services.ingester.poller import AgentPoller, fair_interval
 from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
 from shared.settings import Settings
 from tests.support import service_env, simulator_feeds
@@ -177,11 +178,37 @@ async def test_a_bad_key_for_one_agent_does_not_stop_the_others(
 
 def test_an_idle_agent_is_polled_less_and_less_often_and_at_once_again_when_busy() -> None:
     settings = Settings(ingest_poll_interval_s=1.0, ingest_idle_poll_max_s=5.0)
-    poller = SimpleNamespace(settings=settings, idle_polls=0)
-    idle = [AgentPoller._idle_interval(poller, 0) for _ in range(6)]  # type: ignore[arg-type]
+    poller = SimpleNamespace(settings=settings, idle_polls=0, rate=1.0)
+    idle = [AgentPoller._next_interval(poller, 0) for _ in range(6)]  # type: ignore[arg-type]
     for got, want in zip(idle, [1, 2, 4, 5, 5, 5], strict=True):
         assert want * 0.9 <= got <= want * 1.1
-    assert AgentPoller._idle_interval(poller, 3) == 1.0  # type: ignore[arg-type]
+    assert AgentPoller._next_interval(poller, 3) == 1.0  # type: ignore[arg-type]
+
+
+def test_the_poll_interval_follows_the_square_root_of_a_feeds_rate_between_its_bounds() -> None:
+    assert fair_interval(5.0, 1.0, 5.0) == fair_interval(1.0, 1.0, 5.0) == 1.0  # an item a poll or more
+    assert fair_interval(0.25, 1.0, 5.0) == pytest.approx(2.0)  # a quarter the rate: half as often
+    assert fair_interval(0.25, 0.5, 5.0) == pytest.approx(0.5 / math.sqrt(0.125))
+    assert fair_interval(0.01, 1.0, 5.0) == fair_interval(0.0, 1.0, 5.0) == 5.0
+    rates = [2.0, 1.0, 0.5, 0.1, 0.05, 0.02, 0.0]
+    intervals = [fair_interval(r, 1.0, 5.0) for r in rates]
+    assert intervals == sorted(intervals), "a quieter feed is never polled more often"
+
+
+def test_a_feeds_rate_is_what_its_polls_bring_over_the_last_minute() -> None:
+    settings = Settings(ingest_poll_interval_s=1.0, ingest_idle_poll_max_s=8.0)
+    busy = SimpleNamespace(settings=settings, idle_polls=0, rate=1.0, polled_at=None)
+    t = 0.0
+    for _ in range(60):  # ten minutes of 20 items every 10 s
+        AgentPoller._count(busy, 20, t)  # type: ignore[arg-type]
+        t += 10.0
+    assert busy.rate == pytest.approx(2.0, rel=0.01)
+    assert AgentPoller._next_interval(busy, 20) == 1.0  # type: ignore[arg-type]
+    for _ in range(60):  # then ten minutes of one item every 10 s
+        AgentPoller._count(busy, 1, t)  # type: ignore[arg-type]
+        t += 10.0
+    assert busy.rate == pytest.approx(0.1, rel=0.01)
+    assert AgentPoller._next_interval(busy, 1) == pytest.approx(1 / math.sqrt(0.1), rel=0.01)  # type: ignore[arg-type]
 
 
 async def test_an_ingester_whose_cursor_fell_out_of_the_window_stores_what_is_kept_exactly_once(

@@ -4,6 +4,7 @@ stop only once their running turn has ended."""
 from __future__ import annotations
 
 import asyncio
+import statistics
 
 from devstack.processes import wait_until
 from services.ingester.schedule import PollSchedule
@@ -89,3 +90,44 @@ async def test_a_slot_whose_lease_is_not_held_is_not_polled() -> None:
     lifecycle.stop()
     await task
     assert "theirs" not in log
+
+
+class Timed(Turns):
+    """A poller whose turns take ``busy`` seconds, recording when each started and ended."""
+
+    def __init__(self, name: str, log: list[str], delay: float, busy: float) -> None:
+        super().__init__(name, log, delay)
+        self.busy = busy
+        self.turns: list[tuple[float, float]] = []
+
+    async def step(self) -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(self.busy)
+        self.turns.append((start, loop.time()))
+        return self.delay
+
+
+async def test_saturated_workers_still_poll_each_poller_in_proportion_to_the_delay_it_asks() -> None:
+    # One worker, turns of 5 ms (at most ~200 a second), 40 pollers asking for ~500 a second:
+    # on real time every poller would wait the same queue and the delays would hardly count.
+    lifecycle, log = Lifecycle(), []
+    schedule = PollSchedule(1, lifecycle)
+    busy = [Timed(f"busy{i}", log, delay=0.05, busy=0.005) for i in range(20)]
+    quiet = [Timed(f"quiet{i}", log, delay=0.2, busy=0.005) for i in range(20)]
+    schedule.add(0, busy + quiet)
+    task = asyncio.create_task(schedule.run())
+    await wait_until(lambda: all(len(p.turns) >= 5 for p in quiet), 30, "five turns of every quiet poller")
+    lifecycle.stop()
+    await task
+
+    def gap(pollers: list[Timed]) -> float:
+        """Mean time between a poller's turns, after the first two (all started at once)."""
+        gaps = [b[0] - a[0] for p in pollers for a, b in zip(p.turns[2:], p.turns[3:], strict=False)]
+        return statistics.mean(gaps)
+
+    ratio = gap(quiet) / gap(busy)
+    assert 3.0 <= ratio <= 5.0, f"busy pollers came round {ratio:.2f}x as often as quiet ones, not ~4x"
+    for poller in busy + quiet:  # and none came round before the delay it asked had passed
+        for (_, ended), (started, _) in zip(poller.turns, poller.turns[1:], strict=False):
+            assert started - ended >= poller.delay, poller.name

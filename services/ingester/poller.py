@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +41,24 @@ CURSOR_RESETS = Counter(
 
 MAX_BACKOFF_S = 30.0
 AUTH_RETRY_S = 60.0
+# How far back a feed's rate of new items is averaged (an exponential window): long enough that
+# a quiet feed's odd burst does not make it "busy", short enough to follow an agent that wakes.
+RATE_WINDOW_S = 60.0
+
+
+def fair_interval(rate: float, base_s: float, max_s: float) -> float:
+    """Seconds until the next poll of a feed bringing ``rate`` new items a second.
+
+    ``base_s`` for a feed with at least an item per ``base_s``; quieter ones wait longer as
+    1/sqrt(rate), up to ``max_s``. The square-root rule: with a number of polls a second to
+    share (the ingester's CPU, the source's rate limit), polling each feed in proportion to
+    the square root of its rate makes the items of all feeds wait least, on average. The poll
+    schedule keeps these proportions when its workers are saturated (:mod:`.schedule`).
+    """
+    items = rate * base_s  # new items one poll interval brings
+    if items >= 1.0:
+        return base_s
+    return min(base_s / math.sqrt(items), max_s) if items > 0 else max_s
 
 
 async def committed_cursor(pool: asyncpg.Pool, agent_id: str, feed: str = CASINO_FEED) -> str | None:
@@ -94,6 +113,8 @@ class AgentPoller:
         "recent",
         "backoff",
         "idle_polls",
+        "rate",
+        "polled_at",
         "resets_in_a_row",
         "reconnects",
         "seen_reconnects",
@@ -134,6 +155,8 @@ class AgentPoller:
         self.recent = recent.window((feed.name, agent.agent_id))
         self.backoff = 0.5
         self.idle_polls = 0  # polls in a row that brought nothing new
+        self.rate = 1.0 / settings.ingest_poll_interval_s  # new items/s, averaged; busy until seen
+        self.polled_at: float | None = None  # when the last successful poll started (loop time)
         self.resets_in_a_row = 0  # cursor refusals since a poll with a cursor last succeeded
         self.reconnects = reconnects
         self.seen_reconnects = reconnects()
@@ -209,6 +232,7 @@ class AgentPoller:
         """Fetch and handle one page; return how long to wait before the next poll."""
         agent_id = self.agent.agent_id
         limit = self.settings.ingest_page_limit
+        started = asyncio.get_running_loop().time()
         try:
             async with self.gate:
                 page = await self.feed.fetch(self.agent, self.since, limit)
@@ -231,20 +255,30 @@ class AgentPoller:
         if not self.may_publish():
             return 0.0  # the slot's lease is gone: the schedule drops this poller
         new = await self.handle(page.items, page.plain)
+        self._count(new, started)
         if len(page.items) < limit:
-            return self._idle_interval(new)
+            return self._next_interval(new)
         return 0.0
 
-    def _idle_interval(self, new: int) -> float:
-        """Poll a caught-up agent again after the poll interval; one that keeps bringing
-        nothing new, less and less often (doubling up to PFLEA_INGEST_IDLE_POLL_MAX_S): with a
-        thousand agents, polls of idle ones were most of the ingester's CPU."""
+    def _count(self, new: int, started: float) -> None:
+        """Fold a poll's ``new`` items into the feed's rate (over the time since the last poll)."""
+        if self.polled_at is not None and (elapsed := started - self.polled_at) > 0:
+            weight = 1.0 - math.exp(-elapsed / RATE_WINDOW_S)
+            self.rate += weight * (new / elapsed - self.rate)
+        self.polled_at = started
+
+    def _next_interval(self, new: int) -> float:
+        """When to poll a caught-up feed again: by its rate (:func:`fair_interval`), and one
+        that keeps bringing nothing new less and less often (doubling up to
+        PFLEA_INGEST_IDLE_POLL_MAX_S): with a thousand agents, polls of idle ones were most of
+        the ingester's CPU."""
         base = self.settings.ingest_poll_interval_s
+        ceiling = max(base, self.settings.ingest_idle_poll_max_s)
+        fair = fair_interval(self.rate, base, ceiling)
         self.idle_polls = 0 if new else min(self.idle_polls + 1, 16)
         if not self.idle_polls:
-            return base
-        ceiling = max(base, self.settings.ingest_idle_poll_max_s)
-        return min(base * 2 ** (self.idle_polls - 1), ceiling) * random.uniform(0.9, 1.1)
+            return fair
+        return max(fair, min(base * 2 ** (self.idle_polls - 1), ceiling) * random.uniform(0.9, 1.1))
 
     def _read_again_from_the_start(self, exc: CursorRejected) -> float:
         """The feed refused our cursor (pruned, or the feed was reset): read it from the start.

@@ -6,6 +6,13 @@ object in a heap ordered by when it is due; ``PFLEA_INGEST_CONCURRENCY`` workers
 most overdue one, run one turn of it (:meth:`Pollable.step`) and put it back at the time the
 turn asked for. Memory follows the pollers of the slots this replica holds; CPU, the polls made.
 
+Due times are kept on the schedule's own clock (:meth:`PollSchedule.clock`): real time while
+the workers keep up, the due time of the most overdue poller when they do not. A turn that asks
+for ``d`` seconds is due ``d`` after that clock, so when the workers are saturated pollers still
+come round in proportion to 1 / ``d`` (a busy feed that asks for 1 s is polled four times as
+often as a quiet one that asks for 4 s); on real time every poller would wait the same queue
+and the delays would hardly count. No poller is polled before its ``d`` has passed in real time.
+
 Pollers come and go by slot (:mod:`shared.membership`): :meth:`PollSchedule.stop_slot` takes a
 slot's pollers out and returns once none of their turns runs any more, so the lease can be given
 up without two replicas ever polling one agent at once.
@@ -32,7 +39,7 @@ log = logging.getLogger(__name__)
 POLLERS = Gauge("pflea_ingester_pollers", "(agent, feed) pairs this replica polls")
 POLL_LAG = Gauge(
     "pflea_ingester_poll_lag_seconds",
-    "How late the last poll started after it was due (the workers keep up when ~0)",
+    "How much later than it asked the last poll started (the workers keep up when ~0)",
 )
 
 
@@ -49,6 +56,7 @@ class _Entry:
     poller: Pollable
     slot: int
     active: bool = True
+    ready: float = 0.0  # real time before which it is not polled: its last turn's delay
 
 
 @dataclass
@@ -85,9 +93,9 @@ class PollSchedule:
         if not state.running:
             state.idle.set()
         for poller in pollers:
-            entry = _Entry(poller, slot)
+            entry = _Entry(poller, slot, ready=now)
             state.entries.append(entry)
-            self._push(now + random.uniform(0, spread_s), entry)
+            self._push(random.uniform(0, spread_s), entry)
         POLLERS.inc(len(pollers))
 
     async def stop_slot(self, slot: int) -> None:
@@ -131,9 +139,19 @@ class PollSchedule:
                     state.idle.set()
             self.polls += 1
             if entry.active and not self.lifecycle.stopping.is_set():
-                self._push(loop.time() + delay, entry)
+                entry.ready = loop.time() + delay
+                self._push(delay, entry)
 
-    def _push(self, due: float, entry: _Entry) -> None:
+    def clock(self) -> float:
+        """Now on the schedule's clock: real time when no poller is overdue, else the due time
+        of the most overdue one (how far the workers have come)."""
+        now = asyncio.get_running_loop().time()
+        while self._heap and not self._heap[0][2].active:
+            heapq.heappop(self._heap)
+        return min(now, self._heap[0][0]) if self._heap else now
+
+    def _push(self, delay: float, entry: _Entry) -> None:
+        due = self.clock() + delay
         # Waiting workers sleep until the earliest due time: wake them only if this is earlier.
         if not self._heap or due < self._heap[0][0]:
             self._wakeup.set()
@@ -149,10 +167,14 @@ class PollSchedule:
                 if not entry.active:
                     heapq.heappop(self._heap)
                     continue
-                wait = due - loop.time()
+                now = loop.time()
+                wait = due - now
                 if wait <= 0:
                     heapq.heappop(self._heap)
-                    POLL_LAG.set(-wait)
+                    if now < entry.ready:  # the clock ran ahead of real time (load just fell)
+                        self._push(entry.ready - now, entry)
+                        continue
+                    POLL_LAG.set(now - entry.ready)
                     return entry
                 break
             self._wakeup.clear()
