@@ -95,8 +95,8 @@ async def test_a_slot_whose_lease_is_not_held_is_not_polled() -> None:
 class Timed(Turns):
     """A poller whose turns take ``busy`` seconds, recording when each started and ended."""
 
-    def __init__(self, name: str, log: list[str], delay: float, busy: float) -> None:
-        super().__init__(name, log, delay)
+    def __init__(self, name: str, delay: float, busy: float) -> None:
+        super().__init__(name, [], delay)
         self.busy = busy
         self.turns: list[tuple[float, float]] = []
 
@@ -111,10 +111,10 @@ class Timed(Turns):
 async def test_saturated_workers_still_poll_each_poller_in_proportion_to_the_delay_it_asks() -> None:
     # One worker, turns of 5 ms (at most ~200 a second), 40 pollers asking for ~500 a second:
     # on real time every poller would wait the same queue and the delays would hardly count.
-    lifecycle, log = Lifecycle(), []
+    lifecycle = Lifecycle()
     schedule = PollSchedule(1, lifecycle)
-    busy = [Timed(f"busy{i}", log, delay=0.05, busy=0.005) for i in range(20)]
-    quiet = [Timed(f"quiet{i}", log, delay=0.2, busy=0.005) for i in range(20)]
+    busy = [Timed(f"busy{i}", delay=0.05, busy=0.005) for i in range(20)]
+    quiet = [Timed(f"quiet{i}", delay=0.2, busy=0.005) for i in range(20)]
     schedule.add(0, busy + quiet)
     task = asyncio.create_task(schedule.run())
     await wait_until(lambda: all(len(p.turns) >= 5 for p in quiet), 30, "five turns of every quiet poller")
