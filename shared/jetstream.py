@@ -294,7 +294,7 @@ async def ensure_streams(
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
-            await _create(js, config)
+            await _create(js, config, patience_s=0)  # the service's own loop asks again
 
 
 async def declare_streams(
@@ -354,17 +354,43 @@ async def _keep_partitions_consumed(js: JetStreamContext, topology: Topology, pa
     log.info("PFLEA_TX: %d partitions become %d", current, partitions)
 
 
-async def _create(js: JetStreamContext, config: StreamConfig) -> None:
+CREATE_PATIENCE_S = 60.0
+"""How long a stream create is asked again while it times out (see :func:`_create`)."""
+
+
+async def _create(
+    js: JetStreamContext, config: StreamConfig, *, patience_s: float = CREATE_PATIENCE_S
+) -> None:
+    """Create the stream, asking again while the request times out.
+
+    A replicated stream's create is answered once its Raft group has elected a leader; on a
+    cluster that has just formed, or a busy machine, that can outlast the request's timeout
+    while the create goes through. A cluster between meta leaders answers 503. Asking again
+    with the same config is safe: the server takes an equal create of a stream it has (or is
+    making) as the same one, and answers when it is ready."""
     assert config.name is not None
     nc = connection(js)
-    try:
-        await js.add_stream(config)
-    except TimeoutError:
-        # A refused publish only sends -ERR (to the error callback): the request times out.
-        refused = nc.last_error is not None and "permissions violation" in str(nc.last_error).lower()
-        if refused and "STREAM.CREATE" in str(nc.last_error).upper():
-            raise StreamMissing(config.name) from None
-        raise
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience_s
+    while True:
+        try:
+            await js.add_stream(config)
+            break
+        except TimeoutError:
+            # A refused publish only sends -ERR (to the error callback): the request times out.
+            refused = nc.last_error is not None and "permissions violation" in str(nc.last_error).lower()
+            if refused and "STREAM.CREATE" in str(nc.last_error).upper():
+                raise StreamMissing(config.name) from None
+            if loop.time() >= deadline:
+                raise
+            log.warning("creating stream %s timed out; asking again", config.name)
+        except nats.js.errors.ServiceUnavailableError as exc:
+            # 503 with an error code: the cluster has no meta leader for now. Without one, no
+            # JetStream answered at all (not enabled): asking again would not help.
+            if exc.err_code is None or loop.time() >= deadline:
+                raise
+            log.warning("creating stream %s: %s; asking again", config.name, exc.description)
+            await asyncio.sleep(0.5)
     log.info("created stream %s", config.name)
 
 

@@ -176,6 +176,37 @@ async def test_streams_declared_again_with_more_replicas_are_scaled_with_their_c
         await nc.close()
 
 
+async def test_a_stream_create_that_outlasts_its_request_is_asked_again_until_made(
+    cluster_servers: ClusterChaosServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An R3 create is answered once the stream's group has a leader. With the other two nodes
+    hung (SIGSTOP), the request times out; `pflea migrate` asks again until they are back."""
+    cluster = cluster_servers.cluster
+    topology = Topology(f"c{uuid.uuid4().hex[:8]}")
+    # On the meta leader's node, which answers that the stream does not exist yet by itself.
+    leader = cluster.node(await wait_until(cluster.meta_leader, 30, "a meta leader"))
+    nc = await connect_nats(leader.url, "pflea-create-test")
+    others = [node for node in cluster.nodes if node is not leader]
+    try:
+        js = nc.jetstream(timeout=1)
+        for node in others:
+            node.pause()
+        declaring = asyncio.create_task(declare_streams(js, topology, 60.0, StreamSettings(replicas=3)))
+        await wait_until(lambda: "asking again" in caplog.text or declaring.done(), 30, "a create timing out")
+        assert not declaring.done(), declaring.exception()
+        for node in others:
+            node.resume()
+        assert await asyncio.wait_for(declaring, 60) == []
+        for stream in (topology.tx_stream, topology.events_stream):
+            info = await nc.jetstream().stream_info(stream)
+            assert info.config.num_replicas == 3
+    finally:
+        for node in others:
+            node.resume()
+        await cluster.wait_healthy(60)
+        await nc.close()
+
+
 async def leader(js: JetStreamContext, stream: str) -> str | None:
     """The node leading ``stream``, or None while it is being elected."""
     try:

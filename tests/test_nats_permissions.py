@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.api import StreamConfig
@@ -163,6 +164,23 @@ async def _settled(login: AgentLogin) -> bool:
     return True
 
 
+async def _jetstream_answers(ledger: Ledger) -> bool:
+    """Whether the account's JetStream API answers again. A reload re-enables JetStream in the
+    accounts last, after it has let in the new logins (nats-server's reloadAuthorization), so
+    until then a JetStream request can get 503 no responders."""
+    try:
+        nc = await nats.connect(ledger.url("admin"), allow_reconnect=False, connect_timeout=2)
+    except (OSError, nats.errors.Error):
+        return False
+    try:
+        await nc.jetstream(timeout=2).account_info()
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+        return False
+    finally:
+        await nc.close()
+    return True
+
+
 @pytest.fixture
 async def add_agent(ledger: Ledger) -> Callable[[], Awaitable[AgentLogin]]:
     """Register a new agent (as `pflea agents add` does) and reload the server."""
@@ -173,6 +191,7 @@ async def add_agent(ledger: Ledger) -> Callable[[], Awaitable[AgentLogin]]:
         ledger.reload()
         login = read_login(path)
         await wait_until(lambda: _settled(login), 10, f"the server accepting {agent_id}", 0.1)
+        await wait_until(lambda: _jetstream_answers(ledger), 10, "JetStream answering after the reload", 0.1)
         return login
 
     return add
