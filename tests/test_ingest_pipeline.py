@@ -16,6 +16,7 @@ import nats
 import pytest
 
 from devstack.processes import ServiceProcess, wait_until
+from services.ingester.client import CursorRejected
 from services.ingester.poller import AgentPoller, fair_interval
 from services.simulator import FaultKnobs, Simulator, load_simulator_config, running_simulator
 from shared.settings import Settings
@@ -209,6 +210,31 @@ def test_a_feeds_rate_is_what_its_polls_bring_over_the_last_minute() -> None:
         t += 10.0
     assert busy.rate == pytest.approx(0.1, rel=0.01)
     assert AgentPoller._next_interval(busy, 1) == pytest.approx(1 / math.sqrt(0.1), rel=0.01)  # type: ignore[arg-type]
+
+
+def test_a_feed_that_pruned_the_cursor_is_polled_as_a_busy_one_from_then_on() -> None:
+    settings = Settings(ingest_poll_interval_s=1.0, ingest_idle_poll_max_s=8.0)
+    quiet = SimpleNamespace(
+        settings=settings,
+        idle_polls=4,
+        rate=0.02,
+        polled_at=0.0,
+        since="tx-9",
+        recent=set(),
+        resets_in_a_row=0,
+        agent=SimpleNamespace(agent_id="agent-q"),
+    )
+    assert AgentPoller._next_interval(quiet, 0) == pytest.approx(8.0, rel=0.1)  # type: ignore[arg-type]
+    quiet.idle_polls = 4
+    refused = CursorRejected("tx-9", 400, b'{"error":"unknown_since"}')
+    assert AgentPoller._read_again_from_the_start(quiet, refused) == 0.0  # type: ignore[arg-type]
+    assert quiet.since is None and quiet.idle_polls == 0
+    assert AgentPoller._next_interval(quiet, 1) == 1.0  # type: ignore[arg-type]
+    t = 0.0
+    for _ in range(30):  # then five minutes of an item every 10 s: back to a quiet feed's pace
+        t += 10.0
+        AgentPoller._count(quiet, 1, t)  # type: ignore[arg-type]
+    assert AgentPoller._next_interval(quiet, 1) == pytest.approx(1 / math.sqrt(0.1), rel=0.05)  # type: ignore[arg-type]
 
 
 async def test_an_ingester_whose_cursor_fell_out_of_the_window_stores_what_is_kept_exactly_once(

@@ -75,6 +75,38 @@ def test_a_cursor_inside_the_window_is_served_and_one_before_it_is_unknown() -> 
         feed.page("casino", oldest.id, 1000)
 
 
+def test_what_is_dropped_before_any_page_served_it_is_counted_and_nothing_else() -> None:
+    feed = AgentFeed(5, "agent-0001", 1, history=50)
+    for _ in range(50):
+        feed.generate(0.0, 0.1)
+    served_up_to = feed.sequence
+    for name in FEEDS:  # everything so far served once
+        feed.page(name, None, 1000)
+    for _ in range(250):  # then nobody reads
+        feed.generate(0.0, 0.1)
+    assert all(tx.seq > served_up_to for tx in feed.txs if tx.feed == "casino"), "the served are gone"
+    never_served = feed.sequence - served_up_to
+    assert feed.pruned_unread == never_served - sum(1 for tx in feed.txs if tx.seq > served_up_to)
+
+    held = {tx.seq for tx in feed.page("casino", None, 3)}  # a page serves only what it holds
+    dropped, pruned = feed.dropped, feed.pruned_unread
+    for _ in range(100):
+        feed.generate(0.0, 0.1)
+    assert held.isdisjoint(tx.seq for tx in feed.txs)
+    assert feed.pruned_unread - pruned == feed.dropped - dropped - len(held)
+
+
+async def test_the_stats_count_transactions_pruned_unread() -> None:
+    config = SimulatorConfig(port=0, seed=7, agents=2, backlog=0, rate=0.0, history=20)
+    sim = Simulator(config)
+    for agent_id in sim.feeds:
+        for _ in range(30):
+            sim.feed(agent_id).generate(0.0, 0.1)
+    async with running_simulator(config, sim) as url, httpx.AsyncClient(base_url=url) as client:
+        stats = (await client.get("/admin/stats")).json()
+    assert stats["pruned_unread"] == sum(feed.pruned_unread for feed in sim.feeds.values()) > 0
+
+
 async def test_a_stale_cursor_is_answered_400_unknown_since_over_http() -> None:
     config = SimulatorConfig(port=0, seed=7, agents=1, backlog=30, rate=0.0, history=20)
     sim = Simulator(config)

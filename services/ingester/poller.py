@@ -287,11 +287,18 @@ class AgentPoller:
         which JetStream's duplicate window or else the writer skips. The recent-id cache is
         cleared because the cursor only moves past ids not in it. Logged once per incident; a
         feed that refuses even the cursors it gave after a reset is retried with back-off.
+
+        A pruned cursor means new items came that this poller did not see while the feed still
+        kept them, so from now on it polls the feed as a busy one (its rate is raised to an
+        item per interval and decays from there): with the pollers saturated, a quiet feed's
+        longer interval stretched past what the feed keeps.
         """
         CURSOR_RESETS.inc()
         self.resets_in_a_row += 1
         self.since = None
         self.recent.clear()
+        self.rate = max(self.rate, 1.0 / self.settings.ingest_poll_interval_s)
+        self.idle_polls = 0
         agent_id = self.agent.agent_id
         if self.resets_in_a_row == 1:
             log.warning(
@@ -304,7 +311,9 @@ class AgentPoller:
             return 0.0
         if self.resets_in_a_row == 2:
             log.error(
-                "%s: the feed refuses the cursors it gave after a reset too; reading from the start "
+                "%s: the feed refuses the cursors it gave after a reset too: it keeps its items "
+                "for less time than this ingester takes to poll it again (add ingesters: what it "
+                "drops unread is lost), or it does not keep cursors at all; reading from the start "
                 "with back-off up to %ss, logged once (pflea_ingester_cursor_resets_total counts)",
                 exc,
                 MAX_BACKOFF_S,

@@ -81,7 +81,7 @@ async def balances(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     advance_clock(request.app)
-    return json_response(_encode(request.app[SIMULATOR].stats))
+    return json_response(_encode(request.app[SIMULATOR].count_pruned_unread()))
 
 
 async def get_faults(request: web.Request) -> web.Response:

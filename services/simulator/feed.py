@@ -107,6 +107,11 @@ class AgentFeed:
         self.claims = 0  # through POST /claim
 
     @property
+    def pruned_unread(self) -> int:
+        """Transactions dropped from the history before any page had served them."""
+        return sum(window.dropped_unserved for window in self._feeds.values())
+
+    @property
     def txs(self) -> list[StoredTx]:
         """The transactions kept, every feed's, in the order they happened."""
         return list(heapq.merge(*self._feeds.values(), key=lambda tx: tx.seq))

@@ -55,6 +55,9 @@ class SimulatorStats(msgspec.Struct):
     server_errors: int = 0
     hangs: int = 0
     repeated_pages: int = 0
+    # Transactions the bounded history dropped before any page had served them: no reader can
+    # ever have them. Counted when the stats are read (see Simulator.count_pruned_unread).
+    pruned_unread: int = 0
 
 
 def agent_id_of(index: int) -> str:
@@ -151,6 +154,11 @@ class Simulator:
         items = self.feed(agent_id).page(feed, since, limit, overlap)
         self.stats.served_items += len(items)
         return items
+
+    def count_pruned_unread(self) -> SimulatorStats:
+        """:attr:`stats` with ``pruned_unread`` brought up to date (a sum over the agents)."""
+        self.stats.pruned_unread = sum(feed.pruned_unread for feed in self.feeds.values())
+        return self.stats
 
     def truth(self, agent_id: str | None = None) -> list[StoredTx]:
         """Every transaction kept (each agent's newest ``history``), per agent in feed order."""

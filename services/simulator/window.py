@@ -1,7 +1,9 @@
 """One feed of one agent as a window: its newest items, paged by the id of the last one read.
 
 Absolute positions count every item the feed ever had; the window holds those from
-``dropped`` on, so a cursor keeps its position while older items are dropped before it.
+``dropped`` on, so a cursor keeps its position while older items are dropped before it. The
+window also knows how far it was ever served, so an item dropped before any page held it (lost
+to every reader: :attr:`FeedWindow.dropped_unserved`) is counted.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ COMPACT_AFTER = 64
 class FeedWindow(Generic[T]):
     """Append at the end, drop from the front, page after an id still in the window."""
 
-    __slots__ = ("_dropped", "_head", "_items", "_positions")
+    __slots__ = ("_dropped", "_head", "_items", "_positions", "_served", "dropped_unserved")
 
     def __init__(self) -> None:
         self._items: list[T | None] = []
         self._head = 0  # index in ``_items`` of the oldest item kept
         self._dropped = 0  # absolute position of the oldest item kept
         self._positions: dict[str, int] = {}  # id -> absolute position (the latest with that id)
+        self._served = 0  # absolute position after the newest item any page held
+        self.dropped_unserved = 0  # items dropped that no page ever held
 
     def __len__(self) -> int:
         return len(self._items) - self._head
@@ -56,6 +60,8 @@ class FeedWindow(Generic[T]):
         item = self.first()
         if item.id is not None and self._positions.get(item.id) == self._dropped:
             del self._positions[item.id]
+        if self._dropped >= self._served:
+            self.dropped_unserved += 1
         self._items[self._head] = None
         self._head += 1
         self._dropped += 1
@@ -74,4 +80,6 @@ class FeedWindow(Generic[T]):
         start = 0 if position is None else position + 1
         start = max(self._dropped, start - overlap)
         index = self._head + start - self._dropped
-        return [item for item in self._items[index : index + limit] if item is not None]
+        page = [item for item in self._items[index : index + limit] if item is not None]
+        self._served = max(self._served, start + len(page))
+        return page
