@@ -212,7 +212,7 @@ def test_a_feeds_rate_is_what_its_polls_bring_over_the_last_minute() -> None:
     assert AgentPoller._next_interval(busy, 1) == pytest.approx(1 / math.sqrt(0.1), rel=0.01)  # type: ignore[arg-type]
 
 
-def test_a_feed_that_pruned_the_cursor_is_polled_as_a_busy_one_from_then_on() -> None:
+def test_a_feed_that_pruned_the_cursor_is_polled_as_a_busy_one_until_quiet_again() -> None:
     settings = Settings(ingest_poll_interval_s=1.0, ingest_idle_poll_max_s=8.0)
     quiet = SimpleNamespace(
         settings=settings,

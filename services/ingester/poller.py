@@ -289,9 +289,10 @@ class AgentPoller:
         feed that refuses even the cursors it gave after a reset is retried with back-off.
 
         A pruned cursor means new items came that this poller did not see while the feed still
-        kept them, so from now on it polls the feed as a busy one (its rate is raised to an
-        item per interval and decays from there): with the pollers saturated, a quiet feed's
-        longer interval stretched past what the feed keeps.
+        kept them, so it polls the feed as a busy one for a while (its rate is raised to an item
+        per interval and decays from there over about a minute): with the pollers saturated, a
+        quiet feed's longer interval stretched past what the feed keeps, and a second refusal
+        in a row was the error below.
         """
         CURSOR_RESETS.inc()
         self.resets_in_a_row += 1
