@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import zlib
+from collections.abc import AsyncIterator
 
 import httpx
 
@@ -124,6 +126,49 @@ def _page(response: httpx.Response, body: bytes, agent_id: str, since: str | Non
     raise Transient(f"HTTP {status}: not a page of transactions", "http_status")
 
 
+class Lanes:
+    """Up to ``size`` httpx transports of one kept-alive connection each, a request in flight
+    on each: the most recently used is handed out first, so the connections that stay open are
+    the ones in use (an idle one expires after httpx's keep-alive expiry, 5 s).
+
+    One shared pool of ``size`` connections cost 2.6 times the CPU per request with 16 requests
+    in flight (1,052 against 398 µs, ``bench/runs/2026-12-04-http-lanes.md``): httpcore's pool
+    looks at every connection it holds, and asks the socket of each idle one whether the server
+    closed it, on each request and each response it finishes.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.made = 0
+        self.free: list[httpx.AsyncHTTPTransport] = []  # a stack: the last one freed on top
+        self.freed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def lane(self) -> AsyncIterator[httpx.AsyncHTTPTransport]:
+        if self.free:
+            transport = self.free.pop()
+        elif self.made < self.size:
+            self.made += 1
+            limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+            transport = httpx.AsyncHTTPTransport(limits=limits)
+        else:
+            async with self.freed:
+                await self.freed.wait_for(lambda: bool(self.free))
+                transport = self.free.pop()
+        try:
+            yield transport
+        finally:
+            self.free.append(transport)
+            if self.made == self.size:  # someone may be waiting for it
+                async with self.freed:
+                    self.freed.notify()
+
+    async def close(self) -> None:
+        for transport in self.free:
+            await transport.aclose()
+        self.free.clear()
+
+
 class FeedClient:
     """One feed's httpx client, shared by every agent's poller of that feed."""
 
@@ -138,13 +183,12 @@ class FeedClient:
     ) -> None:
         self.name = name
         base = base_url.rstrip("/")
-        # Polls go straight to the transport (its pool of kept-alive connections): the client's
-        # per-request work (merging defaults, cookies, auth and redirect handling) was a third of
-        # the ingester's CPU per poll, and a poll needs none of it. The client, on the same pool,
-        # serves the simulator's admin calls.
-        self.transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections))
+        # Polls go straight to a transport: the client's per-request work (merging defaults,
+        # cookies, auth and redirect handling) was a third of the ingester's CPU per poll, and a
+        # poll needs none of it. The client serves the simulator's admin calls.
+        self.lanes = Lanes(max_connections)
         timeout = httpx.Timeout(timeout_s)
-        self.http = httpx.AsyncClient(base_url=base, transport=self.transport, timeout=timeout)
+        self.http = httpx.AsyncClient(base_url=base, timeout=timeout)
         self.transactions_url = httpx.URL(base + "/transactions")
         self.timeout = timeout.as_dict()
         # httpx's timeouts are per read: a feed dripping a byte a second would never trip them.
@@ -153,6 +197,7 @@ class FeedClient:
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.lanes.close()
 
     async def fetch(self, agent: AgentCredential, since: str | None, limit: int) -> Page:
         params: dict[str, str | int] = {"agent_id": agent.agent_id, "limit": limit}
@@ -187,14 +232,15 @@ class FeedClient:
             },
             extensions={"timeout": self.timeout},
         )
-        response = await self.transport.handle_async_request(request)
-        response.request = request
-        try:
-            if response.status_code in (401, 403, 429) or response.status_code >= 500:
-                return response, b""
-            return response, await read_bounded(response, self.max_page_bytes)
-        finally:
-            await response.aclose()  # the connection goes back to the pool, or is dropped
+        async with self.lanes.lane() as transport:
+            response = await transport.handle_async_request(request)
+            response.request = request
+            try:
+                if response.status_code in (401, 403, 429) or response.status_code >= 500:
+                    return response, b""
+                return response, await read_bounded(response, self.max_page_bytes)
+            finally:
+                await response.aclose()  # the connection is kept alive for the next, or dropped
 
     async def simulator_agents(self) -> list[AgentCredential]:
         """The simulator's agents and keys (``PFLEA_AGENTS_FROM_SIMULATOR=1``)."""
