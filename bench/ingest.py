@@ -13,22 +13,30 @@ fallback) as a ratio to that limit, and the whole path in µs of CPU per event. 
 transactions; the ingester polls it with pages of ``PAGE`` and publishes into PFLEA_TX (no
 writer: the stream keeps them). CPU seconds of the ingester process from its ``/readyz`` until
 its published counter holds every transaction, per event.
+
+**Fetch.** A feed request's CPU in the ingester with ``IN_FLIGHT`` requests in flight on one
+feed client: a connection each (``Lanes``), against one httpx pool for all of them measured in
+the same run, the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
+import httpx
 import msgspec
 
 from bench.harness import Harness
 from bench.pipeline import Pipeline
 from bench.processes import BenchError, RssSampler, cpu_seconds
 from bench.report import Figure, Target
+from services.ingester.client import FeedClient
 from services.ingester.pages import split_page
 from services.simulator import Simulator, SimulatorConfig, rawjson
+from shared.settings import AgentCredential
 from shared.transactions import decode_item, parse_transaction
 from shared.wire import tx_messages
 
@@ -36,6 +44,9 @@ PAGE = 200
 ROUNDS = 15
 FEED = "casino"
 CPU_TARGET_US = 40.0  # per event, the whole ingester process (issue 17)
+IN_FLIGHT = 16  # on one feed client: a busy feed's share of the 48 workers (PFLEA_INGEST_CONCURRENCY)
+FETCHES = 2000
+FETCH_ROUNDS = 3
 
 Work = Callable[[str, bytes], object]
 
@@ -156,7 +167,72 @@ async def process_figure(h: Harness) -> Figure:
     )
 
 
+class OnePool:
+    """The limit of the fetch figure: one httpx pool of ``size`` connections for every request
+    in flight, the feed client before its lanes (``services.ingester.client.Lanes``)."""
+
+    def __init__(self, size: int) -> None:
+        self.transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=size))
+
+    @contextlib.asynccontextmanager
+    async def lane(self) -> AsyncIterator[httpx.AsyncHTTPTransport]:
+        yield self.transport
+
+    async def close(self) -> None:
+        await self.transport.aclose()
+
+
+async def cpu_per_fetch(client: FeedClient, agents: list[AgentCredential]) -> float:
+    """CPU seconds of this process per fetch, ``IN_FLIGHT`` fetches of small pages at a time."""
+
+    async def polls(k: int) -> None:
+        for i in range(FETCHES // IN_FLIGHT):
+            await client.fetch(agents[(k + i) % len(agents)], None, 8)
+
+    await asyncio.gather(*(polls(k) for k in range(IN_FLIGHT)))  # connections open, code warm
+    started = time.process_time()
+    await asyncio.gather(*(polls(k) for k in range(IN_FLIGHT)))
+    return (time.process_time() - started) / FETCHES
+
+
+async def fetch_figure(h: Harness) -> Figure:
+    """A feed request's CPU in the ingester with ``IN_FLIGHT`` in flight on one feed client,
+    against the same requests through one shared pool, in turns (the best of ``FETCH_ROUNDS``)."""
+    p = Pipeline(h, "ingest-fetch", RssSampler())
+    await p.prepare()
+    try:
+        await p.start_simulator(20, 50, 0)
+        url = f"http://127.0.0.1:{p.sim_port}"
+        lanes, pooled = FeedClient(url, 10, IN_FLIGHT), FeedClient(url, 10, IN_FLIGHT)
+        await pooled.lanes.close()
+        pooled.lanes = OnePool(IN_FLIGHT)  # type: ignore[assignment]
+        try:
+            agents = await lanes.simulator_agents()
+            best = [float("inf"), float("inf")]
+            for _ in range(FETCH_ROUNDS):
+                for i, client in enumerate((lanes, pooled)):
+                    best[i] = min(best[i], await cpu_per_fetch(client, agents))
+        finally:
+            await lanes.close()
+            await pooled.close()
+    finally:
+        p.stop()
+        await p.cleanup()
+    return Figure(
+        "ingest",
+        f"feed request CPU, {IN_FLIGHT} in flight",
+        1e6 * best[0],
+        "µs/request",
+        f"one shared httpx pool of {IN_FLIGHT}",
+        1e6 * best[1],
+        Target("max", 1, on="ratio"),
+        note=f"a connection per request in flight (Lanes), pages of 8 from the simulator; CPU of "
+        f"this process, best of {FETCH_ROUNDS} rounds of {FETCHES:,} requests each way, in turns",
+    )
+
+
 async def run(h: Harness) -> None:
     for figure in parse_figures():
         h.add(figure)
+    h.add(await fetch_figure(h))
     h.add(await process_figure(h))

@@ -89,7 +89,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     writer_partitions: int = 1
     ack_wait_s: float = 30.0
     projector_batch_size: int = 1000
-    ingest_concurrency: int = 16
+    ingest_concurrency: int = 48
     ingest_page_limit: int = 500
     ingest_poll_interval_s: float = 1.0
     ingest_idle_poll_max_s: float = 5.0

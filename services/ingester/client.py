@@ -131,8 +131,8 @@ class Lanes:
     on each: the most recently used is handed out first, so the connections that stay open are
     the ones in use (an idle one expires after httpx's keep-alive expiry, 5 s).
 
-    One shared pool of ``size`` connections cost 2.6 times the CPU per request with 16 requests
-    in flight (1,052 against 398 µs, ``bench/runs/2026-12-04-http-lanes.md``): httpcore's pool
+    One shared pool of ``size`` connections cost 2.7 times the CPU per request with 16 requests
+    in flight (953 against 353 µs, ``bench/runs/2026-12-04-ingest-lanes.md``): httpcore's pool
     looks at every connection it holds, and asks the socket of each idle one whether the server
     closed it, on each request and each response it finishes.
     """
