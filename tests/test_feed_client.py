@@ -4,22 +4,22 @@ server: never more than its size open at once, kept alive, the last one freed us
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import msgspec
 from aiohttp import web
 
 from services.ingester.client import FeedClient
 from shared.settings import AgentCredential
+from tests.feed_server import FeedServer
 
 AGENT = AgentCredential("agent-x", "key-x")
 
 
-class SlowFeed:
+class SlowFeed(FeedServer):
     """An empty page after ``hold_s``; counts requests in flight and the connections they came on."""
 
     def __init__(self, hold_s: float) -> None:
+        super().__init__()
         self.hold_s = hold_s
         self.in_flight = 0
         self.most_in_flight = 0
@@ -35,19 +35,6 @@ class SlowFeed:
         finally:
             self.in_flight -= 1
         return web.Response(body=msgspec.json.encode({"transactions": []}), content_type="application/json")
-
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[str]:
-        app = web.Application()
-        app.router.add_get("/transactions", self.transactions)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-        finally:
-            await runner.cleanup()
 
 
 async def test_a_feed_client_holds_at_most_its_size_of_connections_and_reuses_them() -> None:
