@@ -7,7 +7,8 @@ the ingester, writer, relay and four projectors, all at default durability. Ever
 each projection's and the relay's lag (events and seconds, from ``projection_status`` /
 ``tailer_status``, as ``pflea status`` shows them), the ingester's lag behind the feed (what the
 simulator generated and is neither an event nor in quarantine yet; seconds of it at the offered
-rate), and each process's RSS and CPU share.
+rate), each process's RSS and CPU share (nats-server's and Postgres's too), how busy the whole
+machine was, and Postgres's checkpoints and WAL written: what to look at when lag jumps.
 
 After a warm-up (a quarter of the run, at most 5 minutes) it reports:
 
@@ -39,7 +40,7 @@ import psutil
 
 from bench.harness import Harness
 from bench.pipeline import Pipeline
-from bench.processes import BenchError, RssSampler
+from bench.processes import BenchError, RssSampler, cpu_seconds
 from bench.report import Figure, Target
 from bench.svg import line_chart
 from services.ingester.poller import CURSOR_RESET
@@ -63,6 +64,9 @@ class Sample:
     cpu_share: dict[str, float] = field(default_factory=dict)  # of one core, since the last sample
     feed_requests_per_s: float = 0.0  # the simulator's, since the last sample: the polls made
     pruned_unread: int = 0  # the simulator's, since the start: pruned before any page served them
+    machine_busy: float = 0.0  # share of all cores busy since the last sample, whatever ran
+    checkpoints: int = 0  # Postgres checkpoints since the start (timed + requested)
+    wal_mb_per_s: float = 0.0  # Postgres WAL written since the last sample
 
 
 def slope(points: list[tuple[float, float]]) -> float:
@@ -98,21 +102,30 @@ async def _feed_lag(conn: asyncpg.Connection, stats: dict[str, int], rate: float
     return behind, round(behind / rate, 2) if rate > 0 else 0.0
 
 
+async def _postgres_io(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(checkpoints so far, WAL bytes so far) of the whole Postgres server."""
+    row = await conn.fetchrow(
+        """SELECT (SELECT num_timed + num_requested FROM pg_stat_checkpointer) AS checkpoints,
+                  (SELECT wal_bytes FROM pg_stat_wal) AS wal"""
+    )
+    return int(row["checkpoints"]), int(row["wal"])
+
+
 class Sampler:
-    def __init__(self, p: Pipeline, rate: float) -> None:
+    def __init__(self, p: Pipeline, rate: float, servers: dict[str, tuple[int, bool]]) -> None:
+        """``servers``: name → (pid, with its children) of nats-server and Postgres."""
         self.p = p
         self.rate = rate
-        self.procs = {proc.name: psutil.Process(proc.pid) for proc in p.processes}
-        self.cpu = {name: self._cpu(name) for name in self.procs}
+        self.pids = {proc.name: (proc.pid, False) for proc in p.processes} | servers
+        self.cpu = {name: cpu_seconds(pid, tree=tree) for name, (pid, tree) in self.pids.items()}
         self.last = (time.monotonic(), 0)
         self.requests = 0
+        self.io = (0, 0)
+        psutil.cpu_percent()  # the machine's busy share is measured from here
 
-    def _cpu(self, name: str) -> float:
-        try:
-            t = self.procs[name].cpu_times()
-        except psutil.Error:
-            return 0.0
-        return float(t.user + t.system)
+    async def start(self, conn: asyncpg.Connection) -> None:
+        self.io = await _postgres_io(conn)
+        self.checkpoints_at_start = self.io[0]
 
     async def take(self, conn: asyncpg.Connection, started: float) -> Sample:
         now = time.monotonic()
@@ -132,14 +145,21 @@ class Sampler:
             lag_s=lag_s,
             feed_requests_per_s=round((stats["requests"] - self.requests) * per_s, 1),
             pruned_unread=int(stats.get("pruned_unread", 0)),
+            machine_busy=round(psutil.cpu_percent() / 100, 3),
         )
+        checkpoints, wal = await _postgres_io(conn)
+        sample.checkpoints = checkpoints - self.checkpoints_at_start
+        sample.wal_mb_per_s = round((wal - self.io[1]) * per_s / MB, 2)
+        self.io = (checkpoints, wal)
         self.requests = int(stats["requests"])
-        for name, proc in self.procs.items():
-            cpu = self._cpu(name)
-            sample.cpu_share[name] = round((cpu - self.cpu[name]) / (now - then), 3) if now > then else 0.0
+        for name, (pid, tree) in self.pids.items():
+            cpu = cpu_seconds(pid, tree=tree)
+            sample.cpu_share[name] = round((cpu - self.cpu[name]) * per_s, 3)
             self.cpu[name] = cpu
+            if tree:  # a server: its memory is not the pipeline's
+                continue
             try:
-                sample.rss_mb[name] = round(proc.memory_info().rss / MB, 1)
+                sample.rss_mb[name] = round(psutil.Process(pid).memory_info().rss / MB, 1)
             except psutil.Error:
                 sample.rss_mb[name] = 0.0
         self.last = (now, events)
@@ -210,7 +230,16 @@ async def run(h: Harness) -> None:
 async def _soak(h: Harness, p: Pipeline, started: float, duration_s: float, rate: float) -> list[Sample]:
     conn = await asyncpg.connect(p.database_url)
     try:
-        sampler = Sampler(p, rate)
+        servers = {
+            name: (proc.pid, tree)
+            for name, proc, tree in (
+                ("postgres", h.servers.postgres.proc, True),
+                ("nats-server", h.servers.nats.proc, False),
+            )
+            if proc
+        }
+        sampler = Sampler(p, rate, servers)
+        await sampler.start(conn)
         samples: list[Sample] = []
         while time.monotonic() - started < duration_s:
             left = duration_s - (time.monotonic() - started)
@@ -223,7 +252,8 @@ async def _soak(h: Harness, p: Pipeline, started: float, duration_s: float, rate
             print(
                 f"  soak {last.t_s / 60:5.1f} min: {last.events:,} events ({last.events_per_s:,.0f}/s), "
                 f"worst lag {max(last.lag_s.values(), default=0):.1f} s, ingester behind the feed "
-                f"{last.lag_events['ingester']:,}",
+                f"{last.lag_events['ingester']:,}; machine {last.machine_busy:.0%} busy, "
+                f"{last.checkpoints} checkpoints, WAL {last.wal_mb_per_s:.1f} MB/s",
                 flush=True,
             )
         return samples
