@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 import nats.errors
-from nats.aio.client import Client
 
+from shared.nats_headers import Client
 from shared.nats_url import parse_nats_url
 from shared.unreachable import CONNECT_FAILURES, RepeatedWarnings, describe, redacted_url
 
