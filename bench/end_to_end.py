@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import time
 
 import asyncpg
@@ -103,7 +104,9 @@ async def throughput(
     """One end-to-end run; its figure (added to ``h``), named with ``variant`` if given."""
     w = backlog or small_pages(h.sizes)
     expected = w.transactions
-    p = Pipeline(h, "end-to-end", rss)
+    # A run of its own for logs and profiles (``--profile``), each variant apart.
+    name = " ".join(["end-to-end", w.label, "relaxed" if relaxed else "", variant])
+    p = Pipeline(h, "-".join(re.findall(r"[a-z0-9]+", name.lower())), rss)
     await p.prepare()
     nc = await h.nats()
     conn = await asyncpg.connect(p.database_url)
