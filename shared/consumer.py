@@ -60,11 +60,15 @@ class PullStream:
     as soon as it is stored, a heartbeat every ``heartbeat_s`` while it has none, and a status
     (408 expired, 409 consumer deleted, ...) when the request ends early. A new request goes
     out when the open one is complete and the buffer has room, so at most two batches are in the
-    client. A request silent for three heartbeats (lost with a reconnect or a server restart)
-    is given up and replaced. After a 409 Consumer Deleted or a 503 no request goes out (each
-    would only be refused at once, in a busy loop) and :meth:`take` raises until the owner opens
-    a new stream. :meth:`finish` stops asking and lets the open request end, so what it
-    delivered can be handled before a clean stop.
+    client. With ``max_bytes``, a batch is also bounded in bytes: a request asks for at most that
+    many, the buffer has room while it holds less, and :meth:`take` hands out at most that many
+    (at least one message), so a consumer of large messages (pages of 200 transactions) holds
+    about two requests' worth of bytes, whatever ``batch`` says in messages. A request silent
+    for three heartbeats (lost with a reconnect or a server restart) is given up and replaced.
+    After a 409 Consumer Deleted or a 503 no request goes out (each would only be refused at
+    once, in a busy loop) and :meth:`take` raises until the owner opens a new stream.
+    :meth:`finish` stops asking and lets the open request end, so what it delivered can be
+    handled before a clean stop.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class PullStream:
         self.expires_s = expires_s
         self.heartbeat_s = heartbeat_s
         self.buffer: deque[Msg] = deque()
+        self.buffered_bytes = 0  # payload bytes in the buffer
         self.arrived = asyncio.Event()
         self.sub: Subscription | None = None
         self.inbox = ""
@@ -109,6 +114,7 @@ class PullStream:
             await asyncio.sleep(0.01)
         rest = list(self.buffer)
         self.buffer.clear()
+        self.buffered_bytes = 0
         return rest
 
     async def stop(self) -> None:
@@ -118,7 +124,7 @@ class PullStream:
             self.sub = None
 
     async def _request(self) -> None:
-        if self.open or self.closing or self.refused or len(self.buffer) >= self.batch:
+        if self.open or self.closing or self.refused or self._full():
             return
         request = {
             "batch": self.batch,
@@ -137,6 +143,7 @@ class PullStream:
         status = headers.get(Header.STATUS)
         if status is None:
             self.buffer.append(msg)
+            self.buffered_bytes += len(msg.data)
             self.arrived.set()
             self.open = max(self.open - 1, 0)
         elif status == StatusCode.CONTROL_MESSAGE:
@@ -182,9 +189,30 @@ class PullStream:
                 return []
             if self.refused is not None:
                 raise self.refused
-        n = min(len(self.buffer), self.batch)
-        msgs = [self.buffer.popleft() for _ in range(n)]
+        msgs = self._take_batch()
         await self._request()
+        return msgs
+
+    def carry(self, msgs: list[Msg]) -> None:
+        """Buffer ``msgs`` delivered to an earlier stream of this consumer, not handled yet."""
+        self.buffer.extend(msgs)
+        self.buffered_bytes += sum(len(m.data) for m in msgs)
+
+    def _full(self) -> bool:
+        return len(self.buffer) >= self.batch or 0 < self.max_bytes <= self.buffered_bytes
+
+    def _take_batch(self) -> list[Msg]:
+        """The buffer's first messages: up to ``batch``, and up to ``max_bytes`` of payload
+        (at least one, however large)."""
+        msgs: list[Msg] = []
+        taken = 0
+        while self.buffer and len(msgs) < self.batch:
+            size = len(self.buffer[0].data)
+            if msgs and self.max_bytes and taken + size > self.max_bytes:
+                break
+            msgs.append(self.buffer.popleft())
+            taken += size
+        self.buffered_bytes -= taken
         return msgs
 
 
@@ -231,7 +259,7 @@ class PullLoop:
             batch=self.batch,
             max_bytes=self.max_bytes,
         )
-        self.pulls.buffer.extend(carried)
+        self.pulls.carry(carried)
         await self.pulls.start()
 
     async def _ensure_consumer(self) -> None:

@@ -126,3 +126,58 @@ async def test_a_batch_handled_for_longer_than_the_ack_wait_is_not_handed_out_ag
 async def _acked_all(js: nats.js.JetStreamContext, stream: str, durable: str) -> ConsumerInfo | None:
     info = await js.consumer_info(stream, durable)
     return info if not info.num_ack_pending and not info.num_pending else None
+
+
+async def test_a_pull_stream_of_large_messages_holds_and_hands_out_a_bounded_number_of_bytes(
+    js_streams: nats.NATS, topology: Topology
+) -> None:
+    """Pages of 200 transactions are ~27 KB each: a batch of 1,000 of them would be 27 MB in
+    hand (the writer's RSS passed 200 MB on full pages). ``max_bytes`` bounds what is buffered
+    and what one take hands out, whatever ``batch`` says in messages."""
+    js = js_streams.jetstream()
+    durable = "large-messages"
+    page = b"x" * 10_000
+    for _ in range(100):
+        await js.publish(topology.tx_subject("agent-1"), page)
+    config = pull_consumer_config(durable, topology.tx_filter, ack_wait_s=30, max_deliver=5)
+    await js.add_consumer(topology.tx_stream, config)
+    pulls = PullStream(js_streams, api_prefix(js), topology.tx_stream, durable, batch=1000, max_bytes=35_000)
+    await pulls.start()
+    try:
+        taken: list[list[Msg]] = []
+        while sum(len(t) for t in taken) < 100:
+            await asyncio.sleep(0.05)  # let the stream deliver all it asked for before each take
+            assert pulls.buffered_bytes == sum(len(m.data) for m in pulls.buffer)
+            assert pulls.buffered_bytes <= 2 * 35_000  # a full buffer, and the request that filled it
+            msgs = await pulls.take(timeout=5)
+            assert msgs, "the stream stalled"
+            taken.append(msgs)
+        assert max(len(t) for t in taken) == 3  # 3 × 10,000 bytes fit in 35,000; 4 do not
+        assert all(m.data == page for t in taken for m in t)
+    finally:
+        await pulls.stop()
+
+
+async def test_messages_carried_over_count_and_one_over_max_bytes_is_still_handed_out(
+    js_streams: nats.NATS, topology: Topology
+) -> None:
+    """What a stream had delivered is carried into the next one (a re-subscribe); a message
+    larger than ``max_bytes`` goes out alone rather than never."""
+    js = js_streams.jetstream()
+    durable = "carried-over"
+    for _ in range(2):
+        await js.publish(topology.tx_subject("agent-1"), b"y" * 5_000)
+    config = pull_consumer_config(durable, topology.tx_filter, ack_wait_s=30, max_deliver=5)
+    await js.add_consumer(topology.tx_stream, config)
+    first = PullStream(js_streams, api_prefix(js), topology.tx_stream, durable, batch=10)
+    await first.start()
+    try:
+        await wait_until(lambda: asyncio.sleep(0, len(first.buffer) == 2), 10, "both delivered")
+    finally:
+        await first.stop()
+    second = PullStream(js_streams, api_prefix(js), topology.tx_stream, durable, batch=10, max_bytes=1_000)
+    second.carry(list(first.buffer))
+    assert second.buffered_bytes == 10_000
+    takes = [await second.take(timeout=1) for _ in range(2)]
+    assert [[len(m.data) for m in t] for t in takes] == [[5_000], [5_000]]
+    assert second.buffered_bytes == 0
