@@ -120,7 +120,8 @@ class Sampler:
         self.cpu = {name: cpu_seconds(pid, tree=tree) for name, (pid, tree) in self.pids.items()}
         self.last = (time.monotonic(), 0)
         self.requests = 0
-        self.io = (0, 0)
+        self.io = (0, 0)  # Postgres (checkpoints, WAL bytes) at the last sample
+        self.checkpoints_at_start = 0
         psutil.cpu_percent()  # the machine's busy share is measured from here
 
     async def start(self, conn: asyncpg.Connection) -> None:
@@ -154,7 +155,8 @@ class Sampler:
         self.requests = int(stats["requests"])
         for name, (pid, tree) in self.pids.items():
             cpu = cpu_seconds(pid, tree=tree)
-            sample.cpu_share[name] = round((cpu - self.cpu[name]) * per_s, 3)
+            # Postgres's backends come and go (autovacuum): a tree's CPU can fall; never below 0.
+            sample.cpu_share[name] = round(max(0.0, cpu - self.cpu[name]) * per_s, 3)
             self.cpu[name] = cpu
             if tree:  # a server: its memory is not the pipeline's
                 continue
