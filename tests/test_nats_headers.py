@@ -51,6 +51,7 @@ def test_the_same_mapping_as_nats_py(raw: bytes) -> None:
 
 
 def test_the_same_mapping_for_random_blocks() -> None:
+    """ASCII and not: both of the parser's paths, against nats-py's."""
     rng = random.Random(20261204)
     pieces = [
         b"A",
