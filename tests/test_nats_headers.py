@@ -10,6 +10,7 @@ import random
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from shared.nats_conn import connect_nats
 from shared.nats_headers import Client, parse_header_block
@@ -96,7 +97,7 @@ async def test_headers_through_a_real_server_read_as_nats_py_reads_them(nats_url
         for name, nc in (("ours", ours), ("plain", plain)):
             got[name] = asyncio.get_running_loop().create_future()
 
-            async def take(msg: nats.aio.msg.Msg, into: asyncio.Future[dict[str, str]] = got[name]) -> None:
+            async def take(msg: Msg, into: asyncio.Future[dict[str, str]] = got[name]) -> None:
                 if not into.done():
                     into.set_result(dict(msg.headers or {}))
 
