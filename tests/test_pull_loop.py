@@ -176,8 +176,12 @@ async def test_messages_carried_over_count_and_one_over_max_bytes_is_still_hande
     finally:
         await first.stop()
     second = PullStream(js_streams, api_prefix(js), topology.tx_stream, durable, batch=10, max_bytes=1_000)
-    second.carry(list(first.buffer))
+    second.carry(list(first.buffer))  # as PullLoop.subscribe does: carry, then start
     assert second.buffered_bytes == 10_000
-    takes = [await second.take(timeout=1) for _ in range(2)]
+    await second.start()
+    try:
+        takes = [await second.take(timeout=1) for _ in range(2)]
+    finally:
+        await second.stop()
     assert [[len(m.data) for m in t] for t in takes] == [[5_000], [5_000]]
     assert second.buffered_bytes == 0

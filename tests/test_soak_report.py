@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak import Sample, slope, write_results
+from bench.soak import Sample, lag_summary, slope, write_results
 
 
 def test_the_slope_of_a_line_is_its_gradient_and_of_a_flat_series_zero() -> None:
@@ -35,3 +35,20 @@ def test_results_are_written_as_json_and_two_charts_with_names_escaped(tmp_path:
         assert root.tag.endswith("svg")
         assert root.findall(".//{http://www.w3.org/2000/svg}polyline"), chart
     assert "&lt;x&amp;y&gt;" in (tmp_path / "soak-10-2m-rss.svg").read_text()
+
+
+def test_the_readers_lag_and_the_ingesters_behind_the_feed_are_told_apart() -> None:
+    steady = [
+        Sample(
+            t_s=30.0 * i,
+            events=0,
+            events_per_s=0,
+            lag_s={"relay": 0.2 * i, "projector-pnl": 0.1, "ingester": f},
+        )
+        for i, f in enumerate([3.0, 6.5, 4.0, 5.5, 2.0], 1)
+    ]
+    lags = lag_summary(steady)
+    assert lags["worst_reader_lag_s"] == pytest.approx(1.0)  # the relay's, not the ingester's 6.5
+    assert (lags["feed_lag_worst_s"], lags["feed_lag_median_s"]) == (6.5, 4.0)
+    assert lags["feed_lag_samples_over"] == 2
+    assert lags["samples"] == 5
