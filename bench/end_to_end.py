@@ -30,7 +30,7 @@ import time
 import asyncpg
 from nats.aio.client import Client
 
-from bench.harness import Harness, Sizes, stream_messages
+from bench.harness import Harness, Sizes, server_pids, stream_messages
 from bench.pipeline import Pipeline, pipeline_state
 from bench.processes import BenchError, RssSampler, cpu_seconds
 from bench.report import Figure, Target
@@ -110,8 +110,8 @@ async def throughput(
     await p.prepare()
     nc = await h.nats()
     conn = await asyncpg.connect(p.database_url)
-    servers = {"postgres": (h.servers.postgres.proc, True), "nats-server": (h.servers.nats.proc, False)}
-    server_cpu = {n: cpu_seconds(proc.pid, tree=tree) for n, (proc, tree) in servers.items() if proc}
+    servers = server_pids(h)
+    server_cpu = {n: cpu_seconds(pid, tree=tree) for n, (pid, tree) in servers.items()}
     try:
         await p.start_simulator(w.agents, w.per_agent, 0)
         await p.start_sinks()
@@ -120,9 +120,8 @@ async def throughput(
         quarantined = await conn.fetchval("SELECT count(*) FROM quarantine")
         sim = await p.simulator_stats()
         cpu = {proc.name: cpu_seconds(proc.pid) for proc in p.processes}
-        for n, (proc, tree) in servers.items():
-            if proc:
-                cpu[n] = cpu_seconds(proc.pid, tree=tree) - server_cpu[n]
+        for n, (pid, tree) in servers.items():
+            cpu[n] = cpu_seconds(pid, tree=tree) - server_cpu[n]
     finally:
         p.stop()
         await conn.close()

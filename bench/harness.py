@@ -126,6 +126,14 @@ class Harness:
         return nc
 
 
+def server_pids(h: Harness) -> dict[str, tuple[int, bool]]:
+    """nats-server's and Postgres's pid, each with whether its children count (Postgres runs a
+    process per connection), for CPU accounting; a cluster's nodes (no single process) are left
+    out."""
+    servers = (("postgres", h.servers.postgres.proc, True), ("nats-server", h.servers.nats.proc, False))
+    return {name: (proc.pid, tree) for name, proc, tree in servers if proc}
+
+
 async def stream_messages(nc: Client, stream: str) -> int:
     return int((await nc.jetstream().stream_info(stream)).state.messages)
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from bench.harness import Harness
+from bench.harness import Harness, server_pids
 from bench.pipeline import Pipeline
 from bench.processes import BenchError, RssSampler, cpu_seconds
 from bench.report import Figure, Target
@@ -251,15 +251,7 @@ async def run(h: Harness) -> None:
 async def _soak(h: Harness, p: Pipeline, started: float, duration_s: float, rate: float) -> list[Sample]:
     conn = await asyncpg.connect(p.database_url)
     try:
-        servers = {
-            name: (proc.pid, tree)
-            for name, proc, tree in (
-                ("postgres", h.servers.postgres.proc, True),
-                ("nats-server", h.servers.nats.proc, False),
-            )
-            if proc
-        }
-        sampler = Sampler(p, rate, servers)
+        sampler = Sampler(p, rate, server_pids(h))
         await sampler.start(conn)
         samples: list[Sample] = []
         while time.monotonic() - started < duration_s:
